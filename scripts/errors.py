@@ -1,0 +1,47 @@
+"""Typed domain errors. Every message says what went wrong, where, and what to do about it.
+
+`tasks.py` is the only place these turn into exit codes (`invoke.Exit`).
+"""
+from __future__ import annotations
+
+
+class SlmopsError(Exception):
+    """Base class of every error the pipeline raises on purpose."""
+
+    exit_code = 1
+
+
+class RecipeError(SlmopsError):
+    """A recipe file is missing, malformed, or names something that does not exist."""
+
+
+class ModelSourceError(SlmopsError):
+    """The model folder to deploy is missing or incomplete (no config, no weights, no tokenizer)."""
+
+
+class EnvironmentCheckError(SlmopsError):
+    """A required tool or package is missing or at a version known not to work."""
+
+
+class ConversionError(SlmopsError):
+    """Olive did not produce a usable ONNX model."""
+
+
+class GraphCheckError(SlmopsError):
+    """The converted graph does not carry the quantization settings the recipe asked for."""
+
+
+class TemplateError(SlmopsError):
+    """A chat template could not be rendered, or two templates that must agree do not."""
+
+
+class InstallError(SlmopsError):
+    """Installing a model into the Foundry Local cache failed."""
+
+
+class FoundryError(SlmopsError):
+    """The Foundry Local runtime could not list, load or run a model."""
+
+
+class QualityError(SlmopsError):
+    """The deployed model does not meet the recipe's quality threshold."""
