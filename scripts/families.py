@@ -89,9 +89,10 @@ def detect_family(model_config: dict[str, Any], chat_template: str | None, where
             found = family
             break
     if found is None:
+        known = "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in registry().values())
         raise TemplateError(
             f"{where}: no registered family covers architectures={architectures} model_type={model_type!r}. "
-            f"Known families: {', '.join(f'{f.name} ({", ".join(f.architectures)})' for f in registry().values())}. "
+            f"Known families: {known}. "
             "Set model.family in the recipe (or --family) if the model uses one of these prompt formats.")
     confirm_template(found, chat_template, where)
     return found

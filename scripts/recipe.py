@@ -57,7 +57,8 @@ SCHEMA = Obj({
     "foundry": Obj({
         "publisher": Field(str, default="slmops", check=_name_check),
         "name": Field(str, required=True, check=_name_check, help="the model name shown by Foundry Local"),
-        "version": Field(str, default="1", check=_name_check),
+        "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
+                         f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\""),
         "description": Field(str, default=""),
     }, required=True),
     "generation": Obj({

@@ -72,14 +72,14 @@ class StepRunner:
         start = time.perf_counter()
         fingerprint = self.fingerprint(step)
         if self.is_fresh(step, fingerprint):
-            self.announce(f"[skip] {step.name}: inputs unchanged")
+            self.announce(f"• {step.name}: skipped (inputs unchanged)")
             return StepOutcome(step.name, True, time.perf_counter() - start, self.recorded_result(step))
-        self.announce(f"[run ] {step.name}")
+        self.announce(f"▶ {step.name}")
         result = step.run()
         write_json_atomic(self._stamp(step), {"fingerprint": fingerprint, "finished": time.time(),
                                               "result": _jsonable(result)})
         seconds = time.perf_counter() - start
-        self.announce(f"[done] {step.name} ({seconds:.1f} s)")
+        self.announce(f"✓ {step.name} ({seconds:.1f} s)")
         return StepOutcome(step.name, False, seconds, result)
 
     def invalidate(self, name: str) -> None:

@@ -1,0 +1,241 @@
+"""The deployment chain for one recipe, as Make-style steps:
+doctor → demo model (when the recipe uses it) → convert (Olive) → package (inference_model.json, generation
+settings, template check, GenAI smoke test) → install (Foundry cache) → check (Foundry runtime: listed, loads,
+answers the eval set)."""
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from . import settings
+from .errors import QualityError
+from .fileops import atomic_dir, folder_size
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+SCRIPTS = Path(__file__).resolve().parent
+Announce = Callable[[str], None]
+
+
+@dataclass
+class Paths:
+    """Where a recipe's build outputs live."""
+
+    root: Path
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> "Paths":
+        return cls(settings.build_dir() / recipe.name)
+
+    @property
+    def stamps(self) -> Path:
+        return self.root / "stamps"
+
+    @property
+    def olive_work(self) -> Path:
+        return self.root / "olive"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "onnx"
+
+    @property
+    def package(self) -> Path:
+        return self.root / "package"
+
+
+def demo_model_dir(dataset: Path) -> Path:
+    return settings.build_dir() / "demo" / dataset.stem
+
+
+def demo_dataset() -> Path:
+    return settings.recipes_dir() / "data" / "qwen-domain.jsonl"
+
+
+@dataclass
+class Pipeline:
+    recipe: Recipe
+    force: bool = False
+    announce: Announce = log.info
+    status: Callable[[str], Any] | None = None  # live one-line progress for long steps
+    cache_root: Path = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        from .foundry_runtime import cache_root
+        from .steps import StepRunner
+
+        self.paths = Paths.for_recipe(self.recipe)
+        self.cache_root = Path(self.cache_root or cache_root())
+        self.runner = StepRunner(self.paths.stamps, self.force, self.announce)
+
+    # ----- inputs ---------------------------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        return demo_model_dir(demo_dataset()) if self.recipe.uses_demo_model else Path(self.recipe.source)
+
+    @property
+    def installed_dir(self) -> Path:
+        from .install import install_dir
+        return install_dir(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name)
+
+    def eval_set(self):
+        from .demo_model import load_qa
+        dataset = self.recipe.eval.dataset
+        return load_qa(dataset) if dataset else []
+
+    # ----- step bodies --------------------------------------------------------------------------------
+    def _doctor(self) -> dict:
+        from .doctor import run_doctor
+        checks = run_doctor()
+        return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
+
+    def _demo(self) -> dict:
+        from .demo_model import DemoSettings, build_demo_model
+        target = self.model_dir
+        with atomic_dir(target) as staging:
+            result = build_demo_model(demo_dataset(), staging, DemoSettings(), progress=True)
+        self.announce(f"       demo model: {result.n_parameters:,} parameters, trained in {result.train_seconds:.0f} s, "
+                      f"PyTorch exact match {100 * result.accuracy:.1f} %")
+        return {"accuracy": result.accuracy, "train_seconds": result.train_seconds}
+
+    def _convert(self) -> dict:
+        from .graph_check import summarise_graph, verify_quantization
+        from .model_source import inspect_model_folder
+        from .olive_convert import olive_config, run_olive
+
+        inspect_model_folder(self.model_dir)
+        with atomic_dir(self.paths.onnx) as staging:
+            config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
+            run_olive(config, self.paths.olive_work, progress=self.status)
+            summary = summarise_graph(staging / "model.onnx")
+            verify_quantization(summary, self.recipe.conversion, str(staging / "model.onnx"))
+        self.announce(f"       graph: {summary.describe()}")
+        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx)}
+
+    def _package(self) -> dict:
+        import json
+
+        from .families import confirm_template, detect_family, get_family
+        from .genai_smoke import smoke_test
+        from .inference_config import check_template_agreement, fill, render_inference_model, with_search
+        from .install import assemble_package
+        from .model_source import inspect_model_folder
+
+        source = inspect_model_folder(self.model_dir)
+        where = str(self.model_dir)
+        if self.recipe.family == "auto":
+            family = detect_family(source.config, source.chat_template, where)
+            self.announce(f"       family: {family.name} (detected from {source.architecture}; "
+                          "set model.family to override)")
+        else:
+            family = get_family(self.recipe.family)
+            confirm_template(family, source.chat_template, where)
+        inference_model = render_inference_model(family, self.recipe)
+        check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where)
+        genai_config = json.loads((self.paths.onnx / "genai_config.json").read_text(encoding="utf-8"))
+        assemble_package(self.paths.onnx, self.paths.package, with_search(genai_config, self.recipe.generation),
+                         inference_model)
+        sample = self.eval_set()[0].question if self.recipe.eval.dataset else "Hello"
+        smoke = smoke_test(self.paths.package, fill(inference_model["PromptTemplate"]["prompt"], sample))
+        self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template; "
+                      f"GenAI smoke test generated {smoke['tokens']} tokens")
+        return {"family": family.name}
+
+    def _install(self) -> dict:
+        from .install import install_package
+        target = install_package(self.paths.package, self.cache_root, self.recipe.foundry.publisher,
+                                 self.recipe.foundry.name)
+        return {"path": str(target), "bytes": folder_size(target)}
+
+    def check(self) -> dict:
+        """Listed, loads and answers through the Foundry Local runtime; scores the eval set."""
+        from .evaluate import conversations, score
+        from .foundry_runtime import check_model
+
+        qa = self.eval_set()
+        chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
+        if self.status:
+            self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
+        result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
+                             max_tokens=self.recipe.eval.max_new_tokens)
+        answers = [a.text for a in result.answers]
+        summary: dict[str, Any] = {
+            "model_id": result.model_id, "listed": result.listed, "registration": result.registration,
+            "load_seconds": result.load_seconds, "generate_seconds": sum(a.seconds for a in result.answers),
+            "prompt": chats[0][-1]["content"], "answer": answers[0],
+            "first_answer_seconds": result.answers[0].seconds,
+        }
+        if qa:
+            ev = score(answers, qa)
+            summary.update(accuracy=ev.accuracy, accuracy_figure=ev.figure(),
+                           wrong=[{"question": q, "got": g, "expected": e} for q, g, e in ev.wrong])
+            if ev.accuracy < self.recipe.eval.min_accuracy:
+                examples = "\n".join(f"  - {q!r}: got {g!r}, expected {e!r}" for q, g, e in ev.wrong[:5])
+                raise QualityError(
+                    f"{self.recipe.foundry.model_id} answered {ev.figure()} of {self.recipe.eval.dataset.name} "
+                    f"through Foundry Local; the recipe requires {100 * self.recipe.eval.min_accuracy:.0f} % "
+                    f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
+                    "precision / smaller block size (conversion.quantization).")
+        return summary
+
+    # ----- steps -----------------------------------------------------------------------------------------
+    def steps(self) -> list:
+        from .steps import Step
+
+        r = self.recipe
+        out = [Step("doctor", self._doctor, settings={"python": platform.python_version(), "packages": {
+            d.metadata["Name"].lower(): d.version for d in metadata.distributions()}}, code=[SCRIPTS / "doctor.py"])]
+        if r.uses_demo_model:
+            from .demo_model import DemoSettings
+            out.append(Step("demo-model", self._demo, inputs=[demo_dataset()], settings=DemoSettings().to_dict(),
+                            outputs=[self.model_dir], code=[SCRIPTS / "demo_model.py"]))
+        out += [
+            Step("convert", self._convert, inputs=[self.model_dir], settings=r.settings_for_hash()["conversion"],
+                 outputs=[self.paths.onnx], code=[SCRIPTS / "olive_convert.py", SCRIPTS / "graph_check.py"]),
+            Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
+                 settings={k: r.settings_for_hash()[k] for k in ("family", "foundry", "generation", "name",
+                                                                  "description")},
+                 outputs=[self.paths.package],
+                 code=[SCRIPTS / "inference_config.py", SCRIPTS / "install.py", SCRIPTS / "families.py"]),
+            Step("install", self._install, inputs=[self.paths.package],
+                 settings={"cache": str(self.cache_root), "foundry": r.settings_for_hash()["foundry"]},
+                 outputs=[self.installed_dir], code=[SCRIPTS / "install.py"]),
+            Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
+                 settings={"eval": r.settings_for_hash()["eval"], "model_id": r.foundry.model_id},
+                 code=[SCRIPTS / "foundry_runtime.py", SCRIPTS / "foundry_worker.py", SCRIPTS / "evaluate.py"]),
+        ]
+        return out
+
+    def run(self, until: str | None = None) -> dict[str, Any]:
+        """Run the steps in order (up to and including ``until``); return each step's outcome by name."""
+        outcomes = {}
+        for step in self.steps():
+            outcomes[step.name] = self.runner.run(step)
+            if step.name == until:
+                break
+        return outcomes
+
+
+@dataclass(frozen=True)
+class DeploySummary:
+    recipe: str
+    model_id: str
+    installed: Path
+    size_bytes: int
+    check: dict[str, Any]
+    skipped: list[str]
+    ran: list[str]
+
+
+def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
+           status: Callable[[str], Any] | None = None) -> DeploySummary:
+    """Run the whole chain for ``recipe`` and summarise the result."""
+    pipeline = Pipeline(recipe, force=force, announce=announce, status=status)
+    outcomes = pipeline.run()
+    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir,
+                         folder_size(pipeline.installed_dir), outcomes["check"].result or {},
+                         [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped])
