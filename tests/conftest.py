@@ -70,17 +70,26 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_model(tmp_path_factory) -> Path:
+def tiny_hf_model(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2 Hugging Face folder (config, safetensors, tokenizer with a ChatML
+    template). Treat as read-only; copy it to modify it."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    hf = root / "hf"
+    script = root / "build_tiny.py"
+    script.write_text(_BUILD_TINY)
+    _run([sys.executable, str(script), str(hf)], _isolated_env(root / "home"), "Building the tiny Hugging Face model")
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(tmp_path_factory, tiny_hf_model) -> Path:
     """Folder of a converted tiny model: model.onnx, model.onnx.data, genai_config.json, tokenizer
     files, chat template and an ``inference_model.json`` with ``"Name": "tiny-qwen2"``. Treat as
     read-only; copy it to modify it."""
     root = tmp_path_factory.mktemp("tiny_model")
     env = _isolated_env(root / "home")
-    hf, out = root / "hf", root / "onnx"
-    script = root / "build_tiny.py"
-    script.write_text(_BUILD_TINY)
-    _run([sys.executable, str(script), str(hf)], env, "Building the tiny Hugging Face model")
-    _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out),
+    out = root / "onnx"
+    _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(tiny_hf_model), "-o", str(out),
           "-p", "int4", "-e", "cpu", "-c", str(root / "builder-cache")], env, "Converting the tiny model")
     (out / "inference_model.json").write_text(json.dumps({"Name": "tiny-qwen2"}, indent=2))
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
