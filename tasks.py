@@ -14,6 +14,10 @@ from scripts.errors import SlmopsError
 RECIPE_HELP = "recipe name in recipes/ (e.g. qwen) or a path to a recipe .json"
 MODEL_PATH_HELP = "deploy this Hugging Face model folder instead of the recipe's model.source"
 FORCE_HELP = "rebuild every step even if its inputs did not change"
+PRECISION_HELP = ("fp32, int8 or int4 instead of the recipe's conversion.precision (fp16 is refused on CPU), or auto: "
+                  "the smallest precision whose eval accuracy stays within conversion.auto_threshold of FP32's")
+FAMILY_HELP = ("prompt-format family instead of the recipe's model.family: a name from `invoke families`, auto "
+               "(detect), or auto-template (derive PromptTemplate from the tokenizer's chat template)")
 
 
 def _console():
@@ -41,11 +45,22 @@ def domain_errors(func):
     return wrapper
 
 
-def _pipeline(model, model_path=None, force=False):
+def _pipeline(model, model_path=None, force=False, family=None, precision=None):
+    from scripts.compare import apply_precision
+    from scripts.family_select import override_family
     from scripts.pipeline import Pipeline
     from scripts.recipe import load_recipe
     console = _console()
-    return console, Pipeline(load_recipe(model, model_path), force=force, announce=console.print)
+    recipe = override_family(load_recipe(model, model_path), family)
+    _print_notes(console, recipe)
+    if precision or recipe.conversion.precision == "auto":
+        recipe = apply_precision(recipe, precision, console.print)
+    return console, Pipeline(recipe, force=force, announce=console.print)
+
+
+def _print_notes(console, recipe):
+    for note in recipe.notes:
+        console.print(f"[dim]note: {note}[/dim]")
 
 
 @task
@@ -73,28 +88,39 @@ def demo_model(c, force=False):
     console.print(f"Demo model: {pipeline.model_dir}")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP})
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP, "family": FAMILY_HELP,
+            "precision": PRECISION_HELP})
 @domain_errors
-def convert(c, model="qwen", model_path=None, force=False):
+def convert(c, model="qwen", model_path=None, force=False, family=None, precision=None):
     """Convert the recipe's model with Olive and render its Foundry package (no install)."""
-    console, pipeline = _pipeline(model, model_path, force)
+    console, pipeline = _pipeline(model, model_path, force, family, precision)
     with console.status("working…") as status:
         pipeline.status = status.update
         pipeline.run(until="package")
     console.print(f"Package ready: {pipeline.paths.package}")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP})
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP,
+            "full": "bench and validate with the full profile (more prompt lengths and repeats) instead of quick",
+            "skip_proof": "skip bench, validate and the report (for fast iteration)", "family": FAMILY_HELP,
+            "precision": PRECISION_HELP})
 @domain_errors
-def deploy(c, model="qwen", model_path=None, force=False):
-    """Doctor → demo model → convert → render → install → check, skipping steps whose inputs did not change."""
+def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None):
+    """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
+    from scripts.family_select import override_family
     from scripts.pipeline import deploy as run_deploy
     from scripts.recipe import load_recipe
     from scripts.report import print_deploy_summary
     console = _console()
-    recipe = load_recipe(model, model_path)
+    from scripts.compare import apply_precision
+    recipe = override_family(load_recipe(model, model_path), family)
+    _print_notes(console, recipe)
+    if precision or recipe.conversion.precision == "auto":
+        with console.status("choosing the precision…") as status:
+            recipe = apply_precision(recipe, precision, console.print, status.update)
     with console.status("working…") as status:
-        summary = run_deploy(recipe, force=force, announce=console.print, status=status.update)
+        summary = run_deploy(recipe, force=force, announce=console.print, status=status.update,
+                             proof=None if skip_proof else ("full" if full else "quick"))
     print_deploy_summary(console, summary)
 
 
@@ -123,8 +149,90 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None):
 
 @task
 @domain_errors
+def families(c):
+    """List the registered model families (prompt formats), the architectures each covers and its stop tokens."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from scripts.family_select import family_notes, family_rows
+    rows = family_rows()
+    table = Table(*rows[0].keys(), title="Model families (templates/families/)")
+    for row in rows:
+        table.add_row(*(escape(v) for v in row.values()))
+    console = _console()
+    console.print(table)
+    for note in family_notes():
+        console.print(escape(note))
+
+
+@task
+@domain_errors
 def recipes(c):
     """List the recipes in recipes/."""
     from scripts.recipe import available_recipes
     for name in available_recipes():
         print(name)
+
+
+PROFILE_HELP = "measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs) or full (5 lengths, 2 + 5 runs)"
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
+@domain_errors
+def bench(c, model="qwen", model_path=None, profile="quick"):
+    """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
+    from scripts.measure import get_profile
+    from scripts.proof import bench_and_save, proof_dir, write_report
+    from scripts.report import print_bench
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("working…") as status:
+        data = bench_and_save(pipeline, get_profile(profile), status.update)
+    print_bench(console, data)
+    write_report(pipeline)
+    console.print(f"Saved {proof_dir(pipeline) / 'bench.json'} and bench.md")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
+@domain_errors
+def validate(c, model="qwen", model_path=None, profile="quick"):
+    """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
+    from scripts.errors import QualityError
+    from scripts.measure import get_profile
+    from scripts.proof import failure_message, proof_dir, validate_and_save, write_report
+    from scripts.report import print_validate
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("working…") as status:
+        report = validate_and_save(pipeline, get_profile(profile), status.update)
+    print_validate(console, report)
+    write_report(pipeline)
+    console.print(f"Saved {proof_dir(pipeline) / 'validate.json'} and validate.md")
+    if not report.passed:
+        raise QualityError(failure_message(report))
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP})
+@domain_errors
+def report(c, model="qwen", model_path=None):
+    """Write report.md and a self-contained report.html (plots) from the last bench, validate and compare results."""
+    from scripts.proof import write_report
+    console, pipeline = _pipeline(model, model_path)
+    md, html = write_report(pipeline)
+    console.print(f"Report: {md}\n        {html}")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
+            "precisions": "comma-separated subset of fp32,fp16,int8,int4 (default: all four)",
+            "precision": "auto: also say which precision --precision auto would deploy, and why"})
+@domain_errors
+def compare(c, model="qwen", model_path=None, precisions="fp32,fp16,int8,int4", precision=None):
+    """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
+    from scripts.compare import run_compare
+    from scripts.recipe import load_recipe
+    from scripts.report import print_compare
+    console = _console()
+    recipe = load_recipe(model, model_path)
+    _print_notes(console, recipe)
+    with console.status("working…") as status:
+        report = run_compare(recipe, [p.strip() for p in precisions.split(",") if p.strip()],
+                             announce=console.print, status=status.update)
+    print_compare(console, report, show_auto=precision == "auto")

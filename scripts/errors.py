@@ -45,3 +45,7 @@ class FoundryError(SlmopsError):
 
 class QualityError(SlmopsError):
     """The deployed model does not meet the recipe's quality threshold."""
+
+
+class MeasurementError(SlmopsError):
+    """A benchmark or validation worker could not load the model or measure it."""

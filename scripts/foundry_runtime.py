@@ -199,6 +199,12 @@ def validate_messages(messages: Sequence[dict]) -> None:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise FoundryError(
                 f"Message {i} ({m!r}) must be {{'role': one of {ROLES}, 'content': str}}.")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FoundryError(
+                f"Message {i} is not valid UTF-8 text (undecodable bytes at position {exc.start}); decode "
+                "the input as UTF-8 (e.g. errors='replace') before sending it.") from None
     if messages[-1]["role"] not in ("user", "developer"):
         log.warning("Last message has role %r; the model is asked to continue after it anyway.",
                     messages[-1]["role"])

@@ -25,16 +25,32 @@ class ModelFolder:
 
 
 def read_chat_template(folder: Path) -> str | None:
-    """The tokenizer's chat template: ``tokenizer_config.json`` ``chat_template``, else ``chat_template.jinja``."""
+    """The chat template the Foundry Local runtime applies: ``tokenizer_config.json`` ``chat_template``, else
+    ``chat_template.jinja``. transformers 5 reads them the other way round (the file first), so when a folder has
+    both and they differ, the model would be prompted differently in PyTorch (fine-tuning, evaluation, our
+    verification) and in Foundry Local: that is a :class:`ModelSourceError`, not a silent choice."""
     config_file = folder / "tokenizer_config.json"
+    inline = None
     if config_file.is_file():
-        template = _read_json(config_file).get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        if template:
-            return template
+        inline = _read_json(config_file).get("chat_template")
+        if isinstance(inline, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            inline = next((t.get("template") for t in inline if t.get("name") == "default"), None)
     jinja_file = folder / "chat_template.jinja"
-    return jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+    from_file = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+    if inline and from_file is not None and _one_newline_off(inline) != _one_newline_off(from_file):
+        raise ModelSourceError(
+            f"{folder}: the tokenizer has two different chat templates, 'chat_template' in tokenizer_config.json and "
+            "chat_template.jinja. Foundry Local applies tokenizer_config.json's; transformers 5 (fine-tuning and "
+            "evaluation in PyTorch, and the ONNX conversion) applies chat_template.jinja, so the deployed model would "
+            "not be prompted the way it was trained and tested. Keep the template the model was fine-tuned with: "
+            "delete chat_template.jinja, or remove the 'chat_template' key from tokenizer_config.json "
+            "(tokenizer.save_pretrained(folder) with transformers 5 writes only chat_template.jinja).")
+    return inline or from_file
+
+
+def _one_newline_off(template: str) -> str:
+    """Jinja drops a single trailing newline of a template, so ``x`` and ``x\n`` render the same."""
+    return template[:-1] if template.endswith("\n") else template
 
 
 def inspect_model_folder(folder: Path) -> ModelFolder:

@@ -47,6 +47,11 @@ class Paths:
     def package(self) -> Path:
         return self.root / "package"
 
+    @property
+    def merged(self) -> Path:
+        """The base model with the recipe's LoRA adapter merged in."""
+        return self.root / "merged"
+
 
 def demo_model_dir(dataset: Path) -> Path:
     return settings.build_dir() / "demo" / dataset.stem
@@ -63,19 +68,31 @@ class Pipeline:
     announce: Announce = log.info
     status: Callable[[str], Any] | None = None  # live one-line progress for long steps
     cache_root: Path = field(default=None)  # type: ignore[assignment]
+    root: Path | None = None  # build folder; default build/<recipe> (compare: build/<recipe>/precisions/<p>)
 
     def __post_init__(self) -> None:
         from .foundry_runtime import cache_root
         from .steps import StepRunner
 
-        self.paths = Paths.for_recipe(self.recipe)
+        self.paths = Paths(Path(self.root)) if self.root else Paths.for_recipe(self.recipe)
         self.cache_root = Path(self.cache_root or cache_root())
         self.runner = StepRunner(self.paths.stamps, self.force, self.announce)
 
     # ----- inputs ---------------------------------------------------------------------------------------
     @property
-    def model_dir(self) -> Path:
+    def base_dir(self) -> Path:
+        """The model folder named by ``model.source`` (the demo model's build folder for ``"demo"``)."""
+        from .recipe import SYNTHETIC_SOURCES
+        if self.recipe.source in SYNTHETIC_SOURCES:
+            return settings.build_dir() / "synthetic" / self.recipe.source.split(":", 1)[1]
+        if self.recipe.tiny_family:
+            return settings.build_dir() / "tiny" / self.recipe.tiny_family
         return demo_model_dir(demo_dataset()) if self.recipe.uses_demo_model else Path(self.recipe.source)
+
+    @property
+    def model_dir(self) -> Path:
+        """The model that is converted: the base, or the base with ``model.adapter`` merged in."""
+        return self.paths.merged if self.recipe.adapter else self.base_dir
 
     @property
     def installed_dir(self) -> Path:
@@ -95,7 +112,7 @@ class Pipeline:
 
     def _demo(self) -> dict:
         from .demo_model import DemoSettings, build_demo_model
-        target = self.model_dir
+        target = self.base_dir
         with atomic_dir(target) as staging:
             result = build_demo_model(demo_dataset(), staging, DemoSettings(), progress=True)
         self.announce(f"       demo model: {result.n_parameters:,} parameters, trained in {result.train_seconds:.0f} s, "
@@ -107,7 +124,8 @@ class Pipeline:
         from .model_source import inspect_model_folder
         from .olive_convert import olive_config, run_olive
 
-        inspect_model_folder(self.model_dir)
+        from .family_select import refuse_unconvertible
+        refuse_unconvertible(inspect_model_folder(self.model_dir))
         with atomic_dir(self.paths.onnx) as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)
@@ -116,34 +134,85 @@ class Pipeline:
         self.announce(f"       graph: {summary.describe()}")
         return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx)}
 
+    def _synthetic(self) -> dict:
+        import json
+        import subprocess
+        import sys
+        if self.status:
+            self.status(f"creating {self.recipe.source} (random weights, seeded) in {self.base_dir}…")
+        with atomic_dir(self.base_dir) as staging:  # own process: ~2 GB of weights, freed when it exits
+            proc = subprocess.run([sys.executable, "-m", "scripts.synthetic_model", self.recipe.source, str(staging)],
+                                  cwd=settings.REPO_ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                from .errors import ModelSourceError
+                raise ModelSourceError(f"Creating {self.recipe.source} failed:\n{proc.stderr[-2000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.announce(f"       {self.recipe.source}: {result['parameters']:,} parameters, random weights "
+                      "(size and speed only; its answers are noise)")
+        return result
+
+    def _tiny(self) -> dict:
+        import subprocess
+        import sys
+        from .errors import ModelSourceError
+        family = self.recipe.tiny_family
+        if self.status:
+            self.status(f"building a tiny random {family} model in {self.base_dir}…")
+        with atomic_dir(self.base_dir) as staging:  # own process: the pipeline process never imports torch
+            proc = subprocess.run([sys.executable, "-m", "scripts.tiny_models", family, str(staging)],
+                                  cwd=settings.REPO_ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ModelSourceError(f"Building the tiny {family} model failed:\n{proc.stderr[-2000:]}")
+        self.announce(f"       tiny {family} model: random weights, the family's real chat template (it proves "
+                      "conversion, templates and loading; its answers are noise). Deploy your own with --model-path.")
+        return {"family": family}
+
+    def _merge_adapter(self) -> dict:
+        from .lora import merge_in_subprocess
+        from .model_source import inspect_model_folder
+
+        inspect_model_folder(self.base_dir)
+        if self.status:
+            self.status(f"merging the LoRA adapter {self.recipe.adapter} into {self.base_dir}…")
+        with atomic_dir(self.paths.merged) as staging:
+            result = merge_in_subprocess(self.base_dir, Path(self.recipe.adapter), staging)
+        self.announce(f"       merged LoRA adapter (rank {result['rank']}, {', '.join(result['target_modules'] or [])})")
+        return result
+
     def _package(self) -> dict:
         import json
 
-        from .families import confirm_template, detect_family, get_family
+        from .family_select import choose_family, refuse_system_prompt, with_stop_tokens
         from .genai_smoke import smoke_test
-        from .inference_config import check_template_agreement, fill, render_inference_model, with_search
+        from .inference_config import (check_template_agreement, fill, render_inference_model, with_search,
+                                       _load_tokenizer)
         from .install import assemble_package
-        from .model_source import inspect_model_folder
+        from .model_source import inspect_model_folder, read_chat_template
 
         source = inspect_model_folder(self.model_dir)
         where = str(self.model_dir)
-        if self.recipe.family == "auto":
-            family = detect_family(source.config, source.chat_template, where)
-            self.announce(f"       family: {family.name} (detected from {source.architecture}; "
-                          "set model.family to override)")
-        else:
-            family = get_family(self.recipe.family)
-            confirm_template(family, source.chat_template, where)
-        inference_model = render_inference_model(family, self.recipe)
-        check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where)
+        tokenizer = _load_tokenizer(self.model_dir)
+        choice = choose_family(self.recipe.family, source, where, tokenizer)
+        family = choice.family
+        self.announce(f"       family: {choice.how}")
+        refuse_system_prompt(family, self.recipe.eval.system_prompt, where)
+        generation = self.recipe.generation.resolved(family.generation_defaults)
+        inference_model = render_inference_model(family, self.recipe, generation, choice.prompt_template)
+        # verified against the template Foundry Local will apply: the converted model's (what gets installed)
+        shipped = read_chat_template(self.paths.onnx) or source.chat_template
+        compared = check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where, family, tokenizer,
+                                            shipped)
         genai_config = json.loads((self.paths.onnx / "genai_config.json").read_text(encoding="utf-8"))
-        assemble_package(self.paths.onnx, self.paths.package, with_search(genai_config, self.recipe.generation),
-                         inference_model)
+        genai_config = with_stop_tokens(with_search(genai_config, generation), family.stop_tokens,
+                                        self.paths.onnx / "tokenizer.json")
+        assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model)
         sample = self.eval_set()[0].question if self.recipe.eval.dataset else "Hello"
         smoke = smoke_test(self.paths.package, fill(inference_model["PromptTemplate"]["prompt"], sample))
-        self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template; "
-                      f"GenAI smoke test generated {smoke['tokens']} tokens")
-        return {"family": family.name}
+        cases = "; ".join(f"{c.case}: {len(c.chat_template_tokens)} tokens" for c in compared)
+        self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template token by "
+                      f"token ({cases}); GenAI smoke test generated {smoke['tokens']} tokens")
+        return {"family": family.name, "verified": [c.case for c in compared],
+                "generation": {k: v for k, v in vars(generation).items()}}
 
     def _install(self) -> dict:
         from .install import install_package
@@ -192,7 +261,18 @@ class Pipeline:
         if r.uses_demo_model:
             from .demo_model import DemoSettings
             out.append(Step("demo-model", self._demo, inputs=[demo_dataset()], settings=DemoSettings().to_dict(),
-                            outputs=[self.model_dir], code=[SCRIPTS / "demo_model.py"]))
+                            outputs=[self.base_dir], code=[SCRIPTS / "demo_model.py"]))
+        from .recipe import SYNTHETIC_SOURCES
+        if r.source in SYNTHETIC_SOURCES:
+            out.append(Step("synthetic-model", self._synthetic, settings={"source": r.source},
+                            outputs=[self.base_dir], code=[SCRIPTS / "synthetic_model.py"]))
+        if r.tiny_family:
+            family_files = sorted(settings.TEMPLATES_DIR.glob(f"families/{r.tiny_family}.*"))
+            out.append(Step("tiny-model", self._tiny, inputs=family_files, settings={"source": r.source},
+                            outputs=[self.base_dir], code=[SCRIPTS / "tiny_models.py"]))
+        if r.adapter:
+            out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, Path(r.adapter)],
+                            outputs=[self.paths.merged], code=[SCRIPTS / "lora.py"]))
         out += [
             Step("convert", self._convert, inputs=[self.model_dir], settings=r.settings_for_hash()["conversion"],
                  outputs=[self.paths.onnx], code=[SCRIPTS / "olive_convert.py", SCRIPTS / "graph_check.py"]),
@@ -200,7 +280,8 @@ class Pipeline:
                  settings={k: r.settings_for_hash()[k] for k in ("family", "foundry", "generation", "name",
                                                                   "description")},
                  outputs=[self.paths.package],
-                 code=[SCRIPTS / "inference_config.py", SCRIPTS / "install.py", SCRIPTS / "families.py"]),
+                 code=[SCRIPTS / "inference_config.py", SCRIPTS / "install.py", SCRIPTS / "families.py",
+                       SCRIPTS / "family_select.py"]),
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": r.settings_for_hash()["foundry"]},
                  outputs=[self.installed_dir], code=[SCRIPTS / "install.py"]),
@@ -229,13 +310,21 @@ class DeploySummary:
     check: dict[str, Any]
     skipped: list[str]
     ran: list[str]
+    proof: dict[str, Any] = field(default_factory=dict)  # bench/validate summary and the report path
 
 
 def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
-           status: Callable[[str], Any] | None = None) -> DeploySummary:
-    """Run the whole chain for ``recipe`` and summarise the result."""
+           status: Callable[[str], Any] | None = None, proof: str | None = "quick") -> DeploySummary:
+    """Run the whole chain for ``recipe`` and summarise the result. ``proof``: the bench/validate profile
+    (``quick`` or ``full``) run after ``check``, or None to skip them."""
     pipeline = Pipeline(recipe, force=force, announce=announce, status=status)
     outcomes = pipeline.run()
+    skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
+    proven: dict[str, Any] = {}
+    if proof:
+        from .measure import get_profile
+        from .proof import run_proof
+        proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
+        skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
     return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir,
-                         folder_size(pipeline.installed_dir), outcomes["check"].result or {},
-                         [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped])
+                         folder_size(pipeline.installed_dir), outcomes["check"].result or {}, skipped, ran, proven)

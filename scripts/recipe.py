@@ -20,7 +20,12 @@ from .schema import Field, Obj, in_range, validate
 log = logging.getLogger(__name__)
 
 DEMO_SOURCE = "demo"
-PRECISIONS = ("int4", "fp32")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # scripts/precisions.py: how each is built; fp16 is refused on CPU
+PRECISION_CHOICES = (*PRECISIONS, "auto")
+#: ``model.source`` values for models made locally from a config (random weights, no download): scripts/synthetic_model.py
+SYNTHETIC_SOURCES = ("synthetic:qwen2.5-0.5b",)
+#: ``model.source`` ``tiny:<family>``: a tiny random model of a registered family, made locally (scripts/tiny_models.py)
+TINY_PREFIX = "tiny:"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -31,9 +36,17 @@ def _name_check(value: str) -> str | None:
         f"{value!r} is not a valid name; use letters, digits, '.', '_' or '-' (max 64), starting with a letter or digit")
 
 
+def _regex_check(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"{value!r} is not a valid regular expression ({exc})"
+    return None
+
+
 def _families() -> tuple[str, ...]:
-    from .families import family_names  # late import: families read template data files
-    return ("auto", *family_names())
+    from .families import AUTO_TEMPLATE, family_names  # late import: families read template data files
+    return ("auto", AUTO_TEMPLATE, *family_names())
 
 
 SCHEMA = Obj({
@@ -41,17 +54,27 @@ SCHEMA = Obj({
     "description": Field(str, default=""),
     "model": Obj({
         "source": Field(str, required=True,
-                        help=f"a Hugging Face model folder, or {DEMO_SOURCE!r} for the bundled fine-tuned demo model"),
+                        help=f"a Hugging Face model folder, {DEMO_SOURCE!r} for the bundled fine-tuned demo model, "
+                             f"or {TINY_PREFIX}<family> for a tiny random model of a family (built locally)"),
         "family": Field(str, default="auto", help="prompt-format family, or 'auto' to detect from config.json"),
+        "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
+                         "conversion; relative to the recipe"),
     }, required=True),
     "conversion": Obj({
-        "precision": Field(str, default="int4", choices=PRECISIONS),
+        "precision": Field(str, default="int4", choices=PRECISION_CHOICES,
+                           help="fp32, int8, int4 (fp16 is refused on CPU), or auto: the smallest precision whose "
+                                "eval accuracy is within auto_threshold of FP32's"),
+        "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
+                                help="--precision auto: minimum eval accuracy relative to FP32"),
         "quantization": Obj({
             "block_size": Field(int, default=32, choices=BLOCK_SIZES),
             "symmetric": Field(bool, default=True),
             "accuracy_level": Field(int, default=4, choices=(0, 1, 2, 3, 4),
                                     help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
             "algorithm": Field(str, default="default", choices=INT4_ALGORITHMS),
+            "embeddings": Field(bool, default=False,
+                                help="quantize the embedding table too (GatherBlockQuantized, same bits/block size)"),
+            "lm_head": Field(bool, default=True, help="quantize the LM head (false keeps it in FP32)"),
         }),
     }),
     "foundry": Obj({
@@ -61,19 +84,38 @@ SCHEMA = Obj({
                          f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\""),
         "description": Field(str, default=""),
     }, required=True),
+    # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
+    # then BUILTIN_GENERATION: a recipe's own value always wins.
     "generation": Obj({
-        "max_length": Field(int, default=512, check=in_range(8, 131072)),
-        "do_sample": Field(bool, default=False),
-        "temperature": Field(float, default=1.0, check=in_range(0.0, 2.0)),
-        "top_p": Field(float, default=1.0, check=in_range(0.0, 1.0)),
-        "top_k": Field(int, default=50, check=in_range(0, 100000)),
-        "repetition_penalty": Field(float, default=1.0, check=in_range(0.5, 2.0)),
+        "max_length": Field(int, default=None, check=in_range(8, 131072)),
+        "do_sample": Field(bool, default=None),
+        "temperature": Field(float, default=None, check=in_range(0.0, 2.0)),
+        "top_p": Field(float, default=None, check=in_range(0.0, 1.0)),
+        "top_k": Field(int, default=None, check=in_range(0, 100000)),
+        "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0)),
     }),
     "eval": Obj({
         "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
         "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
         "max_new_tokens": Field(int, default=64, check=in_range(1, 4096)),
         "system_prompt": Field(str, default=None),
+    }),
+    "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
+        "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
+                                         help="share of eval answers equal to the FP32 PyTorch model's"),
+        "format_regex": Field(str, default=None, check=_regex_check,
+                              help="regular expression every eval answer must match in full"),
+        "format_json_keys": Field(list, default=None, item_type=str,
+                                  help="every eval answer must be a JSON object with these keys"),
+        "min_format_rate": Field(float, default=1.0, check=in_range(0.0, 1.0)),
+        "soak_requests": Field(int, default=300, check=in_range(10, 1000000)),
+        "max_rss_growth_mb": Field(float, default=32.0, check=in_range(0.0, 1e6)),
+        "max_rss_slope_kb_per_request": Field(float, default=16.0, check=in_range(0.0, 1e6)),
+        "max_latency_ratio": Field(float, default=3.0, check=in_range(1.0, 1000.0),
+                                   help="longest-prompt ÷ shortest-prompt median per-token latency"),
+        "latency_floor_ms": Field(float, default=1.0, check=in_range(0.0, 1e6),
+                                  help="per-token latencies all below this pass the length item whatever the ratio"),
+        "edge_timeout_seconds": Field(float, default=120.0, check=in_range(1.0, 3600.0)),
     }),
 })
 
@@ -84,12 +126,15 @@ class Quantization:
     symmetric: bool
     accuracy_level: int
     algorithm: str
+    embeddings: bool = False
+    lm_head: bool = True
 
 
 @dataclass(frozen=True)
 class Conversion:
     precision: str
     quantization: Quantization
+    auto_threshold: float = 0.98
 
 
 @dataclass(frozen=True)
@@ -105,14 +150,26 @@ class FoundryTarget:
         return f"{self.name}:{self.version}"
 
 
+#: Generation settings used when neither the recipe nor the model's family sets a key (greedy, 512 tokens).
+BUILTIN_GENERATION: dict[str, Any] = {"max_length": 512, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                                      "top_k": 50, "repetition_penalty": 1.0}
+
+
 @dataclass(frozen=True)
 class Generation:
-    max_length: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
+    """Generation settings; ``None`` means "not set in the recipe" until :meth:`resolved` fills it."""
+
+    max_length: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+    def resolved(self, family_defaults: dict[str, Any] | None = None) -> "Generation":
+        """Every key filled: the recipe's value, else the family default, else :data:`BUILTIN_GENERATION`."""
+        merged = {**BUILTIN_GENERATION, **{k: v for k, v in (family_defaults or {}).items() if k in BUILTIN_GENERATION}}
+        return Generation(**{k: merged[k] if v is None else v for k, v in asdict(self).items()})
 
 
 @dataclass(frozen=True)
@@ -121,6 +178,22 @@ class EvalSpec:
     min_accuracy: float
     max_new_tokens: int
     system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    """Thresholds of ``invoke validate`` (see the ``validate`` keys of :data:`SCHEMA`)."""
+
+    min_reference_agreement: float = 0.9
+    format_regex: str | None = None
+    format_json_keys: tuple[str, ...] | None = None
+    min_format_rate: float = 1.0
+    soak_requests: int = 300
+    max_rss_growth_mb: float = 32.0
+    max_rss_slope_kb_per_request: float = 16.0
+    max_latency_ratio: float = 3.0
+    latency_floor_ms: float = 1.0
+    edge_timeout_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -134,15 +207,24 @@ class Recipe:
     foundry: FoundryTarget
     generation: Generation
     eval: EvalSpec
+    validate: ValidateSpec = ValidateSpec()
+    adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
+    notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
 
     @property
     def uses_demo_model(self) -> bool:
         return self.source == DEMO_SOURCE
 
+    @property
+    def tiny_family(self) -> str | None:
+        """The family of a ``tiny:<family>`` source (a tiny random model built locally), else None."""
+        return self.source[len(TINY_PREFIX):] if self.source.startswith(TINY_PREFIX) else None
+
     def settings_for_hash(self) -> dict[str, Any]:
         """Everything that determines build outputs, as plain JSON data."""
         data = asdict(self)
         data.pop("path")
+        data.pop("notes", None)
         return json.loads(json.dumps(data, default=str))
 
 
@@ -184,6 +266,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     schema = Obj({**SCHEMA.fields, "model": Obj({**SCHEMA.fields["model"].fields,
                                                  "family": Field(str, default="auto", choices=_families())},
                                                 required=True)})
+    doc, notes = _translate_tutorial_form(doc, path)
     data, problems = validate(doc, schema)
     if problems:
         lines = "\n".join(f"  - {p.path}: {p.problem}" for p in problems)
@@ -203,16 +286,66 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
         description=data["description"],
         source=source,
         family=data["model"]["family"],
-        conversion=Conversion(conv["precision"], Quantization(**conv["quantization"])),
+        conversion=_conversion(conv, path),
         foundry=FoundryTarget(**data["foundry"]),
         generation=Generation(**data["generation"]),
         eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"]),
+        adapter=_resolve_adapter(data["model"]["adapter"], path),
+        validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])
+                                 if data["validate"]["format_json_keys"] is not None else None}),
+        notes=tuple(notes),
     )
+
+
+def _translate_tutorial_form(doc: Any, path: Path) -> tuple[Any, list[str]]:
+    """Accept the tutorial's ``conversion.config`` block (``precision`` + ``quantization_config``), translated."""
+    from .precisions import TutorialFormError, translate_tutorial_conversion
+    if not isinstance(doc, dict) or "conversion" not in doc:
+        return doc, []
+    try:
+        conversion, notes = translate_tutorial_conversion(doc["conversion"])
+    except TutorialFormError as exc:
+        raise RecipeError(f"{path}: {exc.path}: {exc.problem}. Olive would silently ignore it; fix or remove it.") from None
+    if notes:
+        log.info("%s: tutorial-form conversion translated: %s", path, "; ".join(notes))
+    return {**doc, "conversion": conversion}, [f"{path.name}: {n}" for n in notes]
+
+
+def _conversion(conv: dict, path: Path) -> "Conversion":
+    """The validated conversion block; precisions that cannot run on the target are refused here, before any build."""
+    from .precisions import refusal
+    if (why := refusal(conv["precision"])) is not None:
+        raise RecipeError(f"{path}: conversion.precision: {conv['precision']!r} refused. {why}")
+    q = conv["quantization"]
+    if conv["precision"] == "int8" and q["algorithm"] not in ("default", "rtn"):
+        raise RecipeError(f"{path}: conversion.quantization.algorithm: {q['algorithm']!r} is an INT4 algorithm of "
+                          "the GenAI model builder; int8 is built with round-to-nearest. Use \"default\" or \"rtn\".")
+    return Conversion(conv["precision"], Quantization(**q), conv["auto_threshold"])
+
+
+def _resolve_adapter(adapter: str | None, recipe_file: Path) -> str | None:
+    if adapter is None:
+        return None
+    folder = Path(adapter).expanduser()
+    folder = (folder if folder.is_absolute() else recipe_file.parent / folder).resolve()
+    if not folder.is_dir():
+        raise RecipeError(f"{recipe_file}: model.adapter: adapter folder {folder} does not exist. Point it at a PEFT "
+                          "adapter folder (adapter_config.json + adapter_model.safetensors, as written by "
+                          "peft_model.save_pretrained), relative to the recipe file.")
+    return str(folder)
 
 
 def _resolve_source(source: str, recipe_file: Path, from_override: bool) -> str:
     if source == DEMO_SOURCE and not from_override:
         return DEMO_SOURCE
+    if source in SYNTHETIC_SOURCES and not from_override:
+        return source
+    if source.startswith(TINY_PREFIX) and not from_override:
+        from .families import family_names
+        if source[len(TINY_PREFIX):] not in family_names():
+            raise RecipeError(f"{recipe_file}: model.source: {source!r} names no registered family; use one of "
+                              f"{', '.join(TINY_PREFIX + n for n in family_names())}, or a Hugging Face model folder.")
+        return source
     folder = Path(source).expanduser()
     if not folder.is_absolute():
         folder = (Path.cwd() if from_override else recipe_file.parent) / folder

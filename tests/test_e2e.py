@@ -45,6 +45,10 @@ def sandbox(tmp_path_factory, tiny_hf_model):
 
 
 def invoke(sandbox, *args, timeout=900) -> subprocess.CompletedProcess:
+    # The tiny model answers garbage, so `validate` rightly fails it: these tests cover the chain's mechanics
+    # (bench/validate are tested in test_measure.py and test_validate.py).
+    if args and args[0] == "deploy":
+        args = (*args, "--skip-proof")
     return subprocess.run(INVOKE + list(args), cwd=REPO, env=sandbox["env"], capture_output=True, text=True,
                           timeout=timeout)
 

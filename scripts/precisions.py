@@ -1,0 +1,145 @@
+"""The four precisions of the tutorial's table, what each really needs on a CPU target, and the tutorial's
+recipe form translated into ours. Pure: no I/O, no heavy imports.
+
+| precision | how it is built (Olive workflow) | tutorial's claim |
+|---|---|---|
+| ``fp32`` | ``ModelBuilder`` fp32 | baseline |
+| ``fp16`` | refused on CPU before anything is built (see :data:`FP16_ON_CPU`) | × 0.5, fast, best |
+| ``int8`` | ``ModelBuilder`` fp32, then ``OnnxBlockWiseRtnQuantization`` ``bits=8`` (8-bit ``MatMulNBits``) | × 0.25, very fast, good |
+| ``int4`` | ``ModelBuilder`` int4 (4-bit ``MatMulNBits``) | × 0.125, fastest, acceptable |
+
+With ``quantization.embeddings`` the embedding table is quantized too, by ``OnnxBlockWiseRtnQuantization`` on the
+embedding ``Gather`` only (``GatherBlockQuantized``, same bits and block size): without it a Qwen2.5-0.5B-shaped
+INT4 model keeps its 151936×896 table in FP32 and is 0.43× its FP32 size, not 0.125×.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: Smallest first: the order ``--precision auto`` tries them in.
+BY_SIZE = ("int4", "int8", "fp16", "fp32")
+BITS = {"int4": 4, "int8": 8}
+#: The tutorial's table, verbatim: size as a multiple of the FP32 baseline, speed, quality.
+TUTORIAL_CLAIMS: dict[str, tuple[float, str, str]] = {
+    "fp32": (1.0, "baseline", "reference"),
+    "fp16": (0.5, "fast", "best"),
+    "int8": (0.25, "very fast", "good"),
+    "int4": (0.125, "fastest", "acceptable"),
+}
+EMBED_GATHER = "/model/embed_tokens/Gather"
+LM_HEAD = "/lm_head/MatMul"
+
+FP16_ON_CPU = (
+    "FP16 is for GPU targets: this deployment runs on CPU, where Olive's ModelBuilder drops an fp16 pass "
+    "(\"FP16 is not supported on CPU\", no model is produced) and a builder-made FP16 model fails at generation "
+    "time in ONNX Runtime GenAI (\"Shape mismatch attempting to re-use buffer\"); its maintainers do not support "
+    "FP16 on CPU. Use \"int8\" (8-bit weights, close to FP32 quality) or \"int4\" (smallest, fastest) for CPU, "
+    "\"fp32\" for full precision, or \"auto\" to pick the smallest precision that keeps the eval accuracy.")
+
+
+def refusal(precision: str, device: str = "cpu") -> str | None:
+    """Why ``precision`` cannot be built for ``device`` (None when it can)."""
+    if precision == "fp16" and device == "cpu":
+        return FP16_ON_CPU
+    return None
+
+
+# ----- the tutorial's recipe form -------------------------------------------------------------------------------
+#: ``quantization_config`` keys of the tutorial (and the Olive pass keys people copy) → our quantization keys.
+_TUTORIAL_QUANT_KEYS = {"block_size": "block_size", "is_symmetric": "symmetric", "accuracy_level": "accuracy_level",
+                        "algorithm": "algorithm", "algo_config": "algorithm"}
+_OLIVE_FLAT_KEYS = {"int4_block_size": "block_size", "int4_is_symmetric": "symmetric",
+                    "int4_accuracy_level": "accuracy_level", "int4_algo_config": "algorithm"}
+
+
+class TutorialFormError(ValueError):
+    """The tutorial-form block has a key we cannot translate (carries the key path)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def translate_tutorial_conversion(conversion: Any) -> tuple[Any, list[str]]:
+    """Turn the tutorial's ``conversion`` form into ours; return it and notes saying what was translated.
+
+    Accepted: ``{"type": "ModelBuilder", "config": {"precision": …, "quantization_config": {"block_size": …,
+    "is_symmetric": …}}}`` (``type`` optional), and the Olive pass's flat ``int4_*`` keys inside ``config``.
+    Unknown keys raise :class:`TutorialFormError`: Olive would silently ignore them, we do not."""
+    if not isinstance(conversion, dict) or "config" not in conversion:
+        return conversion, []
+    where = "conversion"
+    extra = sorted(set(conversion) - {"config", "type"})
+    if extra:
+        raise TutorialFormError(f"{where}.{extra[0]}", "cannot be combined with the tutorial's \"config\" block; use "
+                                "either {\"config\": {\"precision\": …, \"quantization_config\": {…}}} or our "
+                                "\"precision\"/\"quantization\" keys, not both")
+    if conversion.get("type", "ModelBuilder") != "ModelBuilder":
+        raise TutorialFormError(f"{where}.type", f"{conversion['type']!r} is not supported; only \"ModelBuilder\"")
+    config = conversion["config"]
+    if not isinstance(config, dict):
+        raise TutorialFormError(f"{where}.config", "expected an object")
+    out: dict[str, Any] = {}
+    quant: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in config.items():
+        if key == "precision":
+            out["precision"] = value
+            notes.append(f"config.precision → conversion.precision = {value!r}")
+        elif key == "quantization_config":
+            if not isinstance(value, dict):
+                raise TutorialFormError(f"{where}.config.quantization_config", "expected an object")
+            for qkey, qvalue in value.items():
+                if qkey not in _TUTORIAL_QUANT_KEYS:
+                    raise TutorialFormError(f"{where}.config.quantization_config.{qkey}",
+                                            f"unknown key; valid keys: {', '.join(_TUTORIAL_QUANT_KEYS)}")
+                quant[_TUTORIAL_QUANT_KEYS[qkey]] = qvalue
+                notes.append(f"config.quantization_config.{qkey} → conversion.quantization."
+                             f"{_TUTORIAL_QUANT_KEYS[qkey]} = {qvalue!r} (Olive 0.13 ignores quantization_config; "
+                             f"it is rendered as the pass option it really reads)")
+        elif key in _OLIVE_FLAT_KEYS:
+            quant[_OLIVE_FLAT_KEYS[key]] = value
+            notes.append(f"config.{key} → conversion.quantization.{_OLIVE_FLAT_KEYS[key]} = {value!r}")
+        else:
+            valid = ["precision", "quantization_config", *_OLIVE_FLAT_KEYS]
+            raise TutorialFormError(f"{where}.config.{key}", f"unknown key; valid keys: {', '.join(valid)}")
+    if quant:
+        out["quantization"] = quant
+    return out, notes
+
+
+# ----- --precision auto -----------------------------------------------------------------------------------------
+def choose_auto(accuracies: dict[str, float | None], threshold: float,
+                refused: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """The smallest precision whose eval accuracy is ≥ ``threshold`` × FP32's, and why, one line per candidate.
+
+    ``accuracies`` maps precision → eval accuracy (None: not measured/failed); it must hold ``fp32``."""
+    refused = refused or {}
+    base = accuracies.get("fp32")
+    if base is None:
+        raise ValueError("choose_auto needs the FP32 eval accuracy as the reference")
+    need = threshold * base
+    reasons: list[str] = []
+    winner = None
+    for p in BY_SIZE:
+        if p in refused:
+            reasons.append(f"{p}: not tried ({refused[p].split(':')[0]})")
+            continue
+        acc = accuracies.get(p)
+        if acc is None:
+            reasons.append(f"{p}: not measured")
+            continue
+        ok = acc >= need - 1e-12
+        rel = acc / base if base else 1.0
+        verdict = "within" if ok else "below"
+        line = (f"{p}: eval accuracy {100 * acc:.1f} % = {100 * rel:.1f} % of FP32's {100 * base:.1f} %, "
+                f"{verdict} the {100 * threshold:.0f} % threshold")
+        if ok and winner is None:
+            winner = p
+            line += " → chosen (smallest that qualifies)"
+        elif ok:
+            line += " (qualifies, but larger)"
+        reasons.append(line)
+    return winner or "fp32", reasons

@@ -1,0 +1,147 @@
+"""Tests for scripts/install.py: assembling the package and installing it atomically into a Foundry cache."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scripts import install
+from scripts.errors import InstallError
+from scripts.install import assemble_package, install_dir, install_package, list_cache, package_files
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SLMOPS_FOUNDRY_CACHE", str(root))
+    return root
+
+
+def make_package(folder: Path, name: str = "my-model", extra: dict[str, str] | None = None) -> Path:
+    folder.mkdir(parents=True)
+    files = {"model.onnx": "graph", "model.onnx.data": "weights", "genai_config.json": '{"search": {}}',
+             "tokenizer.json": "{}", "inference_model.json": json.dumps({"Name": name}), **(extra or {})}
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    return folder
+
+
+def hidden(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")] if folder.is_dir() else []
+
+
+# ----- install_package -----------------------------------------------------------------------------------------
+def test_install_creates_publisher_name_folder_with_the_files(tmp_path, cache):
+    package = make_package(tmp_path / "package")
+    target = install_package(package, cache, "slmops", "my-model")
+    assert target == install_dir(cache, "slmops", "my-model") == cache / "slmops" / "my-model"
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in package.iterdir())
+    assert (target / "model.onnx.data").read_text() == "weights"
+    assert (target / "model.onnx").stat().st_ino != (package / "model.onnx").stat().st_ino, "a copy, not a link"
+    assert hidden(cache / "slmops") == []
+
+
+def test_reinstall_replaces_cleanly(tmp_path, cache):
+    install_package(make_package(tmp_path / "v1", extra={"stale.txt": "old"}), cache, "slmops", "m")
+    second = make_package(tmp_path / "v2")
+    (second / "model.onnx").write_text("graph v2")
+    target = install_package(second, cache, "slmops", "m")
+    assert not (target / "stale.txt").exists()
+    assert (target / "model.onnx").read_text() == "graph v2"
+    assert sorted(p.name for p in (cache / "slmops").iterdir()) == ["m"]
+
+
+def test_failure_mid_copy_keeps_previous_install(tmp_path, cache, monkeypatch):
+    install_package(make_package(tmp_path / "v1"), cache, "slmops", "m")
+    before = {p.name: p.read_text() for p in (cache / "slmops" / "m").iterdir()}
+    second = make_package(tmp_path / "v2")
+    (second / "model.onnx").write_text("graph v2")
+
+    real_copy = shutil.copy2
+    copied = []
+
+    def copy_then_fail(src, dst, *args, **kwargs):
+        if copied:
+            raise OSError(28, "No space left on device")
+        copied.append(src)
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(install.shutil, "copy2", copy_then_fail)
+    with pytest.raises(InstallError) as info:
+        install_package(second, cache, "slmops", "m")
+    message = str(info.value)
+    assert f"Could not install into {cache / 'slmops' / 'm'}" in message
+    assert "No space left on device" in message and "SLMOPS_FOUNDRY_CACHE" in message
+    assert len(copied) == 1
+    assert {p.name: p.read_text() for p in (cache / "slmops" / "m").iterdir()} == before
+    assert hidden(cache / "slmops") == [], "no staging folder left behind"
+
+
+def test_inference_model_is_copied_last(tmp_path, cache, monkeypatch):
+    order = []
+    real_copy = shutil.copy2
+    monkeypatch.setattr(install.shutil, "copy2", lambda s, d: (order.append(Path(s).name), real_copy(s, d))[1])
+    install_package(make_package(tmp_path / "p", extra={"zzz.json": "{}"}), cache, "slmops", "m")
+    assert order[-1] == "inference_model.json"
+    assert len(order) == 6
+
+
+@pytest.mark.parametrize("missing", ["model.onnx", "genai_config.json", "inference_model.json"])
+def test_incomplete_package_is_refused(tmp_path, cache, missing):
+    package = make_package(tmp_path / "p")
+    (package / missing).unlink()
+    with pytest.raises(InstallError) as info:
+        install_package(package, cache, "slmops", "m")
+    assert f"{package} is not a complete package (missing {missing})" in str(info.value)
+    assert "invoke deploy --force" in str(info.value)
+    assert not (cache / "slmops").exists()
+
+
+# ----- list_cache --------------------------------------------------------------------------------------------
+def test_list_cache_finds_installed_models_and_ignores_the_rest(tmp_path, cache):
+    install_package(make_package(tmp_path / "a", name="alpha"), cache, "slmops", "alpha")
+    install_package(make_package(tmp_path / "b", name="beta"), cache, "other", "beta")
+    shutil.copytree(cache / "slmops" / "alpha", cache / "slmops" / ".alpha.staging-1234")  # dot folder
+    shutil.copytree(cache / "slmops" / "alpha", cache / ".hidden" / "alpha")               # dot publisher
+    no_name = cache / "slmops" / "no-name"
+    shutil.copytree(cache / "slmops" / "alpha", no_name)
+    (no_name / "inference_model.json").write_text('{"Name": 3}')
+    broken = cache / "slmops" / "broken"
+    shutil.copytree(cache / "slmops" / "alpha", broken)
+    (broken / "inference_model.json").write_text("{not json")
+    no_genai = cache / "slmops" / "no-genai"
+    shutil.copytree(cache / "slmops" / "alpha", no_genai)
+    (no_genai / "genai_config.json").unlink()
+
+    found = list_cache(cache)
+    assert found == [
+        {"name": "beta", "publisher": "other", "path": str(cache / "other" / "beta")},
+        {"name": "alpha", "publisher": "slmops", "path": str(cache / "slmops" / "alpha")},
+    ]
+
+
+def test_list_cache_of_missing_folder_is_empty(tmp_path):
+    assert list_cache(tmp_path / "nothing") == []
+
+
+# ----- assemble_package ----------------------------------------------------------------------------------------
+def test_assemble_package_ships_model_files_and_rendered_configs(tmp_path):
+    onnx = make_package(tmp_path / "onnx", extra={"olive_config.json": "{}", "footprint.json": "{}",
+                                                  "merges.txt": "m", "chat_template.jinja": "t"})
+    (onnx / "inference_model.json").unlink()
+    (onnx / "cache").mkdir()
+    names = [p.name for p in package_files(onnx)]
+    assert names == sorted(names)
+    assert "olive_config.json" not in names and "footprint.json" not in names
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "merges.txt",
+            "chat_template.jinja"} == set(names)
+
+    package = assemble_package(onnx, tmp_path / "package", {"search": {"max_length": 128}}, {"Name": "n"})
+    assert sorted(p.name for p in package.iterdir()) == sorted(set(names) | {"inference_model.json"})
+    assert json.loads((package / "genai_config.json").read_text()) == {"search": {"max_length": 128}}
+    assert json.loads((onnx / "genai_config.json").read_text()) == {"search": {}}, "the source is not modified"
+    assert json.loads((package / "inference_model.json").read_text()) == {"Name": "n"}
+    assert (package / "model.onnx.data").stat().st_ino == (onnx / "model.onnx.data").stat().st_ino, "hard-linked"
+    install_package(package, tmp_path / "cache", "p", "n")  # a complete package

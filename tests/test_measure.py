@@ -1,0 +1,70 @@
+"""Measurement module: pure prompt planning and summaries; real workers on the tiny model (mechanics only)."""
+import pytest
+
+from scripts.errors import MeasurementError
+from scripts.measure import (PROFILES, Profile, bench_request, get_profile, length_prompts, measure, prompt_lengths,
+                             run_worker, summarise_length)
+
+TINY = Profile("tiny", lengths=(16,), max_prompt_tokens=48, new_tokens=4, warmup=1, repeats=2)
+
+
+def test_prompt_lengths_cap_and_near_context():
+    assert prompt_lengths(PROFILES["quick"], 512) == [32, 128, 512 - 32 - 16]
+    assert prompt_lengths(PROFILES["quick"], 32768) == [32, 128, 512]
+    assert prompt_lengths(PROFILES["full"], 256) == [16, 64, 256 - 64 - 16]
+    with pytest.raises(MeasurementError):
+        prompt_lengths(PROFILES["full"], 70)
+    with pytest.raises(MeasurementError, match="choose one of: quick, full"):
+        get_profile("fast")
+
+
+def test_summarise_length_medians_and_p95():
+    raw = {"target": 32, "cpu_percent": 150.0, "runs": [
+        {"ttft": 0.1, "prefill_tps": 300, "decode_tps": 10, "token_latencies": [0.1, 0.1], "prompt_tokens": 30,
+         "new_tokens": 3},
+        {"ttft": 0.3, "prefill_tps": 100, "decode_tps": 20, "token_latencies": [0.05, 0.05], "prompt_tokens": 30,
+         "new_tokens": 3}]}
+    x = summarise_length(raw)
+    assert x.ttft.median == pytest.approx(0.2) and x.decode_tps.n == 2
+    assert x.token_ms.median == pytest.approx(75) and x.token_ms_p95 == pytest.approx(100)
+    assert x.to_json()["decode_tps"]["median"] == 15
+
+
+def test_length_prompts_hit_their_token_targets(tiny_onnx_model):
+    from scripts.backends import render_chat
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tiny_onnx_model / "tokenizer.json"))
+    for target, messages in length_prompts(tiny_onnx_model, [80, 200]):
+        n = len(tok.encode(render_chat(tiny_onnx_model, messages), add_special_tokens=False).ids)
+        assert abs(n - target) <= 3, (target, n)
+
+
+@pytest.mark.parametrize("backend", ["genai", "foundry"])
+def test_measure_onnx_backends(tiny_onnx_model, tmp_path, backend):
+    options = {"cache_dir": str(tmp_path / "cache")} if backend == "foundry" else None
+    r = measure(backend, tiny_onnx_model, TINY, options)
+    assert r.backend == backend and r.load_seconds > 0 and r.peak_rss_mb > r.rss_before_load_mb > 0
+    assert [x.target for x in r.lengths] == [16, 48]
+    for x in r.lengths:
+        assert x.ttft.n == TINY.repeats and x.prompt_tokens > 0 and x.new_tokens >= 1
+    assert r.size_bytes > 0 and r.to_json()["lengths"][0]["target"] == 16
+
+
+def test_measure_torch_and_answers_soak_jobs(tiny_hf_model, tiny_onnx_model):
+    job = bench_request(tiny_onnx_model, TINY)  # same prompts as the ONNX backends
+    convs = [[{"role": "user", "content": "Hello"}]]
+    result = run_worker("torch", tiny_hf_model, [job, {"kind": "answers", "conversations": convs, "max_new_tokens": 4},
+                                                 {"kind": "soak", "conversations": convs, "requests": 12,
+                                                  "max_new_tokens": 2}])
+    kinds = [j["kind"] for j in result["jobs"]]
+    assert kinds == ["bench", "answers", "soak"]
+    assert len(result["jobs"][1]["answers"]) == 1 and isinstance(result["jobs"][1]["answers"][0]["text"], str)
+    soak = result["jobs"][2]
+    assert len(soak["rss"]) == 12 and soak["n_errors"] == 0
+
+
+def test_worker_failure_is_a_clear_measurement_error(tmp_path):
+    with pytest.raises(MeasurementError, match="no genai_config.json"):
+        run_worker("foundry", tmp_path, [])
+    with pytest.raises(MeasurementError, match="Unknown backend 'tensorrt'"):
+        run_worker("tensorrt", tmp_path, [])

@@ -1,0 +1,247 @@
+"""Tests for scripts/recipe.py: loading, validation messages, path resolution, the shipped qwen recipe."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import settings
+from scripts.errors import RecipeError
+from scripts.families import family_names
+from scripts.recipe import (BUILTIN_GENERATION, DEMO_SOURCE, Generation, available_recipes, load_recipe,
+                            recipe_path)
+
+MINIMAL = {"model": {"source": "demo"}, "foundry": {"name": "my-model"}}
+
+
+@pytest.fixture
+def recipes(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(folder))
+    return folder
+
+
+def write(folder: Path, name: str, doc) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2), encoding="utf-8")
+    return path
+
+
+def load_error(folder: Path, doc, name: str = "bad") -> str:
+    path = write(folder, name, doc)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(name)
+    message = str(info.value)
+    assert str(path) in message, "the message must name the recipe file"
+    return message
+
+
+# ----- the shipped recipe -------------------------------------------------------------------------------
+def test_shipped_qwen_recipe_loads_with_its_values(monkeypatch):
+    monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(settings.REPO_ROOT / "recipes"))
+    doc = json.loads((settings.REPO_ROOT / "recipes" / "qwen.json").read_text(encoding="utf-8"))
+    r = load_recipe("qwen")
+    assert r.name == "qwen"
+    assert r.path == settings.REPO_ROOT / "recipes" / "qwen.json"
+    assert r.description == doc["description"]
+    assert r.source == DEMO_SOURCE and r.uses_demo_model
+    assert r.family == doc["model"]["family"] == "chatml"
+    q = doc["conversion"]["quantization"]
+    assert r.conversion.precision == doc["conversion"]["precision"]
+    assert (r.conversion.quantization.block_size, r.conversion.quantization.symmetric,
+            r.conversion.quantization.accuracy_level, r.conversion.quantization.algorithm) == (
+        q["block_size"], q["symmetric"], q["accuracy_level"], q["algorithm"])
+    f = doc["foundry"]
+    assert (r.foundry.publisher, r.foundry.name, r.foundry.version, r.foundry.description) == (
+        f["publisher"], f["name"], f["version"], f["description"])
+    assert r.foundry.model_id == f"{f['name']}:{f['version']}"
+    g = doc["generation"]
+    assert (r.generation.max_length, r.generation.do_sample, r.generation.temperature, r.generation.top_p,
+            r.generation.top_k, r.generation.repetition_penalty) == (
+        g["max_length"], g["do_sample"], g["temperature"], g["top_p"], g["top_k"], g["repetition_penalty"])
+    assert r.eval.dataset == (settings.REPO_ROOT / "recipes" / doc["eval"]["dataset"]).resolve()
+    assert r.eval.min_accuracy == doc["eval"]["min_accuracy"]
+    assert r.eval.max_new_tokens == doc["eval"]["max_new_tokens"]
+    assert r.eval.system_prompt is None
+
+
+def test_shipped_recipe_with_model_path_override_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(settings.REPO_ROOT / "recipes"))
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe("qwen", model_path="models/mine")
+    assert r.source == str((tmp_path / "models" / "mine").resolve())
+    assert not r.uses_demo_model
+
+
+SHIPPED = sorted(p.stem for p in (settings.REPO_ROOT / "recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_loads(name, monkeypatch):
+    monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(settings.REPO_ROOT / "recipes"))
+    r = load_recipe(name)
+    assert r.name == name and r.foundry.name
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_family_has_a_recipe_that_builds_its_tiny_model(family, monkeypatch):
+    """recipes/<family>.json deploys offline: its source is the family's tiny model, made by the pipeline."""
+    monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(settings.REPO_ROOT / "recipes"))
+    assert family in SHIPPED
+    r = load_recipe(family)
+    assert r.family == family and r.source == f"tiny:{family}" and r.tiny_family == family
+    assert "--model-path" in r.description
+    from scripts.pipeline import Pipeline
+    pipeline = Pipeline(r)
+    assert [s.name for s in pipeline.steps()][:2] == ["doctor", "tiny-model"]
+    assert pipeline.model_dir == settings.build_dir() / "tiny" / family
+
+
+def test_tiny_source_of_an_unknown_family(recipes):
+    message = load_error(recipes, {**MINIMAL, "model": {"source": "tiny:gpt-9"}})
+    assert "model.source: 'tiny:gpt-9' names no registered family; use one of tiny:chatml" in message
+
+
+def test_model_path_overrides_a_tiny_source(recipes, tmp_path):
+    write(recipes, "fam", {**MINIMAL, "model": {"source": "tiny:phi-3", "family": "phi-3"}})
+    (tmp_path / "mine").mkdir()
+    r = load_recipe("fam", model_path=tmp_path / "mine")
+    assert r.source == str((tmp_path / "mine").resolve()) and r.tiny_family is None
+
+
+def test_settings_for_hash_is_json_and_excludes_path(recipes):
+    write(recipes, "r", MINIMAL)
+    data = load_recipe("r").settings_for_hash()
+    assert "path" not in data
+    assert data["conversion"]["quantization"]["block_size"] == 32
+    assert json.loads(json.dumps(data)) == data
+
+
+# ----- defaults and lookup ------------------------------------------------------------------------------
+def test_minimal_recipe_gets_defaults_and_name_from_file(recipes):
+    write(recipes, "tiny", MINIMAL)
+    r = load_recipe("tiny")
+    assert r.name == "tiny"
+    assert r.family == "auto"
+    assert r.conversion.precision == "int4"
+    assert r.conversion.quantization.block_size == 32 and r.conversion.quantization.symmetric is True
+    assert r.foundry.publisher == "slmops" and r.foundry.version == "1"
+    assert r.generation == Generation(), "generation keys the recipe does not set stay unset"
+    assert r.generation.resolved() == Generation(**BUILTIN_GENERATION)
+    assert r.generation.resolved({"temperature": 0.7}).temperature == 0.7
+    assert r.generation.resolved().max_length == 512
+    assert r.eval.dataset is None
+
+
+def test_recipe_by_path(tmp_path):
+    path = write(tmp_path, "elsewhere", {**MINIMAL, "name": "explicit-name"})
+    r = load_recipe(str(path))
+    assert r.name == "explicit-name" and r.path == path.resolve()
+
+
+def test_unknown_recipe_name_lists_available(recipes):
+    write(recipes, "alpha", MINIMAL)
+    write(recipes, "beta", MINIMAL)
+    assert available_recipes() == ["alpha", "beta"]
+    with pytest.raises(RecipeError, match=r"No recipe named 'gamma'.*Available: alpha, beta"):
+        recipe_path("gamma")
+
+
+def test_missing_recipe_file_path(tmp_path, recipes):
+    with pytest.raises(RecipeError, match=r"nope\.json does not exist"):
+        recipe_path(str(tmp_path / "nope.json"))
+
+
+# ----- bad recipes ----------------------------------------------------------------------------------------
+def test_misspelt_nested_key(recipes):
+    doc = {**MINIMAL, "conversion": {"quantization": {"blok_size": 64}}}
+    message = load_error(recipes, doc)
+    assert "conversion.quantization.blok_size: unknown key" in message
+    assert "valid keys: block_size, symmetric, accuracy_level, algorithm" in message
+    assert "(did you mean 'block_size'?)" in message
+
+
+def test_wrong_type(recipes):
+    doc = {**MINIMAL, "conversion": {"quantization": {"symmetric": "yes"}}}
+    message = load_error(recipes, doc)
+    assert "conversion.quantization.symmetric: expected true or false, found 'yes'" in message
+
+
+def test_value_not_in_choices(recipes):
+    doc = {**MINIMAL, "conversion": {"precision": "int3", "quantization": {"block_size": 48}}}
+    message = load_error(recipes, doc)
+    assert "conversion.precision: 'int3' is not allowed; choose one of: 'fp32', 'fp16', 'int8', 'int4', 'auto'" in message
+    assert "conversion.quantization.block_size: 48 is not allowed; choose one of: 16, 32, 64, 128, 256" in message
+
+
+def test_unknown_family_lists_registered_families(recipes):
+    message = load_error(recipes, {**MINIMAL, "model": {"source": "demo", "family": "no-such-family"}})
+    assert "model.family: 'no-such-family' is not allowed; choose one of: 'auto', " in message
+    assert all(repr(name) in message for name in ("chatml", *family_names()))
+
+
+def test_invalid_json_reports_line_and_column(recipes):
+    text = '{\n  "model": {"source": "demo"},\n  "foundry": {"name": "x",}\n}\n'
+    message = load_error(recipes, text)
+    assert "not valid JSON at line 3, column" in message
+    assert "trailing comma" in message
+
+
+def test_missing_required_keys(recipes):
+    message = load_error(recipes, {"model": {}})
+    assert "model.source: missing required key" in message
+    assert "foundry: missing required key" in message
+
+
+def test_several_problems_reported_at_once(recipes):
+    doc = {"model": {"source": "demo"}, "foundry": {"name": "bad name!", "version": "v1"},
+           "generation": {"temperature": 5, "max_length": "long"}, "evals": {}}
+    message = load_error(recipes, doc)
+    assert "has 5 problem(s)" in message
+    for expected in ("foundry.name: 'bad name!' is not a valid name",
+                     "foundry.version: 'v1' is not a valid version",
+                     "generation.temperature: 5 is out of range; allowed: 0.0 to 2.0",
+                     "generation.max_length: expected an integer, found 'long'",
+                     "evals: unknown key"):
+        assert expected in message
+    assert "(did you mean 'eval'?)" in message
+
+
+def test_missing_model_folder_from_recipe(recipes):
+    message = load_error(recipes, {**MINIMAL, "model": {"source": "../no-such-model"}})
+    assert "model.source: model folder" in message
+    assert str((recipes.parent / "no-such-model").resolve()) in message  # relative to the recipe file
+    assert "does not exist" in message and "Hugging Face model folder" in message and "'demo'" in message
+
+
+def test_relative_model_source_resolves_against_recipe_file(recipes, tmp_path, monkeypatch):
+    (recipes / "models" / "m").mkdir(parents=True)
+    write(recipes, "r", {**MINIMAL, "model": {"source": "models/m"}})
+    monkeypatch.chdir(tmp_path)  # not the recipe folder
+    assert load_recipe("r").source == str((recipes / "models" / "m").resolve())
+
+
+def test_missing_model_folder_from_override(recipes, tmp_path, monkeypatch):
+    write(recipes, "r", MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe("r", model_path="missing-folder")
+    message = str(info.value)
+    assert message.startswith("--model-path: model folder")
+    assert str(tmp_path / "missing-folder") in message
+    assert "Point it at a Hugging Face model folder" in message
+
+
+def test_missing_eval_dataset(recipes):
+    message = load_error(recipes, {**MINIMAL, "eval": {"dataset": "data/none.jsonl"}})
+    assert "eval.dataset:" in message and "none.jsonl does not exist" in message
+
+
+def test_recipe_generation_value_wins_over_family_default(recipes):
+    write(recipes, "r", {**MINIMAL, "generation": {"temperature": 0.2, "do_sample": True}})
+    resolved = load_recipe("r").generation.resolved({"temperature": 0.7, "top_k": 20})
+    assert (resolved.temperature, resolved.do_sample, resolved.top_k) == (0.2, True, 20)
+    assert resolved.max_length == BUILTIN_GENERATION["max_length"]

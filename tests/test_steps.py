@@ -1,0 +1,176 @@
+"""Tests for scripts/steps.py: Make-style skipping by content hash of inputs, settings, code and outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.steps import Step, StepRunner
+
+
+class Work:
+    """A step body that counts its runs and writes an output file."""
+
+    def __init__(self, output: Path, fail: bool = False):
+        self.output, self.fail, self.runs = output, fail, 0
+
+    def __call__(self):
+        self.runs += 1
+        if self.fail:
+            raise RuntimeError("step failed")
+        self.output.write_text(f"run {self.runs}")
+        return {"runs": self.runs, "path": self.output}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("v1")
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    out = tmp_path / "output.txt"
+    work = Work(out)
+    runner = StepRunner(tmp_path / "stamps", announce=lambda _m: None)
+
+    def step(**changes) -> Step:
+        fields = dict(name="build", run=work, inputs=[src], settings={"block": 32}, outputs=[out], code=[code])
+        fields.update(changes)
+        return Step(**fields)
+
+    return runner, step, work, src, out, code
+
+
+def test_first_run_runs_and_stamps(setup, tmp_path):
+    runner, step, work, *_ = setup
+    outcome = runner.run(step())
+    assert (outcome.name, outcome.skipped, work.runs) == ("build", False, 1)
+    assert outcome.result["runs"] == 1
+    stamp = json.loads((tmp_path / "stamps" / "build.json").read_text())
+    assert stamp["fingerprint"] == runner.fingerprint(step())
+    assert stamp["result"] == {"runs": 1, "path": str(tmp_path / "output.txt")}  # made JSON-safe
+
+
+def test_unchanged_step_is_skipped_and_returns_recorded_result(setup):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    outcome = runner.run(step())
+    assert outcome.skipped and work.runs == 1
+    assert outcome.result["runs"] == 1
+
+
+def test_a_new_runner_also_skips(setup, tmp_path):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    assert StepRunner(tmp_path / "stamps", announce=lambda _m: None).run(step()).skipped
+    assert work.runs == 1
+
+
+def test_input_file_change_reruns(setup):
+    runner, step, work, src, *_ = setup
+    runner.run(step())
+    src.write_text("v2 changed")
+    assert not runner.run(step()).skipped
+    assert work.runs == 2
+    assert runner.run(step()).skipped
+
+
+def test_input_folder_content_change_reruns(setup, tmp_path):
+    runner, step, work, *_ = setup
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"1")
+    runner.run(step(inputs=[folder]))
+    (folder / "weights.bin").write_bytes(b"22")
+    assert not runner.run(step(inputs=[folder])).skipped
+
+
+def test_settings_change_reruns(setup):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    assert not runner.run(step(settings={"block": 64})).skipped
+    assert runner.run(step(settings={"block": 64})).skipped
+    assert work.runs == 2
+
+
+def test_code_change_reruns(setup):
+    runner, step, work, _src, _out, code = setup
+    runner.run(step())
+    code.write_text("x = 2  # changed\n")
+    assert not runner.run(step()).skipped
+
+
+def test_deleted_output_reruns(setup):
+    runner, step, work, _src, out, _code = setup
+    runner.run(step())
+    out.unlink()
+    outcome = runner.run(step())
+    assert not outcome.skipped and work.runs == 2
+    assert out.read_text() == "run 2"
+
+
+def test_force_reruns(setup, tmp_path):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    forced = StepRunner(tmp_path / "stamps", force=True, announce=lambda _m: None)
+    assert not forced.run(step()).skipped
+    assert not forced.run(step()).skipped
+    assert work.runs == 3
+
+
+def test_failing_step_writes_no_stamp_and_reruns(setup, tmp_path):
+    runner, step, work, *_ = setup
+    work.fail = True
+    with pytest.raises(RuntimeError, match="step failed"):
+        runner.run(step())
+    assert not (tmp_path / "stamps" / "build.json").exists()
+    work.fail = False
+    assert not runner.run(step()).skipped
+    assert work.runs == 2
+
+
+def test_failure_after_success_keeps_old_stamp_but_changed_input_still_reruns(setup, tmp_path):
+    runner, step, work, src, *_ = setup
+    runner.run(step())
+    stamp_before = (tmp_path / "stamps" / "build.json").read_text()
+    src.write_text("v2 changed")
+    work.fail = True
+    with pytest.raises(RuntimeError):
+        runner.run(step())
+    assert (tmp_path / "stamps" / "build.json").read_text() == stamp_before
+    work.fail = False
+    assert not runner.run(step()).skipped
+
+
+def test_corrupt_stamp_reruns(setup, tmp_path):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    (tmp_path / "stamps" / "build.json").write_text("{half")
+    assert not runner.run(step()).skipped
+
+
+def test_invalidate(setup, tmp_path):
+    runner, step, work, *_ = setup
+    runner.run(step())
+    runner.invalidate("build")
+    assert not (tmp_path / "stamps" / "build.json").exists()
+    assert not runner.run(step()).skipped
+    runner.invalidate("never-ran")  # no error
+
+
+def test_unserialisable_result_is_recorded_as_null(setup, tmp_path):
+    runner, step, *_ = setup
+    circular: list = []
+    circular.append(circular)
+    runner.run(step(run=lambda: circular, outputs=[]))
+    assert json.loads((tmp_path / "stamps" / "build.json").read_text())["result"] is None
+
+
+def test_announcements(setup, tmp_path):
+    _runner, step, *_ = setup
+    seen: list[str] = []
+    runner = StepRunner(tmp_path / "stamps", announce=seen.append)
+    runner.run(step())
+    runner.run(step())
+    assert seen[0] == "▶ build" and seen[1].startswith("✓ build (")
+    assert seen[2] == "• build: skipped (inputs unchanged)"
