@@ -45,16 +45,23 @@ def domain_errors(func):
     return wrapper
 
 
-def _pipeline(model, model_path=None, force=False, family=None, precision=None):
+def _recipe(console, model, model_path=None, family=None, precision=None):
+    """Load the recipe, apply the --family / --precision overrides and print any translation notes."""
     from scripts.compare import apply_precision
     from scripts.family_select import override_family
-    from scripts.pipeline import Pipeline
     from scripts.recipe import load_recipe
-    console = _console()
     recipe = override_family(load_recipe(model, model_path), family)
     _print_notes(console, recipe)
     if precision or recipe.conversion.precision == "auto":
-        recipe = apply_precision(recipe, precision, console.print)
+        with console.status("choosing the precision…") as status:
+            recipe = apply_precision(recipe, precision, console.print, status.update)
+    return recipe
+
+
+def _pipeline(model, model_path=None, force=False, family=None, precision=None):
+    from scripts.pipeline import Pipeline
+    console = _console()
+    recipe = _recipe(console, model, model_path, family, precision)
     return console, Pipeline(recipe, force=force, announce=console.print)
 
 
@@ -107,17 +114,10 @@ def convert(c, model="qwen", model_path=None, force=False, family=None, precisio
 @domain_errors
 def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
-    from scripts.family_select import override_family
     from scripts.pipeline import deploy as run_deploy
-    from scripts.recipe import load_recipe
     from scripts.report import print_deploy_summary
     console = _console()
-    from scripts.compare import apply_precision
-    recipe = override_family(load_recipe(model, model_path), family)
-    _print_notes(console, recipe)
-    if precision or recipe.conversion.precision == "auto":
-        with console.status("choosing the precision…") as status:
-            recipe = apply_precision(recipe, precision, console.print, status.update)
+    recipe = _recipe(console, model, model_path, family, precision)
     with console.status("working…") as status:
         summary = run_deploy(recipe, force=force, announce=console.print, status=status.update,
                              proof=None if skip_proof else ("full" if full else "quick"))
