@@ -19,7 +19,7 @@ import logging
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,15 +42,15 @@ class Trace:
 
 
 def chat_template_of(model_dir: Path) -> tuple[str, dict]:
-    """The folder's chat template (``tokenizer_config.json`` ``chat_template`` wins over
-    ``chat_template.jinja``, as in Foundry Local) and the tokenizer config."""
+    """The chat template Foundry Local applies (see :func:`scripts.model_source.read_chat_template`) and the
+    tokenizer config."""
+    from .model_source import read_chat_template
+
     model_dir = Path(model_dir)
     cfg_path = model_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    template = cfg.get("chat_template")
-    if not isinstance(template, str) and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    if not isinstance(template, str):
+    template = read_chat_template(model_dir)
+    if template is None:
         raise SlmopsError(f"{model_dir} has no chat template (tokenizer_config.json chat_template or "
                           "chat_template.jinja); the benchmark needs one to build prompts.")
     return template, cfg

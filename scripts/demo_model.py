@@ -448,29 +448,12 @@ def evaluate_hf(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 4
 
 def generate_answers_onnx(model_dir: Path | str, questions: Sequence[str], max_new_tokens: int = 48,
                           system: str | None = None) -> list[str]:
-    """Greedy answers from an ONNX Runtime GenAI folder (genai_config.json), prompts via our ChatML.
+    """Greedy answers from an ONNX Runtime GenAI folder (genai_config.json), through its own chat template."""
+    from .backends import GenAIBackend
 
-    The prompt is rendered with :func:`render_chatml`, which is what the folder's chat template
-    renders (tests check that); this keeps the eval independent of the runtime's template engine.
-    """
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    tok = og.Tokenizer(model)
-    answers = []
-    for q in questions:
-        ids = tok.encode(render_chatml(question_messages(q, system)))
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        out: list[int] = []
-        while not gen.is_done() and len(out) < max_new_tokens:
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        answers.append(tok.decode(out))
-        del gen
-    return answers
+    backend = GenAIBackend(Path(model_dir))
+    backend.load()
+    return [backend.generate(question_messages(q, system), max_new_tokens).text for q in questions]
 
 
 def evaluate_onnx(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 48) -> float:

@@ -6,29 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .errors import ConversionError
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int) -> dict:
-    import onnxruntime_genai as og
+    """Greedy generation for one user message through the folder's own chat template."""
+    from .backends import GenAIBackend
 
-    start = time.perf_counter()
-    model = og.Model(model_dir)
-    tokenizer = og.Tokenizer(model)
-    load_seconds = time.perf_counter() - start
-    ids = tokenizer.encode(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=min(len(ids) + max_new_tokens, 100000), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    out: list[int] = []
-    while not generator.is_done() and len(out) < max_new_tokens:
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return {"load_seconds": load_seconds, "tokens": len(out), "text": tokenizer.decode(out)}
+    backend = GenAIBackend(Path(model_dir))
+    load_seconds = backend.load()
+    trace = backend.generate([{"role": "user", "content": prompt}], max_new_tokens)
+    return {"load_seconds": load_seconds, "tokens": trace.new_tokens, "text": trace.text}
 
 
 def smoke_test(model_dir: Path, prompt: str, max_new_tokens: int = 8, timeout: float = 600) -> dict:

@@ -184,7 +184,7 @@ class Pipeline:
 
         from .family_select import choose_family, refuse_system_prompt, with_stop_tokens
         from .genai_smoke import smoke_test
-        from .inference_config import (check_template_agreement, fill, render_inference_model, with_search,
+        from .inference_config import (check_template_agreement, render_inference_model, with_search,
                                        _load_tokenizer)
         from .install import assemble_package
         from .model_source import inspect_model_folder, read_chat_template
@@ -207,7 +207,7 @@ class Pipeline:
                                         self.paths.onnx / "tokenizer.json")
         assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model)
         sample = self.eval_set()[0].question if self.recipe.eval.dataset else "Hello"
-        smoke = smoke_test(self.paths.package, fill(inference_model["PromptTemplate"]["prompt"], sample))
+        smoke = smoke_test(self.paths.package, sample)
         cases = "; ".join(f"{c.case}: {len(c.chat_template_tokens)} tokens" for c in compared)
         self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template token by "
                       f"token ({cases}); GenAI smoke test generated {smoke['tokens']} tokens")

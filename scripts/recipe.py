@@ -271,7 +271,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     if problems:
         lines = "\n".join(f"  - {p.path}: {p.problem}" for p in problems)
         raise RecipeError(f"{path}: the recipe has {len(problems)} problem(s):\n{lines}\n"
-                          "Fix these keys in the recipe file (every key is described under "Recipe keys" in README.md).")
+                          "Fix these keys in the recipe file (every key is described under 'Recipe keys' in README.md).")
     source = str(model_path) if model_path is not None else data["model"]["source"]
     source = _resolve_source(source, path, from_override=model_path is not None)
     conv = data["conversion"]

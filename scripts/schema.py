@@ -6,7 +6,7 @@ Why not pydantic: we want messages shaped for users editing a JSON file by hand:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",

@@ -1,5 +1,4 @@
 """Checklist verdicts (pure) and the edge cases through the real Foundry Local runtime on the tiny model."""
-import shutil
 
 import pytest
 
