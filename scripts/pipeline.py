@@ -1,7 +1,8 @@
 """The deployment chain for one recipe, as Make-style steps:
-doctor → demo model (when the recipe uses it) → convert (Olive) → package (inference_model.json, generation
-settings, template check, GenAI smoke test) → install (Foundry cache) → check (Foundry runtime: listed, loads,
-answers the eval set)."""
+doctor → model source (demo / synthetic / tiny model, when the recipe names one) → merge-adapter (LoRA) →
+convert (Olive, graph check) → package (inference_model.json, generation settings, template check, GenAI smoke
+test) → install (Foundry cache) → check (Foundry runtime: listed, loads, answers the eval set) → bench →
+validate (see :mod:`scripts.proof`)."""
 from __future__ import annotations
 
 import logging
