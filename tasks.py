@@ -177,19 +177,26 @@ def recipes(c):
 PROFILE_HELP = "measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs) or full (5 lengths, 2 + 5 runs)"
 
 
+def _proof(model, model_path, profile, measure_and_save, printer, name):
+    """Run one proof (bench or validate) on the installed model, print it, refresh the report; return the result."""
+    from scripts.measure import get_profile
+    from scripts.proof import proof_dir, write_report
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("working…") as status:
+        result = measure_and_save(pipeline, get_profile(profile), status.update)
+    printer(console, result)
+    write_report(pipeline)
+    console.print(f"Saved {proof_dir(pipeline) / f'{name}.json'} and {name}.md")
+    return result
+
+
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
 @domain_errors
 def bench(c, model="qwen", model_path=None, profile="quick"):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
-    from scripts.measure import get_profile
-    from scripts.proof import bench_and_save, proof_dir, write_report
+    from scripts.proof import bench_and_save
     from scripts.report import print_bench
-    console, pipeline = _pipeline(model, model_path)
-    with console.status("working…") as status:
-        data = bench_and_save(pipeline, get_profile(profile), status.update)
-    print_bench(console, data)
-    write_report(pipeline)
-    console.print(f"Saved {proof_dir(pipeline) / 'bench.json'} and bench.md")
+    _proof(model, model_path, profile, bench_and_save, print_bench, "bench")
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
@@ -197,15 +204,9 @@ def bench(c, model="qwen", model_path=None, profile="quick"):
 def validate(c, model="qwen", model_path=None, profile="quick"):
     """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
     from scripts.errors import QualityError
-    from scripts.measure import get_profile
-    from scripts.proof import failure_message, proof_dir, validate_and_save, write_report
+    from scripts.proof import failure_message, validate_and_save
     from scripts.report import print_validate
-    console, pipeline = _pipeline(model, model_path)
-    with console.status("working…") as status:
-        report = validate_and_save(pipeline, get_profile(profile), status.update)
-    print_validate(console, report)
-    write_report(pipeline)
-    console.print(f"Saved {proof_dir(pipeline) / 'validate.json'} and validate.md")
+    report = _proof(model, model_path, profile, validate_and_save, print_validate, "validate")
     if not report.passed:
         raise QualityError(failure_message(report))
 
