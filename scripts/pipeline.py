@@ -121,11 +121,11 @@ class Pipeline:
         return {"accuracy": result.accuracy, "train_seconds": result.train_seconds}
 
     def _convert(self) -> dict:
+        from .family_select import refuse_unconvertible
         from .graph_check import summarise_graph, verify_quantization
         from .model_source import inspect_model_folder
         from .olive_convert import olive_config, run_olive
 
-        from .family_select import refuse_unconvertible
         refuse_unconvertible(inspect_model_folder(self.model_dir))
         with atomic_dir(self.paths.onnx) as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
@@ -135,35 +135,34 @@ class Pipeline:
         self.announce(f"       graph: {summary.describe()}")
         return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx)}
 
-    def _synthetic(self) -> dict:
-        import json
+    def _build_base_in_subprocess(self, module: str, arg: str, what: str) -> str:
+        """Create ``base_dir`` with ``python -m <module> ARG DIR`` in its own process (its memory, and torch, stay
+        out of the pipeline process), staged atomically; return the child's stdout."""
         import subprocess
         import sys
+        from .errors import ModelSourceError
         if self.status:
-            self.status(f"creating {self.recipe.source} (random weights, seeded) in {self.base_dir}…")
-        with atomic_dir(self.base_dir) as staging:  # own process: ~2 GB of weights, freed when it exits
-            proc = subprocess.run([sys.executable, "-m", "scripts.synthetic_model", self.recipe.source, str(staging)],
-                                  cwd=settings.REPO_ROOT, capture_output=True, text=True)
+            self.status(f"{what} in {self.base_dir}…")
+        with atomic_dir(self.base_dir) as staging:
+            proc = subprocess.run([sys.executable, "-m", module, arg, str(staging)], cwd=settings.REPO_ROOT,
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
-                from .errors import ModelSourceError
-                raise ModelSourceError(f"Creating {self.recipe.source} failed:\n{proc.stderr[-2000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-        self.announce(f"       {self.recipe.source}: {result['parameters']:,} parameters, random weights "
+                raise ModelSourceError(f"{what[0].upper()}{what[1:]} failed:\n{proc.stderr[-2000:]}")
+        return proc.stdout
+
+    def _synthetic(self) -> dict:
+        import json
+        source = self.recipe.source
+        stdout = self._build_base_in_subprocess("scripts.synthetic_model", source,
+                                                f"creating {source} (random weights, seeded)")
+        result = json.loads(stdout.strip().splitlines()[-1])
+        self.announce(f"       {source}: {result['parameters']:,} parameters, random weights "
                       "(size and speed only; its answers are noise)")
         return result
 
     def _tiny(self) -> dict:
-        import subprocess
-        import sys
-        from .errors import ModelSourceError
         family = self.recipe.tiny_family
-        if self.status:
-            self.status(f"building a tiny random {family} model in {self.base_dir}…")
-        with atomic_dir(self.base_dir) as staging:  # own process: the pipeline process never imports torch
-            proc = subprocess.run([sys.executable, "-m", "scripts.tiny_models", family, str(staging)],
-                                  cwd=settings.REPO_ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ModelSourceError(f"Building the tiny {family} model failed:\n{proc.stderr[-2000:]}")
+        self._build_base_in_subprocess("scripts.tiny_models", family, f"building a tiny random {family} model")
         self.announce(f"       tiny {family} model: random weights, the family's real chat template (it proves "
                       "conversion, templates and loading; its answers are noise). Deploy your own with --model-path.")
         return {"family": family}
@@ -257,6 +256,7 @@ class Pipeline:
         from .steps import Step
 
         r = self.recipe
+        hashed = r.settings_for_hash()
         out = [Step("doctor", self._doctor, settings={"python": platform.python_version(), "packages": {
             d.metadata["Name"].lower(): d.version for d in metadata.distributions()}}, code=[SCRIPTS / "doctor.py"])]
         if r.uses_demo_model:
@@ -275,19 +275,19 @@ class Pipeline:
             out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, Path(r.adapter)],
                             outputs=[self.paths.merged], code=[SCRIPTS / "lora.py"]))
         out += [
-            Step("convert", self._convert, inputs=[self.model_dir], settings=r.settings_for_hash()["conversion"],
+            Step("convert", self._convert, inputs=[self.model_dir], settings=hashed["conversion"],
                  outputs=[self.paths.onnx], code=[SCRIPTS / "olive_convert.py", SCRIPTS / "graph_check.py"]),
             Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
-                 settings={k: r.settings_for_hash()[k] for k in ("family", "foundry", "generation", "name",
+                 settings={k: hashed[k] for k in ("family", "foundry", "generation", "name",
                                                                   "description")},
                  outputs=[self.paths.package],
                  code=[SCRIPTS / "inference_config.py", SCRIPTS / "install.py", SCRIPTS / "families.py",
                        SCRIPTS / "family_select.py"]),
             Step("install", self._install, inputs=[self.paths.package],
-                 settings={"cache": str(self.cache_root), "foundry": r.settings_for_hash()["foundry"]},
+                 settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
                  outputs=[self.installed_dir], code=[SCRIPTS / "install.py"]),
             Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
-                 settings={"eval": r.settings_for_hash()["eval"], "model_id": r.foundry.model_id},
+                 settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
                  code=[SCRIPTS / "foundry_runtime.py", SCRIPTS / "foundry_worker.py", SCRIPTS / "evaluate.py"]),
         ]
         return out
