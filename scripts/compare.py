@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
+from .fileops import write_text_atomic
 from .measure import Profile
 from .precisions import BY_SIZE, PRECISIONS, TUTORIAL_CLAIMS, choose_auto, refusal
 from .recipe import SYNTHETIC_SOURCES, Recipe
@@ -392,9 +393,9 @@ def write_outputs(report: CompareReport, out_dir: Path) -> None:
     if report.auto:
         md += ["", f"`--precision auto` → **{report.auto['chosen']}** (threshold {100 * report.auto['threshold']:.0f} % "
                    "of FP32's eval accuracy):"] + [f"- {line}" for line in report.auto["reasons"]]
-    files["markdown"].write_text("\n".join(md) + "\n", encoding="utf-8")
-    files["json"].write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
-    files["plot"].write_text(svg_plot(report) + "\n", encoding="utf-8")
+    write_text_atomic(files["markdown"], "\n".join(md) + "\n")
+    write_text_atomic(files["json"], json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    write_text_atomic(files["plot"], svg_plot(report) + "\n")
 
 
 def auto_precision(recipe: Recipe, announce: Announce = log.info, status=None) -> tuple[Recipe, dict]:

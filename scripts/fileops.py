@@ -48,13 +48,18 @@ def hash_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and rename, so readers never see a half-written file.
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temp file and rename, so readers never see a half-written file.
     (Renaming also gives the file a new inode, so a hard link to the old content is left untouched.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """:func:`write_text_atomic` of ``data`` as indented JSON."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import QualityError
-from .fileops import write_json_atomic
+from .fileops import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 SCRIPTS = Path(__file__).resolve().parent
@@ -20,18 +20,11 @@ def proof_dir(pipeline) -> Path:
     return pipeline.paths.root / "proof"
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> dict:
     from .bench import bench_markdown, run_bench
     data = run_bench(pipeline, profile, status)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
-    _write(proof_dir(pipeline) / "bench.md", bench_markdown(data))
+    write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
 
 
@@ -53,7 +46,7 @@ def validate_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s
     report = run_validate(pipeline, profile, status)
     data = report.to_json()
     write_json_atomic(proof_dir(pipeline) / "validate.json", data)
-    _write(proof_dir(pipeline) / "validate.md", validate_markdown(data))
+    write_text_atomic(proof_dir(pipeline) / "validate.md", validate_markdown(data))
     return report
 
 
@@ -73,6 +66,7 @@ def proof_steps(pipeline, profile, status: Callable[[str], Any] = lambda s: None
     """``bench`` and ``validate`` as steps of the deploy chain."""
     from .steps import Step
     r = pipeline.recipe
+    hashed = r.settings_for_hash()
     inputs = [pipeline.installed_dir] + ([Path(pipeline.model_dir)] if Path(pipeline.model_dir).is_dir() else [])
 
     def validate_body() -> dict:
@@ -95,7 +89,7 @@ def proof_steps(pipeline, profile, status: Callable[[str], Any] = lambda s: None
         Step("bench", bench_body, inputs=inputs, settings=settings, outputs=[out / "bench.json"],
              code=MEASURE_CODE + [SCRIPTS / "bench.py"]),
         Step("validate", validate_body, inputs=inputs + ([r.eval.dataset] if r.eval.dataset else []),
-             settings={**settings, "eval": r.settings_for_hash()["eval"], "validate": r.settings_for_hash()["validate"]},
+             settings={**settings, **{k: hashed[k] for k in ("eval", "validate")}},
              outputs=[out / "validate.json"], code=MEASURE_CODE + [SCRIPTS / "validate.py", SCRIPTS / "edge_cases.py"]),
     ]
 
