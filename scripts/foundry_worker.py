@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scripts.errors import FoundryError, SlmopsError
+from scripts.fileops import write_text_atomic
 
 log = logging.getLogger("scripts.foundry_worker")
 
@@ -75,9 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def emit(payload: dict) -> None:
         text = json.dumps(payload, ensure_ascii=False)
         if args.output:
-            tmp = Path(args.output + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(args.output)
+            write_text_atomic(Path(args.output), text)
         else:
             out.write(text + "\n")
             out.flush()

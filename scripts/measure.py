@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from . import settings
 from .errors import MeasurementError, SlmopsError
+from .fileops import write_text_atomic
 from .stats import Summary, rates_from_token_times, summarise
 
 log = logging.getLogger(__name__)
@@ -257,9 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         payload, code = {"ok": False, "error_type": type(exc).__name__,
                          "error": f"measurement crashed: {type(exc).__name__}: {exc}"}, 2
-    tmp = Path(args.output + ".tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(args.output)
+    write_text_atomic(Path(args.output), json.dumps(payload, ensure_ascii=False))
     return code
 
 
