@@ -47,9 +47,9 @@ def domain_errors(func):
 
 def _recipe(console, model, model_path=None, family=None, precision=None):
     """Load the recipe, apply the --family / --precision overrides and print any translation notes."""
-    from scripts.compare import apply_precision
-    from scripts.family_select import override_family
-    from scripts.recipe import load_recipe
+    from scripts.proof.compare import apply_precision
+    from scripts.families.select import override_family
+    from scripts.recipe.load import load_recipe
     recipe = override_family(load_recipe(model, model_path), family)
     _print_notes(console, recipe)
     if precision or recipe.conversion.precision == "auto":
@@ -115,7 +115,7 @@ def convert(c, model="qwen", model_path=None, force=False, family=None, precisio
 def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
     from scripts.pipeline import deploy as run_deploy
-    from scripts.report import print_deploy_summary
+    from scripts.console import print_deploy_summary
     console = _console()
     recipe = _recipe(console, model, model_path, family, precision)
     with console.status("working…") as status:
@@ -128,7 +128,7 @@ def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof
 @domain_errors
 def check(c, model="qwen", model_path=None):
     """Foundry checks on the installed model: listed, loads, answers (prints answer, load and generation time)."""
-    from scripts.report import print_check
+    from scripts.console import print_check
     console, pipeline = _pipeline(model, model_path)
     with console.status("working…") as status:
         pipeline.status = status.update
@@ -141,7 +141,7 @@ def check(c, model="qwen", model_path=None):
 @domain_errors
 def run(c, model="qwen", model_path=None, max_tokens=256, system=None):
     """Interactive streaming chat with the installed model through the Foundry Local runtime."""
-    from scripts.chat import chat_loop
+    from scripts.runtimes.chat import chat_loop
     console, pipeline = _pipeline(model, model_path)
     chat_loop(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
               int(max_tokens), system)
@@ -154,7 +154,7 @@ def families(c):
     from rich.markup import escape
     from rich.table import Table
 
-    from scripts.family_select import family_notes, family_rows
+    from scripts.families.select import family_notes, family_rows
     rows = family_rows()
     table = Table(*rows[0].keys(), title="Model families (templates/families/)")
     for row in rows:
@@ -169,7 +169,7 @@ def families(c):
 @domain_errors
 def recipes(c):
     """List the recipes in recipes/."""
-    from scripts.recipe import available_recipes
+    from scripts.recipe.load import available_recipes
     for name in available_recipes():
         print(name)
 
@@ -179,8 +179,8 @@ PROFILE_HELP = "measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs
 
 def _proof(model, model_path, profile, measure_and_save, printer, name):
     """Run one proof (bench or validate) on the installed model, print it, refresh the report; return the result."""
-    from scripts.measure import get_profile
-    from scripts.proof import proof_dir, write_report
+    from scripts.proof.measure import get_profile
+    from scripts.proof.run import proof_dir, write_report
     console, pipeline = _pipeline(model, model_path)
     with console.status("working…") as status:
         result = measure_and_save(pipeline, get_profile(profile), status.update)
@@ -194,8 +194,8 @@ def _proof(model, model_path, profile, measure_and_save, printer, name):
 @domain_errors
 def bench(c, model="qwen", model_path=None, profile="quick"):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
-    from scripts.proof import bench_and_save
-    from scripts.report import print_bench
+    from scripts.proof.run import bench_and_save
+    from scripts.console import print_bench
     _proof(model, model_path, profile, bench_and_save, print_bench, "bench")
 
 
@@ -204,8 +204,8 @@ def bench(c, model="qwen", model_path=None, profile="quick"):
 def validate(c, model="qwen", model_path=None, profile="quick"):
     """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
     from scripts.errors import QualityError
-    from scripts.proof import failure_message, validate_and_save
-    from scripts.report import print_validate
+    from scripts.proof.run import failure_message, validate_and_save
+    from scripts.console import print_validate
     report = _proof(model, model_path, profile, validate_and_save, print_validate, "validate")
     if not report.passed:
         raise QualityError(failure_message(report))
@@ -215,7 +215,7 @@ def validate(c, model="qwen", model_path=None, profile="quick"):
 @domain_errors
 def report(c, model="qwen", model_path=None):
     """Write report.md and a self-contained report.html (plots) from the last bench, validate and compare results."""
-    from scripts.proof import write_report
+    from scripts.proof.run import write_report
     console, pipeline = _pipeline(model, model_path)
     md, html = write_report(pipeline)
     console.print(f"Report: {md}\n        {html}")
@@ -227,9 +227,9 @@ def report(c, model="qwen", model_path=None):
 @domain_errors
 def compare(c, model="qwen", model_path=None, precisions="fp32,fp16,int8,int4", precision=None):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
-    from scripts.compare import run_compare
-    from scripts.recipe import load_recipe
-    from scripts.report import print_compare
+    from scripts.proof.compare import run_compare
+    from scripts.recipe.load import load_recipe
+    from scripts.console import print_compare
     console = _console()
     recipe = load_recipe(model, model_path)
     _print_notes(console, recipe)

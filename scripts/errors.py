@@ -11,6 +11,10 @@ class SlmopsError(Exception):
     exit_code = 1
 
 
+class StepError(SlmopsError):
+    """A step of the chain is defined wrongly (e.g. names project code that does not exist)."""
+
+
 class RecipeError(SlmopsError):
     """A recipe file is missing, malformed, or names something that does not exist."""
 

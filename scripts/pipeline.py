@@ -2,9 +2,10 @@
 doctor → model source (demo / synthetic / tiny model, when the recipe names one) → merge-adapter (LoRA) →
 convert (Olive, graph check) → package (inference_model.json, generation settings, template check, GenAI smoke
 test) → install (Foundry cache) → check (Foundry runtime: listed, loads, answers the eval set) → bench →
-validate (see :mod:`scripts.proof`)."""
+validate (see :mod:`scripts.proof.run`)."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -12,13 +13,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import settings
-from .errors import QualityError
-from .fileops import atomic_dir, folder_size
-from .recipe import Recipe
+from scripts import settings
+from scripts.convert.genai_smoke import smoke_test
+from scripts.convert.graph_check import summarise_graph, verify_quantization
+from scripts.convert.install import assemble_package, install_dir, install_package
+from scripts.convert.olive import olive_config, run_olive
+from scripts.convert.package import check_template_agreement, load_tokenizer, render_inference_model, with_search
+from scripts.doctor import run_doctor
+from scripts.errors import ModelSourceError, QualityError
+from scripts.families.select import choose_family, refuse_system_prompt, refuse_unconvertible, with_stop_tokens
+from scripts.fileops import atomic_dir, folder_size
+from scripts.proof.evaluate import conversations, score
+from scripts.proof.measure import get_profile
+from scripts.proof.qa import load_qa
+from scripts.proof.run import run_proof
+from scripts.recipe.load import Recipe
+from scripts.runtimes.foundry import cache_root, check_model
+from scripts.sources.folder import inspect_model_folder, read_chat_template
+from scripts.steps import Step, StepRunner
+from scripts.workers import resolve, run_in_worker
 
 log = logging.getLogger(__name__)
-SCRIPTS = Path(__file__).resolve().parent
 Announce = Callable[[str], None]
 
 
@@ -54,14 +69,6 @@ class Paths:
         return self.root / "merged"
 
 
-def demo_model_dir(dataset: Path) -> Path:
-    return settings.build_dir() / "demo" / dataset.stem
-
-
-def demo_dataset() -> Path:
-    return settings.recipes_dir() / "data" / "qwen-domain.jsonl"
-
-
 @dataclass
 class Pipeline:
     recipe: Recipe
@@ -72,8 +79,6 @@ class Pipeline:
     root: Path | None = None  # build folder; default build/<recipe> (compare: build/<recipe>/precisions/<p>)
 
     def __post_init__(self) -> None:
-        from .foundry_runtime import cache_root
-        from .steps import StepRunner
 
         self.paths = Paths(Path(self.root)) if self.root else Paths.for_recipe(self.recipe)
         self.cache_root = Path(self.cache_root or cache_root())
@@ -82,13 +87,8 @@ class Pipeline:
     # ----- inputs ---------------------------------------------------------------------------------------
     @property
     def base_dir(self) -> Path:
-        """The model folder named by ``model.source`` (the demo model's build folder for ``"demo"``)."""
-        from .recipe import SYNTHETIC_SOURCES
-        if self.recipe.source in SYNTHETIC_SOURCES:
-            return settings.build_dir() / "synthetic" / self.recipe.source.split(":", 1)[1]
-        if self.recipe.tiny_family:
-            return settings.build_dir() / "tiny" / self.recipe.tiny_family
-        return demo_model_dir(demo_dataset()) if self.recipe.uses_demo_model else Path(self.recipe.source)
+        """The Hugging Face folder ``model.source`` names, or that its build step makes (demo, GGUF import, …)."""
+        return self.recipe.source.folder
 
     @property
     def model_dir(self) -> Path:
@@ -97,34 +97,18 @@ class Pipeline:
 
     @property
     def installed_dir(self) -> Path:
-        from .install import install_dir
         return install_dir(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name)
 
     def eval_set(self):
-        from .demo_model import load_qa
         dataset = self.recipe.eval.dataset
         return load_qa(dataset) if dataset else []
 
     # ----- step bodies --------------------------------------------------------------------------------
     def _doctor(self) -> dict:
-        from .doctor import run_doctor
         checks = run_doctor()
         return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
 
-    def _demo(self) -> dict:
-        from .demo_model import DemoSettings, build_demo_model
-        target = self.base_dir
-        with atomic_dir(target) as staging:
-            result = build_demo_model(demo_dataset(), staging, DemoSettings(), progress=True)
-        self.announce(f"       demo model: {result.n_parameters:,} parameters, trained in {result.train_seconds:.0f} s, "
-                      f"PyTorch exact match {100 * result.accuracy:.1f} %")
-        return {"accuracy": result.accuracy, "train_seconds": result.train_seconds}
-
     def _convert(self) -> dict:
-        from .family_select import refuse_unconvertible
-        from .graph_check import summarise_graph, verify_quantization
-        from .model_source import inspect_model_folder
-        from .olive_convert import olive_config, run_olive
 
         refuse_unconvertible(inspect_model_folder(self.model_dir))
         with atomic_dir(self.paths.onnx) as staging:
@@ -135,63 +119,40 @@ class Pipeline:
         self.announce(f"       graph: {summary.describe()}")
         return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx)}
 
-    def _build_base_in_subprocess(self, module: str, arg: str, what: str) -> str:
-        """Create ``base_dir`` with ``python -m <module> ARG DIR`` in its own process (its memory, and torch, stay
-        out of the pipeline process), staged atomically; return the child's stdout."""
-        import subprocess
-        import sys
-        from .errors import ModelSourceError
-        if self.status:
-            self.status(f"{what} in {self.base_dir}…")
-        with atomic_dir(self.base_dir) as staging:
-            proc = subprocess.run([sys.executable, "-m", module, arg, str(staging)], cwd=settings.REPO_ROOT,
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ModelSourceError(f"{what[0].upper()}{what[1:]} failed:\n{proc.stderr[-2000:]}")
-        return proc.stdout
-
-    def _synthetic(self) -> dict:
-        import json
+    def _build_source(self) -> dict:
+        """Make the Hugging Face folder of a built source kind (demo, synthetic, tiny, GGUF), staged atomically."""
         source = self.recipe.source
-        stdout = self._build_base_in_subprocess("scripts.synthetic_model", source,
-                                                f"creating {source} (random weights, seeded)")
-        result = json.loads(stdout.strip().splitlines()[-1])
-        self.announce(f"       {source}: {result['parameters']:,} parameters, random weights "
-                      "(size and speed only; its answers are noise)")
+        kind = source.info
+        if self.status:
+            self.status(f"{kind.step}: {kind.describe} → {source.folder}…")
+        with atomic_dir(source.folder) as staging:
+            if kind.in_process:
+                result = resolve(kind.builder)(source.request(staging))
+            else:
+                result = run_in_worker(kind.builder, source.request(staging), error=ModelSourceError,
+                                       what=f"building {source.spec} ({kind.describe})")
+        self.announce(f"       {result.pop('summary', source.spec)}")
         return result
 
-    def _tiny(self) -> dict:
-        family = self.recipe.tiny_family
-        self._build_base_in_subprocess("scripts.tiny_models", family, f"building a tiny random {family} model")
-        self.announce(f"       tiny {family} model: random weights, the family's real chat template (it proves "
-                      "conversion, templates and loading; its answers are noise). Deploy your own with --model-path.")
-        return {"family": family}
-
     def _merge_adapter(self) -> dict:
-        from .lora import merge_in_subprocess
-        from .model_source import inspect_model_folder
 
         inspect_model_folder(self.base_dir)
         if self.status:
             self.status(f"merging the LoRA adapter {self.recipe.adapter} into {self.base_dir}…")
         with atomic_dir(self.paths.merged) as staging:
-            result = merge_in_subprocess(self.base_dir, Path(self.recipe.adapter), staging)
+            result = run_in_worker("scripts.sources.lora:merge_job",
+                                   {"base_dir": str(self.base_dir), "adapter_dir": self.recipe.adapter,
+                                    "out_dir": str(staging)},
+                                   error=ModelSourceError, what=f"merging the adapter {self.recipe.adapter}")
         self.announce(f"       merged LoRA adapter (rank {result['rank']}, {', '.join(result['target_modules'] or [])})")
         return result
 
     def _package(self) -> dict:
-        import json
 
-        from .family_select import choose_family, refuse_system_prompt, with_stop_tokens
-        from .genai_smoke import smoke_test
-        from .inference_config import (check_template_agreement, render_inference_model, with_search,
-                                       _load_tokenizer)
-        from .install import assemble_package
-        from .model_source import inspect_model_folder, read_chat_template
 
         source = inspect_model_folder(self.model_dir)
         where = str(self.model_dir)
-        tokenizer = _load_tokenizer(self.model_dir)
+        tokenizer = load_tokenizer(self.model_dir)
         choice = choose_family(self.recipe.family, source, where, tokenizer)
         family = choice.family
         self.announce(f"       family: {choice.how}")
@@ -215,15 +176,12 @@ class Pipeline:
                 "generation": {k: v for k, v in vars(generation).items()}}
 
     def _install(self) -> dict:
-        from .install import install_package
         target = install_package(self.paths.package, self.cache_root, self.recipe.foundry.publisher,
                                  self.recipe.foundry.name)
         return {"path": str(target), "bytes": folder_size(target)}
 
     def check(self) -> dict:
         """Listed, loads and answers through the Foundry Local runtime; scores the eval set."""
-        from .evaluate import conversations, score
-        from .foundry_runtime import check_model
 
         qa = self.eval_set()
         chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
@@ -253,42 +211,34 @@ class Pipeline:
 
     # ----- steps -----------------------------------------------------------------------------------------
     def steps(self) -> list:
-        from .steps import Step
 
         r = self.recipe
         hashed = r.settings_for_hash()
         out = [Step("doctor", self._doctor, settings={"python": platform.python_version(), "packages": {
-            d.metadata["Name"].lower(): d.version for d in metadata.distributions()}}, code=[SCRIPTS / "doctor.py"])]
-        if r.uses_demo_model:
-            from .demo_model import DemoSettings
-            out.append(Step("demo-model", self._demo, inputs=[demo_dataset()], settings=DemoSettings().to_dict(),
-                            outputs=[self.base_dir], code=[SCRIPTS / "demo_model.py"]))
-        from .recipe import SYNTHETIC_SOURCES
-        if r.source in SYNTHETIC_SOURCES:
-            out.append(Step("synthetic-model", self._synthetic, settings={"source": r.source},
-                            outputs=[self.base_dir], code=[SCRIPTS / "synthetic_model.py"]))
-        if r.tiny_family:
-            family_files = sorted(settings.TEMPLATES_DIR.glob(f"families/{r.tiny_family}.*"))
-            out.append(Step("tiny-model", self._tiny, inputs=family_files, settings={"source": r.source},
-                            outputs=[self.base_dir], code=[SCRIPTS / "tiny_models.py"]))
+            d.metadata["Name"].lower(): d.version for d in metadata.distributions()}}, code=["scripts.doctor"])]
+        kind = r.source.info
+        if kind.step:
+            out.append(Step(kind.step, self._build_source, inputs=r.source.step_inputs(),
+                            settings={"source": r.source.spec}, outputs=[self.base_dir],
+                            code=[kind.builder.split(":")[0]]))
         if r.adapter:
             out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, Path(r.adapter)],
-                            outputs=[self.paths.merged], code=[SCRIPTS / "lora.py"]))
+                            outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [
             Step("convert", self._convert, inputs=[self.model_dir], settings=hashed["conversion"],
-                 outputs=[self.paths.onnx], code=[SCRIPTS / "olive_convert.py", SCRIPTS / "graph_check.py"]),
+                 outputs=[self.paths.onnx], code=["scripts.convert.olive", "scripts.convert.graph_check"]),
             Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
                  settings={k: hashed[k] for k in ("family", "foundry", "generation", "name",
                                                                   "description")},
                  outputs=[self.paths.package],
-                 code=[SCRIPTS / "inference_config.py", SCRIPTS / "install.py", SCRIPTS / "families.py",
-                       SCRIPTS / "family_select.py"]),
+                 code=["scripts.convert.package", "scripts.convert.install", "scripts.families.select",
+                       "scripts.convert.genai_smoke"]),
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
-                 outputs=[self.installed_dir], code=[SCRIPTS / "install.py"]),
+                 outputs=[self.installed_dir], code=["scripts.convert.install"]),
             Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
                  settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
-                 code=[SCRIPTS / "foundry_runtime.py", SCRIPTS / "foundry_worker.py", SCRIPTS / "evaluate.py"]),
+                 code=["scripts.runtimes.foundry", "scripts.proof.evaluate"]),
         ]
         return out
 
@@ -323,8 +273,6 @@ def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
     skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
     proven: dict[str, Any] = {}
     if proof:
-        from .measure import get_profile
-        from .proof import run_proof
         proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
         skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
     return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir,

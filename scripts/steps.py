@@ -2,14 +2,18 @@
 since its last successful run, or when its outputs are gone, or when forced."""
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from .fileops import hash_json, hash_path, write_json_atomic
+from scripts.errors import StepError
+from scripts.fileops import hash_file, hash_json, hash_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +21,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class Step:
     """One unit of work. ``inputs`` are files/folders hashed by content; ``settings`` is plain data;
-    ``code`` lists source files whose change should also trigger a rebuild."""
+    ``code`` names the project modules that do the work (``"scripts.convert.olive"``): they and every project
+    module they import, transitively (:func:`module_closure`), are hashed, so an edit to any of them reruns the
+    step."""
 
     name: str
     run: Callable[[], Any]
     inputs: list[Path] = field(default_factory=list)
     settings: Any = None
     outputs: list[Path] = field(default_factory=list)
-    code: list[Path] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class StepRunner:
         return hash_json({
             "inputs": {str(p): hash_path(p) for p in step.inputs},
             "settings": step.settings,
-            "code": {Path(p).name: hash_path(p) for p in step.code},
+            "code": code_fingerprint(step.code),
         })
 
     def _stamp(self, step: Step) -> Path:
@@ -91,3 +97,64 @@ def _jsonable(value: Any) -> Any:
         return json.loads(json.dumps(value, default=str))
     except (TypeError, ValueError):
         return None
+
+
+# ----- code fingerprints ------------------------------------------------------------------------------------------
+_MODULE_STRING = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+(:[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _module_file(name: str) -> Path:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:
+        raise StepError(f"Step code names the module {name!r}, which cannot be found ({exc}). Name an existing "
+                        "module of the project (after moving a module, update the step).") from None
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        raise StepError(f"Step code names the module {name!r}, which does not exist. Name an existing module of "
+                        "the project (after moving a module, update the step).")
+    return Path(spec.origin)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def project_imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that a source file imports (at any depth, also inside functions), plus module strings
+    such as ``"scripts.convert.genai_smoke:generate"`` handed to a worker process."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == package}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == package:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_STRING.match(node.value) \
+                and node.value.split(".")[0] == package:
+            found.add(node.value.split(":")[0])
+    return {name for name in found if name != package}
+
+
+def module_closure(roots: Iterable[str]) -> dict[str, Path]:
+    """Every module that ``roots`` use: the roots and, transitively, the modules of their own top-level package
+    (``scripts`` for the project) that they import. A name that does not resolve to a file is a :class:`StepError`
+    (never a silent constant), so a moved module cannot drop out of a fingerprint unnoticed."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen[name] = _module_file(name)
+        todo.extend(project_imports(seen[name], name.split(".")[0]) - set(seen))
+    return seen
+
+
+def code_fingerprint(roots: Iterable[str]) -> dict[str, str]:
+    """Content hash of every module in :func:`module_closure` of ``roots``, by module name."""
+    return {name: hash_file(path) for name, path in sorted(module_closure(roots).items())}

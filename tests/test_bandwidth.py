@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from scripts.bandwidth import (bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth,
+from scripts.proof.bandwidth import (bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth,
                                onnx_bytes_per_token, safetensors_bytes_per_token)
 
 

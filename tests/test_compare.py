@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.compare import (HF_ROW, CompareReport, Row, answer_agreement, markdown_table, perplexity, svg_plot,
+from scripts.proof.compare import (HF_ROW, CompareReport, Row, answer_agreement, markdown_table, perplexity, svg_plot,
                              token_agreement, windows)
 
 
@@ -70,8 +70,8 @@ def test_plot_is_an_svg_with_a_point_per_measured_precision():
 # ----- real: the tiny model through Olive, GenAI, Foundry Local and PyTorch --------------------------------------
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_hf_model):
-    from scripts.compare import build_precision, run_compare
-    from scripts.recipe import parse_recipe
+    from scripts.proof.compare import build_precision, run_compare
+    from scripts.recipe.load import parse_recipe
 
     root = tmp_path_factory.mktemp("compare")
     qa = [{"question": "Hello, how are you today?", "answer": "fine"},
@@ -140,9 +140,9 @@ def test_rerun_reuses_cached_builds(compared):
 
 # ----- --precision ------------------------------------------------------------------------------------------------
 def test_precision_flag_overrides_refuses_fp16_and_rejects_unknown(tmp_path):
-    from scripts.compare import apply_precision
+    from scripts.proof.compare import apply_precision
     from scripts.errors import RecipeError
-    from scripts.recipe import parse_recipe
+    from scripts.recipe.load import parse_recipe
     (tmp_path / "hf").mkdir()
     recipe = parse_recipe({"model": {"source": "hf", "family": "chatml"}, "foundry": {"name": "t"}},
                           tmp_path / "r.json")

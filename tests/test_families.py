@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import families
+from scripts.families import registry as families
 from scripts.errors import TemplateError
-from scripts.families import (TEMPLATE_SUFFIX, confirm_template, detect_family, family_names, get_family,
+from scripts.families.registry import (TEMPLATE_SUFFIX, confirm_template, detect_family, family_names, get_family,
                               registry)
 
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -180,7 +180,7 @@ def test_registry_refuses_malformed_json_with_template_error(tmp_path):
 
 def test_invoke_families_rows_and_notes():
     """`invoke families`: one row per registered family; an unconvertible architecture is marked and explained."""
-    from scripts.family_select import family_notes, family_rows
+    from scripts.families.select import family_notes, family_rows
 
     rows = {row["family"]: row for row in family_rows()}
     assert list(rows) == list(family_names())

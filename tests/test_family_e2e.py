@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.families import family_names, get_family
+from scripts.families.registry import family_names, get_family
 
 REPO = Path(__file__).resolve().parent.parent
 UNREGISTERED = "OlmoForCausalLM"  # converts with the pinned builder, but no family claims it
@@ -30,7 +30,7 @@ PARALLEL = 2  # deploys at a time: Olive start-up is one busy core per deploy
 _BUILD_ALL = textwrap.dedent('''
     import sys
     from pathlib import Path
-    from scripts.tiny_models import build_tiny_model
+    from scripts.sources.tiny import build_tiny_model
     root = Path(sys.argv[1])
     for name in sys.argv[2:]:
         build_tiny_model(name, root / name)
@@ -40,9 +40,9 @@ _BUILD_ALL = textwrap.dedent('''
 _DEPLOY = textwrap.dedent('''
     import json, sys
     from scripts.errors import SlmopsError
-    from scripts.family_select import override_family
+    from scripts.families.select import override_family
     from scripts.pipeline import Pipeline
-    from scripts.recipe import load_recipe
+    from scripts.recipe.load import load_recipe
     try:
         r = override_family(load_recipe(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
         out = Pipeline(r, announce=print).run()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import RecipeError, TemplateError
-from scripts.families import AUTO_TEMPLATE, detect_family, family_names, get_family, registry, unconvertible_reason
-from scripts.family_select import override_family, with_stop_tokens
-from scripts.inference_config import (render_chat_template, render_inference_model, render_prompt_template,
+from scripts.families.registry import AUTO_TEMPLATE, detect_family, family_names, get_family, registry, unconvertible_reason
+from scripts.families.select import override_family, with_stop_tokens
+from scripts.convert.package import (render_chat_template, render_inference_model, render_prompt_template,
                                       sample_conversations)
-from scripts.recipe import BUILTIN_GENERATION, Generation, parse_recipe
+from scripts.recipe.load import BUILTIN_GENERATION, Generation, parse_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("SLMOPS_UPDATE_GOLDEN") == "1"

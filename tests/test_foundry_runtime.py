@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import foundry_runtime as fr
+from scripts.runtimes import foundry as fr
+from scripts.runtimes import foundry_api as api
+from scripts.runtimes import foundry_cli as cli
 from scripts.errors import FoundryError
 from scripts.settings import REPO_ROOT
 
@@ -50,7 +52,7 @@ def install(model: Path, cache: Path, publisher: str = "slmops", name: str = "ti
 
 
 def registry(cache: Path) -> list[dict]:
-    return json.loads((cache / fr.REGISTRY_FILE).read_text())["models"]
+    return json.loads((cache / api.REGISTRY_FILE).read_text())["models"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,22 +80,22 @@ def test_check_registers_lists_loads_and_answers(tiny_onnx_model, cache_dir, iso
     entries = registry(cache_dir)
     assert [(e["model_info"]["id"], e["model_path"]) for e in entries] == [("tiny-qwen2:1", str(model_dir))]
     assert entries[0]["model_info"]["displayName"] == "tiny-qwen2"  # from inference_model.json Name
-    assert result.logs_dir == cache_dir.resolve() / fr.RUNTIME_DIR_NAME / "logs"
+    assert result.logs_dir == cache_dir.resolve() / api.RUNTIME_DIR_NAME / "logs"
     assert result.logs_dir.is_dir()
     assert not (isolated_home / ".foundry").exists()
     # Files are referenced in place, not copied into the cache.
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
-        [fr.RUNTIME_DIR_NAME, fr.REGISTRY_FILE, "foundry.local.modelinfo.lock", "slmops"])
+        [api.RUNTIME_DIR_NAME, api.REGISTRY_FILE, "foundry.local.modelinfo.lock", "slmops"])
 
 
 def test_register_again_same_path_is_a_no_op(tiny_onnx_model, cache_dir):
     model_dir = install(tiny_onnx_model, cache_dir)
     first = fr.check_model(cache_dir, model_dir, "tiny-qwen2:1", [HELLO], max_tokens=4)
-    before = (cache_dir / fr.REGISTRY_FILE).read_text()
+    before = (cache_dir / api.REGISTRY_FILE).read_text()
     second = fr.check_model(cache_dir, model_dir, "tiny-qwen2:1", [HELLO], max_tokens=4)
     assert (first.registration, second.registration) == ("registered", "unchanged")
     assert second.listed
-    assert (cache_dir / fr.REGISTRY_FILE).read_text() == before
+    assert (cache_dir / api.REGISTRY_FILE).read_text() == before
 
 
 def test_register_with_new_path_replaces(tiny_onnx_model, cache_dir, tmp_path):
@@ -137,14 +139,15 @@ def test_worker_stdin_stdout_protocol(tiny_onnx_model, cache_dir):
     model_dir = install(tiny_onnx_model, cache_dir)
     request = {"cache_dir": str(cache_dir), "model_dir": str(model_dir), "model_id": "tiny-qwen2:1",
                "conversations": [HELLO], "max_tokens": 4}
-    proc = subprocess.run([sys.executable, "-m", "scripts.foundry_worker"], input=json.dumps(request),
+    worker = [sys.executable, "-m", "scripts.workers", "scripts.runtimes.foundry_sdk:check_job"]
+    proc = subprocess.run(worker, input=json.dumps(request),
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)
     assert payload["ok"] is True
     assert payload["result"]["listed"] is True and len(payload["result"]["answers"]) == 1
 
-    bad = subprocess.run([sys.executable, "-m", "scripts.foundry_worker"],
+    bad = subprocess.run(worker,
                          input=json.dumps({**request, "model_dir": str(cache_dir / "nope")}),
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert bad.returncode == 2
@@ -156,13 +159,13 @@ def test_chat_stream_in_a_fresh_process(tiny_onnx_model, cache_dir):
     model_dir = install(tiny_onnx_model, cache_dir)
     code = (
         "import json, sys\n"
-        "from scripts.foundry_runtime import chat_stream, close_manager\n"
+        "from scripts.runtimes.foundry_sdk import LiveChat\n"
         "c, m = sys.argv[1], sys.argv[2]\n"
         "msgs = [{'role': 'user', 'content': 'Hello'}]\n"
-        "a = list(chat_stream(c, m, 'tiny-qwen2:1', msgs, max_tokens=6))\n"
-        "b = list(chat_stream(c, m, 'tiny-qwen2:1', msgs, max_tokens=6))\n"
-        "assert 'onnxruntime_genai' not in sys.modules\n"
-        "close_manager()\n"
+        "with LiveChat(c, m, 'tiny-qwen2:1') as chat:\n"
+        "    a = list(chat.stream(msgs, max_tokens=6))\n"
+        "    b = list(chat.stream(msgs, max_tokens=6))\n"
+        "    assert 'onnxruntime_genai' not in sys.modules\n"
         "print(json.dumps([a, b]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(cache_dir), str(model_dir)],
@@ -182,7 +185,7 @@ def test_folder_without_genai_config_is_refused(tiny_onnx_model, cache_dir):
     (model_dir / "genai_config.json").unlink()
     with pytest.raises(FoundryError, match="has no genai_config.json"):
         fr.check_model(cache_dir, model_dir, "tiny-qwen2:1", [HELLO])
-    assert not (cache_dir / fr.REGISTRY_FILE).exists()
+    assert not (cache_dir / api.REGISTRY_FILE).exists()
 
 
 @pytest.mark.parametrize("model_id", ["tiny", "tiny:latest", "tiny:1:2", "", "bad name:1"])
@@ -199,22 +202,22 @@ def test_bad_conversation_is_refused(tiny_onnx_model, conversation):
 
 def test_search_options_follow_genai_config():
     greedy = {"search": {"do_sample": False, "temperature": 1.0, "top_k": 50}}
-    assert fr.search_options_from_genai_config(greedy, 16) == {"max_output_tokens": 16, "do_sample": False}
-    assert fr.search_options_from_genai_config({}, 16) == {"max_output_tokens": 16, "do_sample": False}
+    assert api.search_options_from_genai_config(greedy, 16) == {"max_output_tokens": 16, "do_sample": False}
+    assert api.search_options_from_genai_config({}, 16) == {"max_output_tokens": 16, "do_sample": False}
     sampled = {"search": {"do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9}}
-    assert fr.search_options_from_genai_config(sampled, 8) == {
+    assert api.search_options_from_genai_config(sampled, 8) == {
         "max_output_tokens": 8, "do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9}
-    assert fr.search_options_from_genai_config(greedy, 8, {"do_sample": True, "temperature": 0.2, "seed": 1}) == {
+    assert api.search_options_from_genai_config(greedy, 8, {"do_sample": True, "temperature": 0.2, "seed": 1}) == {
         "max_output_tokens": 8, "do_sample": True, "temperature": 0.2, "seed": 1}
     with pytest.raises(FoundryError, match=">= 1"):
-        fr.search_options_from_genai_config(greedy, 0)
+        api.search_options_from_genai_config(greedy, 0)
     with pytest.raises(FoundryError, match="Unknown generation option"):
-        fr.search_options_from_genai_config(greedy, 8, {"repetition_penalty": 1.1})
+        api.search_options_from_genai_config(greedy, 8, {"repetition_penalty": 1.1})
 
 
 def test_cache_root_without_cli(cache_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    assert not fr.foundry_cli_available()
+    assert not cli.foundry_cli_available()
     assert fr.cache_root() == cache_dir.resolve()
 
 
@@ -253,7 +256,7 @@ class FakeFoundry:
 
 
 def test_cli_cache_location_parses_path():
-    assert fr.cli_cache_location(FakeFoundry()) == Path("/Users/me/.foundry/cache/models")
+    assert cli.cli_cache_location(FakeFoundry()) == Path("/Users/me/.foundry/cache/models")
 
 
 def test_cli_check_model(tiny_onnx_model):
@@ -268,19 +271,19 @@ def test_cli_check_model(tiny_onnx_model):
 
 def test_cli_model_not_listed(tiny_onnx_model):
     with pytest.raises(FoundryError, match="does not list tiny-qwen2"):
-        fr.cli_check_model(tiny_onnx_model, [HELLO], runner=FakeFoundry(listed=("other-model",)))
+        cli.cli_check_model(tiny_onnx_model, [HELLO], runner=FakeFoundry(listed=("other-model",)))
 
 
 def test_cli_command_failure_carries_output(tiny_onnx_model):
     with pytest.raises(FoundryError, match=r"foundry model load tiny-qwen2` failed \(exit 1\): Model not found"):
-        fr.cli_check_model(tiny_onnx_model, [HELLO], runner=FakeFoundry(fail=["model", "load"]))
+        cli.cli_check_model(tiny_onnx_model, [HELLO], runner=FakeFoundry(fail=["model", "load"]))
 
 
 def test_cli_needs_inference_model_name(tiny_onnx_model, tmp_path):
     model_dir = shutil.copytree(tiny_onnx_model, tmp_path / "m")
     (model_dir / "inference_model.json").unlink()
     with pytest.raises(FoundryError, match="no string 'Name'"):
-        fr.cli_check_model(model_dir, [HELLO], runner=FakeFoundry())
+        cli.cli_check_model(model_dir, [HELLO], runner=FakeFoundry())
 
 
 def test_fake_foundry_on_path_is_used_for_cache_root(tmp_path, monkeypatch):
@@ -291,5 +294,5 @@ def test_fake_foundry_on_path_is_used_for_cache_root(tmp_path, monkeypatch):
                       "echo 'Cache directory path: /opt/foundry/models' && exit 0\nexit 3\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
-    assert fr.foundry_cli_available()
+    assert cli.foundry_cli_available()
     assert fr.cache_root() == Path("/opt/foundry/models")

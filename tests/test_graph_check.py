@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from scripts.errors import GraphCheckError
-from scripts.graph_check import GraphSummary, QuantNode, summarise_graph, verify_quantization
-from scripts.recipe import Conversion, Quantization
+from scripts.convert.graph_check import GraphSummary, QuantNode, summarise_graph, verify_quantization
+from scripts.recipe.load import Conversion, Quantization
 
 
 def conversion(precision="int4", block_size=32, symmetric=True, accuracy_level=4) -> Conversion:

@@ -11,10 +11,10 @@ import pytest
 
 from scripts import settings
 from scripts.errors import TemplateError
-from scripts.families import Family, get_family
-from scripts.inference_config import (PLACEHOLDER, PROMPT_KEYS, SAMPLE_SYSTEM, SAMPLE_USER, check_template_agreement,
+from scripts.families.registry import Family, get_family
+from scripts.convert.package import (PLACEHOLDER, PROMPT_KEYS, SAMPLE_SYSTEM, SAMPLE_USER, check_template_agreement,
                                       compare_templates, fill, render_inference_model, search_options, with_search)
-from scripts.recipe import Generation, load_recipe
+from scripts.recipe.load import Generation, load_recipe
 
 # Qwen2.5's real chat template (tool branches removed): a default system prompt when none is given.
 QWEN_TEMPLATE = (
@@ -87,7 +87,7 @@ def write_family_template(tmp_path: Path, monkeypatch, body: str) -> Family:
     """A throwaway family template rendered through the real Jinja environment (templates/ + tmp)."""
     import jinja2
 
-    from scripts import inference_config
+    from scripts.convert import package as inference_config
 
     (tmp_path / "families").mkdir()
     (tmp_path / "families" / "broken.inference_model.json.j2").write_text(body, encoding="utf-8")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import install
+from scripts.convert import install
 from scripts.errors import InstallError
-from scripts.install import assemble_package, install_dir, install_package, list_cache, package_files
+from scripts.convert.install import assemble_package, install_dir, install_package, list_cache, package_files
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import ModelSourceError
-from scripts.lora import check_adapter, merge_in_subprocess
+from scripts.sources.lora import check_adapter
+from scripts.workers import run_in_worker
 
 REPO = Path(__file__).resolve().parent.parent
 QA = [("What colour is the orchard gate?", "The gate is blue."),
@@ -48,7 +49,9 @@ def test_adapter_for_another_base_is_a_clear_error(tiny_hf_model, tmp_path):
             ".save_pretrained(sys.argv[1])\n")
     subprocess.run([sys.executable, "-c", code, str(adapter)], check=True, capture_output=True, timeout=600)
     with pytest.raises(ModelSourceError) as info:
-        merge_in_subprocess(tiny_hf_model, adapter, tmp_path / "merged")
+        run_in_worker("scripts.sources.lora:merge_job", {"base_dir": str(tiny_hf_model), "adapter_dir": str(adapter),
+                                                         "out_dir": str(tmp_path / "merged")},
+                      error=ModelSourceError, what="merging the adapter")
     message = str(info.value)
     assert "does not fit the base model" in message and "Set model.source to the base model" in message
 
@@ -83,7 +86,7 @@ def test_lora_recipe_deploys_and_answers_with_the_adapter(tmp_path):
         "foundry": {"name": "brightwater-lora", "version": "1"},
         "generation": {"do_sample": False, "max_length": 256},
         "eval": {"dataset": "data/lora.jsonl", "min_accuracy": 1.0, "max_new_tokens": 24}}))
-    code = ("from scripts.pipeline import Pipeline; from scripts.recipe import load_recipe; import json; "
+    code = ("from scripts.pipeline import Pipeline; from scripts.recipe.load import load_recipe; import json; "
             "print('CHECK', json.dumps(Pipeline(load_recipe('lora'), announce=print).run()['check'].result))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1800)

@@ -2,7 +2,7 @@
 import pytest
 
 from scripts.errors import MeasurementError
-from scripts.measure import (PROFILES, Profile, bench_request, get_profile, length_prompts, measure, prompt_lengths,
+from scripts.proof.measure import (PROFILES, Profile, bench_request, get_profile, length_prompts, measure, prompt_lengths,
                              run_worker, summarise_length)
 
 TINY = Profile("tiny", lengths=(16,), max_prompt_tokens=48, new_tokens=4, warmup=1, repeats=2)
@@ -31,7 +31,7 @@ def test_summarise_length_medians_and_p95():
 
 
 def test_length_prompts_hit_their_token_targets(tiny_onnx_model):
-    from scripts.backends import render_chat
+    from scripts.runtimes.backends import render_chat
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tiny_onnx_model / "tokenizer.json"))
     for target, messages in length_prompts(tiny_onnx_model, [80, 200]):

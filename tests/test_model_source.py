@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import ModelSourceError
-from scripts.model_source import inspect_model_folder, read_chat_template
+from scripts.sources.folder import inspect_model_folder, read_chat_template
 
 CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "bos_token_id": 0, "eos_token_id": 2}
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"

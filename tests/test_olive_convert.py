@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from scripts import olive_convert
+from scripts.convert import olive as olive_convert
 from scripts.errors import ConversionError
-from scripts.olive_convert import explain_failure, olive_config, run_olive
-from scripts.recipe import Conversion, Quantization
+from scripts.convert.olive import explain_failure, olive_config, run_olive
+from scripts.recipe.load import Conversion, Quantization
 
 
 def conversion(precision="int4", block_size=32, symmetric=True, accuracy_level=4, algorithm="default") -> Conversion:

@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from scripts.errors import ConversionError, GraphCheckError, RecipeError
-from scripts.graph_check import GraphSummary, QuantNode, verify_quantization
-from scripts.olive_convert import olive_config, reconcile_genai_outputs
-from scripts.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, choose_auto, translate_tutorial_conversion
-from scripts.recipe import Conversion, Quantization, parse_recipe
+from scripts.convert.graph_check import GraphSummary, QuantNode, verify_quantization
+from scripts.convert.olive import olive_config, reconcile_genai_outputs
+from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, choose_auto, translate_tutorial_conversion
+from scripts.recipe.load import Conversion, Quantization, parse_recipe
 
 
 def recipe_doc(tmp_path: Path, conversion: dict) -> dict:

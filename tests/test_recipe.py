@@ -8,8 +8,8 @@ import pytest
 
 from scripts import settings
 from scripts.errors import RecipeError
-from scripts.families import family_names
-from scripts.recipe import (BUILTIN_GENERATION, DEMO_SOURCE, Generation, available_recipes, load_recipe,
+from scripts.families.registry import family_names
+from scripts.recipe.load import (BUILTIN_GENERATION, Generation, available_recipes, load_recipe,
                             recipe_path)
 
 MINIMAL = {"model": {"source": "demo"}, "foundry": {"name": "my-model"}}
@@ -46,7 +46,7 @@ def test_shipped_qwen_recipe_loads_with_its_values(monkeypatch):
     assert r.name == "qwen"
     assert r.path == settings.REPO_ROOT / "recipes" / "qwen.json"
     assert r.description == doc["description"]
-    assert r.source == DEMO_SOURCE and r.uses_demo_model
+    assert r.source.kind == "demo" and r.source.spec == "demo"
     assert r.family == doc["model"]["family"] == "chatml"
     q = doc["conversion"]["quantization"]
     assert r.conversion.precision == doc["conversion"]["precision"]
@@ -72,8 +72,7 @@ def test_shipped_recipe_with_model_path_override_relative_to_cwd(tmp_path, monke
     (tmp_path / "models" / "mine").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     r = load_recipe("qwen", model_path="models/mine")
-    assert r.source == str((tmp_path / "models" / "mine").resolve())
-    assert not r.uses_demo_model
+    assert r.source.folder == (tmp_path / "models" / "mine").resolve() and r.source.kind == "folder"
 
 
 SHIPPED = sorted(p.stem for p in (settings.REPO_ROOT / "recipes").glob("*.json"))
@@ -92,7 +91,7 @@ def test_every_family_has_a_recipe_that_builds_its_tiny_model(family, monkeypatc
     monkeypatch.setenv("SLMOPS_RECIPES_DIR", str(settings.REPO_ROOT / "recipes"))
     assert family in SHIPPED
     r = load_recipe(family)
-    assert r.family == family and r.source == f"tiny:{family}" and r.tiny_family == family
+    assert r.family == family and r.source.spec == f"tiny:{family}" and r.source.kind == "tiny" and r.source.arg == family
     assert "--model-path" in r.description
     from scripts.pipeline import Pipeline
     pipeline = Pipeline(r)
@@ -109,7 +108,7 @@ def test_model_path_overrides_a_tiny_source(recipes, tmp_path):
     write(recipes, "fam", {**MINIMAL, "model": {"source": "tiny:phi-3", "family": "phi-3"}})
     (tmp_path / "mine").mkdir()
     r = load_recipe("fam", model_path=tmp_path / "mine")
-    assert r.source == str((tmp_path / "mine").resolve()) and r.tiny_family is None
+    assert r.source.folder == (tmp_path / "mine").resolve() and r.source.kind == "folder"
 
 
 def test_settings_for_hash_is_json_and_excludes_path(recipes):
@@ -221,7 +220,7 @@ def test_relative_model_source_resolves_against_recipe_file(recipes, tmp_path, m
     (recipes / "models" / "m").mkdir(parents=True)
     write(recipes, "r", {**MINIMAL, "model": {"source": "models/m"}})
     monkeypatch.chdir(tmp_path)  # not the recipe folder
-    assert load_recipe("r").source == str((recipes / "models" / "m").resolve())
+    assert load_recipe("r").source.folder == (recipes / "models" / "m").resolve()
 
 
 def test_missing_model_folder_from_override(recipes, tmp_path, monkeypatch):

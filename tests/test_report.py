@@ -2,9 +2,9 @@
 import base64
 import json
 
-from scripts.bench import bench_markdown
-from scripts.proof import validate_markdown
-from scripts.report_html import compare_rows, write_report
+from scripts.proof.bench import bench_markdown
+from scripts.proof.run import validate_markdown
+from scripts.proof.report import compare_rows, write_report
 
 
 def _summary(m):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.schema import Field, Obj, in_range, validate
+from scripts.recipe.schema import Field, Obj, in_range, validate
 
 SCHEMA = Obj({
     "name": Field(str, required=True, help="what to call it"),

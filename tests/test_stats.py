@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from scripts.stats import percentile, rates_from_token_times, slope, summarise
+from scripts.proof.stats import percentile, rates_from_token_times, slope, summarise
 
 
 def test_percentile_interpolates_like_numpy():

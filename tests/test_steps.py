@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from scripts.steps import Step, StepRunner
+from scripts.errors import StepError
+from scripts.settings import REPO_ROOT
+from scripts.steps import Step, StepRunner, code_fingerprint, module_closure
 
 
 class Work:
@@ -24,17 +30,30 @@ class Work:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def probe_package(tmp_path, monkeypatch):
+    """A throw-away package: ``<pkg>.code`` imports ``<pkg>.helper`` inside a function."""
+    name = f"slmops_probe_{uuid.uuid4().hex[:8]}"
+    pkg = tmp_path / "src" / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "code.py").write_text(f"x = 1\n\ndef f():\n    from {name}.helper import y\n    return y\n")
+    (pkg / "helper.py").write_text("y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    return name, pkg
+
+
+@pytest.fixture
+def setup(tmp_path, probe_package):
     src = tmp_path / "input.txt"
     src.write_text("v1")
-    code = tmp_path / "code.py"
-    code.write_text("x = 1\n")
+    name, pkg = probe_package
+    code = pkg / "code.py"
     out = tmp_path / "output.txt"
     work = Work(out)
     runner = StepRunner(tmp_path / "stamps", announce=lambda _m: None)
 
     def step(**changes) -> Step:
-        fields = dict(name="build", run=work, inputs=[src], settings={"block": 32}, outputs=[out], code=[code])
+        fields = dict(name="build", run=work, inputs=[src], settings={"block": 32}, outputs=[out], code=[f"{name}.code"])
         fields.update(changes)
         return Step(**fields)
 
@@ -98,6 +117,50 @@ def test_code_change_reruns(setup):
     runner.run(step())
     code.write_text("x = 2  # changed\n")
     assert not runner.run(step()).skipped
+
+
+def test_code_change_in_an_imported_module_reruns(setup):
+    runner, step, work, _src, _out, code = setup
+    runner.run(step())
+    assert runner.run(step()).skipped
+    (code.parent / "helper.py").write_text("y = 2  # changed\n")
+    assert not runner.run(step()).skipped
+
+
+def test_missing_code_module_is_an_error_not_a_constant(setup):
+    runner, step, *_ = setup
+    with pytest.raises(StepError, match="'scripts.olive_convert', which does not exist"):
+        runner.run(step(code=["scripts.olive_convert"]))  # the module's name before the layout change
+
+
+def test_closure_follows_project_imports_and_worker_strings():
+    closure = module_closure(["scripts.convert.genai_smoke"])
+    assert {"scripts.convert.genai_smoke", "scripts.runtimes.backends", "scripts.workers", "scripts.errors"} <= set(closure)
+    assert closure["scripts.convert.genai_smoke"] == REPO_ROOT / "scripts" / "convert" / "genai_smoke.py"
+    kinds = module_closure(["scripts.sources.registry"])  # builders named as "scripts.sources.x:build" strings
+    assert {"scripts.sources.demo", "scripts.sources.gguf", "scripts.sources.tiny"} <= set(kinds)
+
+
+def test_edit_to_a_moved_module_changes_the_step_fingerprint(tmp_path):
+    """In a copy of the package: editing scripts/recipe/precisions.py (moved there from scripts/precisions.py and
+    imported by the convert step's module only indirectly) changes the convert step's code fingerprint."""
+    shutil.copytree(REPO_ROOT / "scripts", tmp_path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import json, sys; from scripts.steps import code_fingerprint; "
+            "print(json.dumps(code_fingerprint(['scripts.convert.olive'])))")
+
+    def fingerprint() -> dict:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout)
+
+    before = fingerprint()
+    assert "scripts.recipe.precisions" in before
+    with (tmp_path / "scripts" / "recipe" / "precisions.py").open("a") as f:
+        f.write("\n# an edit\n")
+    after = fingerprint()
+    assert after["scripts.recipe.precisions"] != before["scripts.recipe.precisions"]
+    assert {k: v for k, v in after.items() if k != "scripts.recipe.precisions"} == \
+        {k: v for k, v in before.items() if k != "scripts.recipe.precisions"}
+    assert code_fingerprint(["scripts.convert.olive"]) == before  # the real tree is untouched
 
 
 def test_deleted_output_reruns(setup):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.synthetic_model import SHAPES, SPECIALS, full_vocab_tokenizer
+from scripts.sources.synthetic import SHAPES, SPECIALS, full_vocab_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,9 @@ def test_chatml_prompt_encodes_with_the_specials(tokenizer):
 
 def test_bench_recipe_uses_the_synthetic_source():
     from scripts.pipeline import Pipeline
-    from scripts.recipe import load_recipe
+    from scripts.recipe.load import load_recipe
     r = load_recipe("bench-0.5b")
-    assert r.source == "synthetic:qwen2.5-0.5b"
+    assert r.source.spec == "synthetic:qwen2.5-0.5b" and r.source.random_weights
     q = r.conversion.quantization
     assert r.conversion.precision == "int4" and q.embeddings and q.block_size == 128
     steps = [s.name for s in Pipeline(r).steps()]

@@ -2,11 +2,11 @@
 
 import pytest
 
-from scripts.edge_cases import EdgeVerdict, clean_message, control_tokens, edge_cases, edge_verdicts
-from scripts.measure import context_limit, run_worker
-from scripts.recipe import parse_recipe
+from scripts.proof.edge_cases import EdgeVerdict, clean_message, control_tokens, edge_cases, edge_verdicts
+from scripts.proof.measure import context_limit, run_worker
+from scripts.recipe.load import parse_recipe
 from scripts.errors import RecipeError
-from scripts.validate import (FAIL, PASS, SKIP, domain_item, edge_item, format_item, format_problem, leak_figures,
+from scripts.proof.validate import (FAIL, PASS, SKIP, domain_item, edge_item, format_item, format_problem, leak_figures,
                               leak_item, lengths_item)
 
 

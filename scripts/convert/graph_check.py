@@ -1,0 +1,142 @@
+"""Read a converted ONNX graph and check that it carries the quantization the recipe asked for.
+
+Olive accepts option keys it then ignores, so the only proof that a setting took effect is the graph:
+``MatMulNBits`` nodes carry ``bits``, ``block_size`` and ``accuracy_level`` attributes, and have a fourth
+input (zero points) exactly when quantization is asymmetric.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from scripts.errors import GraphCheckError
+from scripts.recipe.load import Conversion
+
+QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+@dataclass(frozen=True)
+class QuantNode:
+    name: str
+    op_type: str
+    bits: int | None
+    block_size: int | None
+    accuracy_level: int | None
+    has_zero_points: bool
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    op_counts: dict[str, int]
+    quant_nodes: tuple[QuantNode, ...]
+    float_matmuls: int  # MatMul nodes left in float
+    initializer_bytes: dict[str, int] = field(default_factory=dict)  # by element type (FLOAT, UINT8, …)
+    float_matmul_names: tuple[str, ...] = ()
+    float_gathers: int = 0  # Gather nodes reading a float initializer table (an unquantized embedding)
+
+    def describe(self) -> str:
+        if not self.quant_nodes:
+            return f"no quantized nodes; {self.float_matmuls} float MatMul"
+        values = lambda attr: sorted({getattr(n, attr) for n in self.quant_nodes}, key=str)  # noqa: E731
+        text = (f"{len(self.quant_nodes)} quantized nodes (bits {values('bits')}, block_size {values('block_size')}, "
+                f"accuracy_level {values('accuracy_level')}, zero points {values('has_zero_points')}); "
+                f"{self.float_matmuls} float MatMul")
+        gathers = [n for n in self.quant_nodes if n.op_type == "GatherBlockQuantized"]
+        if gathers or self.float_gathers:
+            text += f"; embedding {'quantized' if gathers else 'float'}"
+        return text
+
+    def weight_bytes_by_type(self) -> str:
+        """``FLOAT 12.3 MB, UINT8 45.6 MB``: initializer bytes per element type, largest first."""
+        return ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(self.initializer_bytes.items(), key=lambda kv: -kv[1]))
+
+
+def summarise_graph(model_onnx: Path) -> GraphSummary:
+    """Quantization facts of ``model.onnx`` (external weights are not loaded)."""
+    model = onnx.load(str(model_onnx), load_external_data=False)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in QUANT_OPS:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            # Both ops take zero points as their fourth input: (A, B, scales, zp) / (data, indices, scales, zp).
+            has_zp = len(node.input) > 3 and bool(node.input[3])
+            nodes.append(QuantNode(node.name, node.op_type, attrs.get("bits", 4), attrs.get("block_size"),
+                                   attrs.get("accuracy_level"), has_zp))
+    counts = Counter(n.op_type for n in model.graph.node)
+    inits = {i.name: i for i in model.graph.initializer}
+    by_type: Counter = Counter()
+    for init in inits.values():
+        elems = 1
+        for d in init.dims:
+            elems *= d
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        by_type[onnx.TensorProto.DataType.Name(init.data_type)] += elems * itemsize
+    float_matmuls = tuple(n.name for n in model.graph.node if n.op_type == "MatMul")
+    float_gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits
+                        and inits[n.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                        and len(inits[n.input[0]].dims) == 2)
+    return GraphSummary(dict(counts), tuple(nodes), counts.get("MatMul", 0), dict(by_type), float_matmuls, float_gathers)
+
+
+def verify_quantization(summary: GraphSummary, conversion: Conversion, where: str) -> None:
+    """Raise :class:`GraphCheckError` when the graph does not have what ``conversion`` asked for."""
+    problems: list[str] = []
+    matmuls = [n for n in summary.quant_nodes if n.op_type == "MatMulNBits"]
+    if conversion.precision == "fp32":
+        if summary.quant_nodes:
+            problems.append(f"fp32 was asked but the graph has {len(summary.quant_nodes)} quantized nodes")
+    elif conversion.precision in ("int4", "int8"):
+        q = conversion.quantization
+        bits = 4 if conversion.precision == "int4" else 8
+        if not matmuls:
+            problems.append(f"{conversion.precision} was asked but the graph has no MatMulNBits node")
+        checks = (("bits", bits), ("block_size", q.block_size), ("accuracy_level", q.accuracy_level),
+                  ("has_zero_points", not q.symmetric))
+        for attr, wanted in checks:
+            if attr == "accuracy_level" and wanted == 0:
+                wanted_values = (0, None)  # 0 = unset: the attribute may be absent
+            elif attr == "bits" and q.algorithm.startswith("k_quant"):
+                wanted_values = (4, 8)  # k-quant mixes: the LM head and some layers are 8-bit by design
+            else:
+                wanted_values = (wanted,)
+            wrong = [n for n in matmuls if getattr(n, attr) not in wanted_values]
+            if wrong:
+                found = sorted({getattr(n, attr) for n in wrong}, key=str)
+                label = "zero points (asymmetric)" if attr == "has_zero_points" else attr
+                problems.append(f"{label}: asked {wanted}, found {found} in {len(wrong)} of {len(matmuls)} "
+                                f"MatMulNBits nodes (e.g. {wrong[0].name})")
+        problems += _embedding_and_head_problems(summary, q, bits)
+    if problems:
+        raise GraphCheckError(f"{where}: the converted graph does not match the recipe:\n  - " + "\n  - ".join(problems)
+                              + "\nOlive accepted an option it did not apply. Check conversion.quantization in the "
+                              "recipe against `olive run` options, or report the mismatch.")
+
+
+def _embedding_and_head_problems(summary: GraphSummary, q, bits: int) -> list[str]:
+    """``quantization.embeddings`` → a GatherBlockQuantized of the asked bits/block size and no float table left;
+    ``quantization.lm_head`` → no float LM-head MatMul left (or exactly that one when it is kept in float)."""
+    problems = []
+    gathers = [n for n in summary.quant_nodes if n.op_type == "GatherBlockQuantized"]
+    if q.embeddings:
+        if not gathers:
+            problems.append("embeddings: asked quantized, found no GatherBlockQuantized node"
+                            + (f" ({summary.float_gathers} float Gather table)" if summary.float_gathers else ""))
+        for n in gathers:
+            if n.bits != bits or n.block_size != q.block_size:
+                problems.append(f"embeddings: asked {bits}-bit block {q.block_size}, found {n.bits}-bit block "
+                                f"{n.block_size} ({n.name})")
+    elif gathers:
+        problems.append(f"embeddings: asked float, found {len(gathers)} GatherBlockQuantized node(s)")
+    head_float = [name for name in summary.float_matmul_names if "lm_head" in name]
+    others = [name for name in summary.float_matmul_names if "lm_head" not in name]
+    if q.lm_head and head_float:
+        problems.append(f"lm_head: asked quantized, found float MatMul {head_float[0]}")
+    if not q.lm_head and summary.float_matmul_names and not head_float:
+        problems.append("lm_head: asked float, found no float LM-head MatMul")
+    if others:
+        problems.append(f"{len(others)} MatMul node(s) left in float (e.g. {others[0]})")
+    return problems

@@ -1,0 +1,105 @@
+"""`invoke bench`: the deployed model through the Foundry Local runtime, compared with raw ONNX Runtime GenAI
+on the same folder and with the original PyTorch (FP32) model, each in its own process, with the same
+prompts; plus the machine's memory bandwidth and decode speed as a fraction of the bandwidth bound."""
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
+from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
+
+log = logging.getLogger(__name__)
+
+BACKEND_LABELS = {"foundry": "Foundry Local runtime", "genai": "ONNX Runtime GenAI (raw)", "torch": "PyTorch FP32 (original)"}
+
+
+def _hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda s: None) -> dict:
+    """Bench every backend available for ``pipeline``'s recipe; return plain JSON data."""
+    import os
+    status("bench: measuring memory bandwidth…")
+    bw = measure_bandwidth()
+    installed, source = pipeline.installed_dir, Path(pipeline.model_dir)
+    context = context_limit(installed)
+    job = bench_request(installed, profile, context)
+    plan = [("foundry", installed, {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.recipe.foundry.model_id}),
+            ("genai", installed, None)]
+    notes = []
+    if _hf_folder(source):
+        plan.append(("torch", source, None))
+    else:
+        notes.append(f"PyTorch not measured: {source} is not a Hugging Face folder with safetensors weights.")
+    backends = []
+    for i, (name, folder, options) in enumerate(plan, 1):
+        status(f"bench: {BACKEND_LABELS[name]} ({i}/{len(plan)}), {len(job['prompts'])} prompt lengths × "
+               f"({profile.warmup} warm-up + {profile.repeats} runs)…")
+        result = to_backend_bench(name, folder, run_worker(name, folder, [job], options))
+        bpt = bytes_per_token(folder)
+        entry = result.to_json()
+        entry.update(label=BACKEND_LABELS[name], bytes_per_token=bpt, bound_tps=bound_tokens_per_s(bpt, bw.gb_per_s),
+                     fraction_of_bound=fraction_of_bound(result.decode_tps, bpt, bw.gb_per_s))
+        backends.append(entry)
+    by = {b["backend"]: b for b in backends}
+    if "foundry" in by and "genai" in by:
+        f, g = (by[k]["lengths"][0]["decode_tps"] for k in ("foundry", "genai"))
+        if f and g and f["median"] > 2 * g["median"]:
+            notes.append("Foundry Local streamed this model's tokens in bursts (it generates faster than Python reads "
+                         "the stream): its per-token gaps and decode tok/s measure the reader, not the runtime. Trust "
+                         "its TTFT and the raw GenAI decode figure, which runs the same graph.")
+    if backends and backends[0]["bytes_per_token"] < 64e6:
+        notes.append("The weights read per token fit in the CPU caches, so DRAM bandwidth does not bound this "
+                     "model: its fraction of the bound mostly shows per-token overhead.")
+    notes.append("2 shared cores: other processes ran during the measurement; compare the medians and mind "
+                 "the spread (± half the interquartile range, relative to the median).")
+    return {"recipe": pipeline.recipe.name, "model_id": pipeline.recipe.foundry.model_id, "profile": profile.to_json(),
+            "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "bandwidth": bw.to_json(), "backends": backends, "notes": notes}
+
+
+def _f(x, digits=1, scale=1.0) -> str:
+    return "–" if x is None else f"{x * scale:.{digits}f}"
+
+
+def _s(summary: dict | None, digits=1, scale=1.0) -> str:
+    if not summary:
+        return "–"
+    half = 100 * summary["spread"] / 2
+    return f"{summary['median'] * scale:.{digits}f}" + (f" ±{half:.0f}%" if summary["n"] > 1 else "")
+
+
+def bench_markdown(data: dict) -> str:
+    """Two tables: one line per backend (figures at the shortest prompt), then every prompt length."""
+    bw = data["bandwidth"]
+    p = data["profile"]
+    lines = [f"# Bench: {data['model_id']} (recipe {data['recipe']}, profile {p['name']})", "",
+             f"Memory read bandwidth: **{bw['gb_per_s']:.1f} GB/s** (±{100 * bw['spread'] / 2:.0f}%, {bw['method']}). "
+             f"Context {data['context']} tokens; {p['warmup']} warm-up + {p['repeats']} timed runs per prompt length, "
+             f"up to {p['new_tokens']} new tokens, greedy. Medians ± half the interquartile range.", "",
+             "| backend | weights MB | load s | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 / p95 | peak RSS MB | CPU % | MB read/token | bound tok/s | decode / bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in data["backends"]:
+        x = b["lengths"][0] if b["lengths"] else {}
+        tm = x.get("token_ms") or {}
+        lines.append(f"| {b['label']} | {b['size_bytes'] / 1e6:.1f} | {b['load_seconds']:.2f} | {_s(x.get('ttft'), 1, 1000)} | "
+                     f"{_s(x.get('prefill_tps'), 0)} | {_s(x.get('decode_tps'), 1)} | {_f(tm.get('median'), 2)} / "
+                     f"{_f(x.get('token_ms_p95'), 2)} | {b['peak_rss_mb']:.0f} | {_f(x.get('cpu_percent'), 0)} | "
+                     f"{b['bytes_per_token'] / 1e6:.2f} | {b['bound_tps']:.0f} | "
+                     f"{_f(b['fraction_of_bound'] and 100 * b['fraction_of_bound'], 1)} % |")
+    lines += ["", f"First table: shortest prompt ({data['backends'][0]['lengths'][0]['prompt_tokens'] if data['backends'] else '–'} "
+              "tokens). CPU % is process CPU time ÷ wall time (100 % = one core busy).", "",
+              "| backend | prompt tokens | new tokens | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 | p95 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for b in data["backends"]:
+        for x in b["lengths"]:
+            tm = x.get("token_ms") or {}
+            lines.append(f"| {b['label']} | {x['prompt_tokens']} | {x['new_tokens']} | {_s(x['ttft'], 1, 1000)} | "
+                         f"{_s(x['prefill_tps'], 0)} | {_s(x['decode_tps'], 1)} | {_f(tm.get('median'), 2)} | "
+                         f"{_f(x['token_ms_p95'], 2)} |")
+    lines += [""] + [f"- {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,325 @@
+"""Recipes: one JSON file per deployment, validated on load.
+
+A recipe says where the model comes from, which prompt family it uses, how to convert and quantize it,
+what to call it in Foundry Local, its generation defaults, and the evaluation set that proves it works.
+Relative paths inside a recipe are relative to the recipe file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from scripts import settings
+from scripts.errors import RecipeError
+from scripts.recipe.schema import Field, Obj, in_range, validate
+from scripts.sources.registry import DEMO, SOURCE_KINDS, TINY_PREFIX, ModelSource, parse_source
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # scripts/precisions.py: how each is built; fp16 is refused on CPU
+PRECISION_CHOICES = (*PRECISIONS, "auto")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _name_check(value: str) -> str | None:
+    return None if _NAME.match(value) else (
+        f"{value!r} is not a valid name; use letters, digits, '.', '_' or '-' (max 64), starting with a letter or digit")
+
+
+def _regex_check(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"{value!r} is not a valid regular expression ({exc})"
+    return None
+
+
+def _families() -> tuple[str, ...]:
+    from scripts.families.registry import AUTO_TEMPLATE, family_names  # late import: families read template data files
+    return ("auto", AUTO_TEMPLATE, *family_names())
+
+
+SCHEMA = Obj({
+    "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
+    "description": Field(str, default=""),
+    "model": Obj({
+        "source": Field(str, required=True,
+                        help=f"a Hugging Face model folder, a .gguf file, {DEMO!r} for the bundled fine-tuned demo "
+                             f"model, or {TINY_PREFIX}<family> for a tiny random model of a family (built locally); "
+                             f"kinds: {', '.join(SOURCE_KINDS)}"),
+        "family": Field(str, default="auto", help="prompt-format family, or 'auto' to detect from config.json"),
+        "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
+                         "conversion; relative to the recipe"),
+    }, required=True),
+    "conversion": Obj({
+        "precision": Field(str, default="int4", choices=PRECISION_CHOICES,
+                           help="fp32, int8, int4 (fp16 is refused on CPU), or auto: the smallest precision whose "
+                                "eval accuracy is within auto_threshold of FP32's"),
+        "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
+                                help="--precision auto: minimum eval accuracy relative to FP32"),
+        "quantization": Obj({
+            "block_size": Field(int, default=32, choices=BLOCK_SIZES),
+            "symmetric": Field(bool, default=True),
+            "accuracy_level": Field(int, default=4, choices=(0, 1, 2, 3, 4),
+                                    help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
+            "algorithm": Field(str, default="default", choices=INT4_ALGORITHMS),
+            "embeddings": Field(bool, default=False,
+                                help="quantize the embedding table too (GatherBlockQuantized, same bits/block size)"),
+            "lm_head": Field(bool, default=True, help="quantize the LM head (false keeps it in FP32)"),
+        }),
+    }),
+    "foundry": Obj({
+        "publisher": Field(str, default="slmops", check=_name_check),
+        "name": Field(str, required=True, check=_name_check, help="the model name shown by Foundry Local"),
+        "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
+                         f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\""),
+        "description": Field(str, default=""),
+    }, required=True),
+    # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
+    # then BUILTIN_GENERATION: a recipe's own value always wins.
+    "generation": Obj({
+        "max_length": Field(int, default=None, check=in_range(8, 131072)),
+        "do_sample": Field(bool, default=None),
+        "temperature": Field(float, default=None, check=in_range(0.0, 2.0)),
+        "top_p": Field(float, default=None, check=in_range(0.0, 1.0)),
+        "top_k": Field(int, default=None, check=in_range(0, 100000)),
+        "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0)),
+    }),
+    "eval": Obj({
+        "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
+        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
+        "max_new_tokens": Field(int, default=64, check=in_range(1, 4096)),
+        "system_prompt": Field(str, default=None),
+    }),
+    "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
+        "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
+                                         help="share of eval answers equal to the FP32 PyTorch model's"),
+        "format_regex": Field(str, default=None, check=_regex_check,
+                              help="regular expression every eval answer must match in full"),
+        "format_json_keys": Field(list, default=None, item_type=str,
+                                  help="every eval answer must be a JSON object with these keys"),
+        "min_format_rate": Field(float, default=1.0, check=in_range(0.0, 1.0)),
+        "soak_requests": Field(int, default=300, check=in_range(10, 1000000)),
+        "max_rss_growth_mb": Field(float, default=32.0, check=in_range(0.0, 1e6)),
+        "max_rss_slope_kb_per_request": Field(float, default=16.0, check=in_range(0.0, 1e6)),
+        "max_latency_ratio": Field(float, default=3.0, check=in_range(1.0, 1000.0),
+                                   help="longest-prompt ÷ shortest-prompt median per-token latency"),
+        "latency_floor_ms": Field(float, default=1.0, check=in_range(0.0, 1e6),
+                                  help="per-token latencies all below this pass the length item whatever the ratio"),
+        "edge_timeout_seconds": Field(float, default=120.0, check=in_range(1.0, 3600.0)),
+    }),
+})
+
+
+@dataclass(frozen=True)
+class Quantization:
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    algorithm: str
+    embeddings: bool = False
+    lm_head: bool = True
+
+
+@dataclass(frozen=True)
+class Conversion:
+    precision: str
+    quantization: Quantization
+    auto_threshold: float = 0.98
+
+
+@dataclass(frozen=True)
+class FoundryTarget:
+    publisher: str
+    name: str
+    version: str
+    description: str
+
+    @property
+    def model_id(self) -> str:
+        """The id the Foundry Local runtime knows the model by (``name:version``)."""
+        return f"{self.name}:{self.version}"
+
+
+#: Generation settings used when neither the recipe nor the model's family sets a key (greedy, 512 tokens).
+BUILTIN_GENERATION: dict[str, Any] = {"max_length": 512, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                                      "top_k": 50, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Generation settings; ``None`` means "not set in the recipe" until :meth:`resolved` fills it."""
+
+    max_length: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+    def resolved(self, family_defaults: dict[str, Any] | None = None) -> "Generation":
+        """Every key filled: the recipe's value, else the family default, else :data:`BUILTIN_GENERATION`."""
+        merged = {**BUILTIN_GENERATION, **{k: v for k, v in (family_defaults or {}).items() if k in BUILTIN_GENERATION}}
+        return Generation(**{k: merged[k] if v is None else v for k, v in asdict(self).items()})
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dataset: Path | None
+    min_accuracy: float
+    max_new_tokens: int
+    system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    """Thresholds of ``invoke validate`` (see the ``validate`` keys of :data:`SCHEMA`)."""
+
+    min_reference_agreement: float = 0.9
+    format_regex: str | None = None
+    format_json_keys: tuple[str, ...] | None = None
+    min_format_rate: float = 1.0
+    soak_requests: int = 300
+    max_rss_growth_mb: float = 32.0
+    max_rss_slope_kb_per_request: float = 16.0
+    max_latency_ratio: float = 3.0
+    latency_floor_ms: float = 1.0
+    edge_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path
+    description: str
+    source: ModelSource  # parsed model.source (or --model-path): kind, folder, build step
+    family: str
+    conversion: Conversion
+    foundry: FoundryTarget
+    generation: Generation
+    eval: EvalSpec
+    validate: ValidateSpec = ValidateSpec()
+    adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
+    notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
+
+    def settings_for_hash(self) -> dict[str, Any]:
+        """Everything that determines build outputs, as plain JSON data."""
+        data = asdict(self)
+        data.pop("path")
+        data.pop("notes", None)
+        return json.loads(json.dumps(data, default=str))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """Resolve ``--model NAME`` to ``recipes/NAME.json``; a path to a .json file is used as is."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".json":
+        if not candidate.is_file():
+            raise RecipeError(f"Recipe file {candidate} does not exist. Check the path, or use --model NAME "
+                              f"for one of: {', '.join(available_recipes()) or '(none found)'}.")
+        return candidate.resolve()
+    path = settings.recipes_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        raise RecipeError(f"No recipe named {name_or_path!r} in {settings.recipes_dir()}. Available: "
+                          f"{', '.join(available_recipes()) or '(none)'}. Create {path.name} there or pass a path "
+                          "to a recipe .json file.")
+    return path
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes in the recipes folder."""
+    folder = settings.recipes_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def load_recipe(name_or_path: str, model_path: str | Path | None = None) -> Recipe:
+    """Load and validate a recipe. ``model_path`` overrides ``model.source`` (``--model-path``)."""
+    path = recipe_path(name_or_path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
+                          "Fix the syntax (a trailing comma or a missing quote is the usual cause).") from exc
+    return parse_recipe(doc, path, model_path)
+
+
+def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> Recipe:
+    """Validate a recipe document already read from ``path``."""
+    schema = Obj({**SCHEMA.fields, "model": Obj({**SCHEMA.fields["model"].fields,
+                                                 "family": Field(str, default="auto", choices=_families())},
+                                                required=True)})
+    doc, notes = _translate_tutorial_form(doc, path)
+    data, problems = validate(doc, schema)
+    if problems:
+        lines = "\n".join(f"  - {p.path}: {p.problem}" for p in problems)
+        raise RecipeError(f"{path}: the recipe has {len(problems)} problem(s):\n{lines}\n"
+                          "Fix these keys in the recipe file (every key is described under 'Recipe keys' in README.md).")
+    if model_path is not None:
+        source = parse_source(str(model_path), Path.cwd(), "--model-path", user_path=True)
+    else:
+        source = parse_source(data["model"]["source"], path.parent, f"{path}: model.source")
+    conv = data["conversion"]
+    ev = data["eval"]
+    dataset = (path.parent / ev["dataset"]).resolve() if ev["dataset"] else None
+    if dataset is not None and not dataset.is_file():
+        raise RecipeError(f"{path}: eval.dataset: {dataset} does not exist. Point it at a JSONL file of "
+                          "{\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+    return Recipe(
+        name=data["name"] or path.stem,
+        path=path,
+        description=data["description"],
+        source=source,
+        family=data["model"]["family"],
+        conversion=_conversion(conv, path),
+        foundry=FoundryTarget(**data["foundry"]),
+        generation=Generation(**data["generation"]),
+        eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"]),
+        adapter=_resolve_adapter(data["model"]["adapter"], path),
+        validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])
+                                 if data["validate"]["format_json_keys"] is not None else None}),
+        notes=tuple(notes),
+    )
+
+
+def _translate_tutorial_form(doc: Any, path: Path) -> tuple[Any, list[str]]:
+    """Accept the tutorial's ``conversion.config`` block (``precision`` + ``quantization_config``), translated."""
+    from scripts.recipe.precisions import TutorialFormError, translate_tutorial_conversion
+    if not isinstance(doc, dict) or "conversion" not in doc:
+        return doc, []
+    try:
+        conversion, notes = translate_tutorial_conversion(doc["conversion"])
+    except TutorialFormError as exc:
+        raise RecipeError(f"{path}: {exc.path}: {exc.problem}. Olive would silently ignore it; fix or remove it.") from None
+    if notes:
+        log.info("%s: tutorial-form conversion translated: %s", path, "; ".join(notes))
+    return {**doc, "conversion": conversion}, [f"{path.name}: {n}" for n in notes]
+
+
+def _conversion(conv: dict, path: Path) -> "Conversion":
+    """The validated conversion block; precisions that cannot run on the target are refused here, before any build."""
+    from scripts.recipe.precisions import refusal
+    if (why := refusal(conv["precision"])) is not None:
+        raise RecipeError(f"{path}: conversion.precision: {conv['precision']!r} refused. {why}")
+    q = conv["quantization"]
+    if conv["precision"] == "int8" and q["algorithm"] not in ("default", "rtn"):
+        raise RecipeError(f"{path}: conversion.quantization.algorithm: {q['algorithm']!r} is an INT4 algorithm of "
+                          "the GenAI model builder; int8 is built with round-to-nearest. Use \"default\" or \"rtn\".")
+    return Conversion(conv["precision"], Quantization(**q), conv["auto_threshold"])
+
+
+def _resolve_adapter(adapter: str | None, recipe_file: Path) -> str | None:
+    if adapter is None:
+        return None
+    folder = Path(adapter).expanduser()
+    folder = (folder if folder.is_absolute() else recipe_file.parent / folder).resolve()
+    if not folder.is_dir():
+        raise RecipeError(f"{recipe_file}: model.adapter: adapter folder {folder} does not exist. Point it at a PEFT "
+                          "adapter folder (adapter_config.json + adapter_model.safetensors, as written by "
+                          "peft_model.save_pretrained), relative to the recipe file.")
+    return str(folder)

@@ -1,0 +1,159 @@
+"""What both Foundry Local back ends (SDK worker, v1 CLI) share: result types, runtime folders, and the checks
+on model ids, model folders, messages and generation options that run before any runtime is touched. Pure."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scripts.errors import FoundryError
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "foundry.local.modelinfo.json"
+RUNTIME_DIR_NAME = ".slmops-runtime"  # under the model cache dir: logs/ and app-data/
+ROLES = ("system", "user", "assistant", "developer")
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*:[0-9]+$")
+
+
+@dataclass
+class Answer:
+    """One generated reply. ``tokens`` is the runtime's completion-token count."""
+
+    text: str
+    seconds: float
+    first_token_seconds: float | None
+    tokens: int | None
+
+
+@dataclass
+class CheckResult:
+    """Outcome of :func:`check_model`.
+
+    ``registration`` is ``"registered"`` (new), ``"unchanged"`` (same id, same path: no-op),
+    ``"replaced"`` (same id, different path) or ``"cli"`` (v1 CLI: the cache scanner finds the folder).
+    ``timings`` holds the worker's other phases in seconds (``init``, ``register``, ``unload``, ``total``).
+    """
+
+    model_id: str
+    listed: bool
+    load_seconds: float
+    answers: list[Answer]
+    registration: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    logs_dir: Path | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CheckResult":
+        return cls(
+            model_id=data["model_id"],
+            listed=bool(data["listed"]),
+            load_seconds=float(data["load_seconds"]),
+            answers=[Answer(**a) for a in data["answers"]],
+            registration=data.get("registration", ""),
+            timings={k: float(v) for k, v in data.get("timings", {}).items()},
+            logs_dir=Path(data["logs_dir"]) if data.get("logs_dir") else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["logs_dir"] = str(self.logs_dir) if self.logs_dir else None
+        return d
+
+
+def runtime_dirs(cache_dir: Path, logs_dir: Path | None = None,
+                 app_data_dir: Path | None = None) -> tuple[Path, Path]:
+    """(logs_dir, app_data_dir) for the runtime: under ``<cache_dir>/.slmops-runtime/`` unless given."""
+    base = Path(cache_dir) / RUNTIME_DIR_NAME
+    return (Path(logs_dir) if logs_dir else base / "logs",
+            Path(app_data_dir) if app_data_dir else base / "app-data")
+
+
+def validate_model_id(model_id: str) -> None:
+    if not _MODEL_ID_RE.match(model_id or ""):
+        raise FoundryError(
+            f"Model id {model_id!r} is not of the form '<name>:<version>' (e.g. 'qwen-tiny:1'), which "
+            "Foundry Local requires; use letters, digits, '.', '_' or '-' and an integer version.")
+
+
+def validate_model_dir(model_dir: Path) -> dict[str, Any]:
+    """Check that ``model_dir`` is an ONNX Runtime GenAI folder; return its parsed ``genai_config.json``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FoundryError(f"Model folder {model_dir} does not exist; install the converted model first.")
+    cfg_path = model_dir / "genai_config.json"
+    if not cfg_path.is_file():
+        raise FoundryError(
+            f"{model_dir} has no genai_config.json, so Foundry Local cannot load it. Point at the folder "
+            "the conversion produced (model.onnx, model.onnx.data, genai_config.json, tokenizer files).")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FoundryError(f"{cfg_path} is not readable JSON ({exc}); re-run the conversion.") from exc
+    onnx_name = (cfg.get("model", {}).get("decoder", {}) or {}).get("filename", "model.onnx")
+    if not (model_dir / onnx_name).is_file():
+        raise FoundryError(
+            f"{model_dir} lacks {onnx_name}, which genai_config.json names; re-run the conversion.")
+    return cfg
+
+
+def search_options_from_genai_config(genai_config: dict[str, Any], max_tokens: int,
+                                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generation options for the runtime, as ``SearchOptions`` keyword arguments.
+
+    The runtime ignores ``genai_config.json`` ``search`` for sampling (it samples unless told), so we pass
+    the file's values explicitly: greedy (``do_sample=False``) when ``do_sample`` is false or absent, else
+    ``temperature``/``top_k``/``top_p`` from the file. ``overrides`` (same keys as ``SearchOptions``:
+    temperature, top_p, top_k, do_sample, seed, max_output_tokens) win. ``repetition_penalty`` and
+    beam search have no equivalent in the runtime's options and are not forwarded.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise FoundryError(f"max_tokens must be an integer >= 1 (got {max_tokens!r}); the runtime rejects 0.")
+    search = genai_config.get("search", {}) or {}
+    opts: dict[str, Any] = {"max_output_tokens": max_tokens}
+    if search.get("do_sample"):
+        opts["do_sample"] = True
+        for key, cast in (("temperature", float), ("top_k", int), ("top_p", float)):
+            if search.get(key) is not None:
+                opts[key] = cast(search[key])
+    else:
+        opts["do_sample"] = False
+    allowed = {"temperature", "top_p", "top_k", "do_sample", "seed", "max_output_tokens"}
+    for key, value in (overrides or {}).items():
+        if key not in allowed:
+            raise FoundryError(f"Unknown generation option {key!r}; allowed: {', '.join(sorted(allowed))}.")
+        if value is not None:
+            opts[key] = value
+    return opts
+
+
+def validate_messages(messages: Sequence[dict]) -> None:
+    if not messages:
+        raise FoundryError("A conversation must hold at least one message.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise FoundryError(
+                f"Message {i} ({m!r}) must be {{'role': one of {ROLES}, 'content': str}}.")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FoundryError(
+                f"Message {i} is not valid UTF-8 text (undecodable bytes at position {exc.start}); decode "
+                "the input as UTF-8 (e.g. errors='replace') before sending it.") from None
+    if messages[-1]["role"] not in ("user", "developer"):
+        log.warning("Last message has role %r; the model is asked to continue after it anyway.",
+                    messages[-1]["role"])
+
+
+def inference_model_name(model_dir: Path) -> str | None:
+    """``inference_model.json`` ``Name`` (what the v1 CLI lists a folder under), or None."""
+    p = Path(model_dir) / "inference_model.json"
+    try:
+        name = json.loads(p.read_text(encoding="utf-8")).get("Name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None

@@ -1,0 +1,555 @@
+"""The project's own demo model: a tiny Qwen2 fine-tuned on an invented domain, so quality checks mean something.
+
+Everything is local and offline: a byte-level BPE tokenizer is trained with ``tokenizers`` on the
+dataset, a small ``Qwen2ForCausalLM`` is built from scratch with a vocabulary of exactly the
+tokenizer's size, and it is trained on ChatML conversations (loss on the assistant turn only) until it
+answers the dataset's questions. The result is a normal Hugging Face folder that ONNX Runtime GenAI's
+model builder (and therefore Olive) can convert.
+
+Usage::
+
+    python -m scripts.sources.demo build  --dataset recipes/data/qwen-domain.jsonl --out build/demo-hf
+    python -m scripts.sources.demo eval   --model build/demo-hf --dataset recipes/data/qwen-domain.jsonl
+    python -m scripts.sources.demo eval-onnx --model build/demo-int4 --dataset recipes/data/qwen-domain.jsonl
+
+Folder written by :func:`build_demo_model`::
+
+    config.json, generation_config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json (with ``chat_template`` inline),
+    chat_template.jinja (what transformers 5 writes by default; same text),
+    slmops_demo.json (settings, dataset hash, measured accuracy: provenance)
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from scripts.errors import ModelSourceError, RecipeError
+from scripts.proof.qa import QA, answers_match, exact_match, load_qa, question_messages
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Constants shared with the rest of the pipeline
+# --------------------------------------------------------------------------------------------
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
+
+#: Qwen2-style ChatML, but with no default system prompt: a system turn appears only when given.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+#: The pre-tokenization regex of Qwen2 (same as ``transformers`` ``Qwen2Tokenizer``), so that the
+#: tokenizer.json we write and the one ``Qwen2Tokenizer`` rebuilds from vocab/merges agree.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+PROVENANCE_FILE = "slmops_demo.json"
+EXPECTED_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    PROVENANCE_FILE,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Data types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that decides the demo model.
+
+    Defaults (3.3M parameters, one thread): ~1-1.5 min of training on this 2-core machine, shared or not,
+    100 % greedy exact match in transformers and after INT4 conversion on the bundled dataset.
+    """
+
+    seed: int = 1234
+    vocab_size: int = 1024  # BPE target; the model uses the tokenizer's real size
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    steps: int = 240
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_new_tokens: int = 48  # for the greedy evaluation
+    # torch intra-op threads while building (restored afterwards). 1 on purpose: on a shared 2-core
+    # machine, 2 threads ran 5-10x slower per step than 1 (threads wait on each other when descheduled).
+    threads: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DemoBuildResult:
+    out_dir: Path
+    train_seconds: float
+    accuracy: float
+    n_questions: int
+    final_loss: float = float("nan")
+    n_parameters: int = 0
+    vocab_size: int = 0
+    wrong: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """Pure-Python twin of :data:`CHAT_TEMPLATE` (for code that must not load a tokenizer)."""
+    out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE with Qwen2's normaliser and pre-tokenizer; special tokens get ids 0, 1, 2."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return tok
+
+
+def _tokenizer_texts(qa: Sequence[QA]) -> list[str]:
+    # The role words appear in every rendered prompt: train on them so they become single tokens.
+    texts = [render_chatml(question_messages(x.question, "system")) + x.answer for x in qa]
+    return [t.replace(IM_START, "").replace(IM_END, "") for t in texts]
+
+
+def save_tokenizer(raw_tokenizer, out_dir: Path, max_length: int) -> None:
+    """Write tokenizer.json, tokenizer_config.json (chat_template inline) and chat_template.jinja.
+
+    Goes through ``transformers.Qwen2Tokenizer.save_pretrained`` so the files look like any Qwen2
+    checkpoint's; transformers 5 writes the template to ``chat_template.jinja`` by default, and we also
+    put it inline in tokenizer_config.json for runtimes that read only that file.
+    """
+    from transformers import Qwen2Tokenizer
+
+    model_json = json.loads(raw_tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=model_json["vocab"],
+        merges=merges,
+        unk_token=None,
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
+    cfg["add_bos_token"] = False
+    cfg["add_eos_token"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def make_config(settings: DemoSettings, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads,
+        max_position_embeddings=settings.max_position_embeddings,
+        rope_theta=settings.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": settings.rope_theta},
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=settings.num_layers,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
+@contextmanager
+def _deterministic(seed: int, threads: int) -> Iterator[None]:
+    import numpy as np
+    import torch
+
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def _encode_examples(tokenizer, qa: Sequence[QA]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation: prompt tokens masked with -100, answer + <|im_end|> learned."""
+    end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    out = []
+    for x in qa:
+        prompt = render_chatml(question_messages(x.question))
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        a_ids = tokenizer.encode(x.answer, add_special_tokens=False) + [end_id]
+        out.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    return out
+
+
+def _lr_at(step: int, s: DemoSettings) -> float:
+    import math
+
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    t = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _train(model, examples, pad_id: int, s: DemoSettings, progress: bool) -> float:
+    import torch
+
+    gen = torch.Generator().manual_seed(s.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), eps=1e-8,
+                            weight_decay=s.weight_decay)
+    model.train()
+    order: list[int] = []
+    loss_val = float("nan")
+    with _progress(s.steps, progress, "train demo model") as bar:
+        for step in range(s.steps):
+            if len(order) < s.batch_size:
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            idx, order = order[: s.batch_size], order[s.batch_size:]
+            batch = [examples[i] for i in idx]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (ids, lab) in enumerate(batch):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                labels[r, : len(lab)] = torch.tensor(lab)
+                attn[r, : len(ids)] = 1
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, s)
+            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_val = float(loss.detach())
+            bar.update(1)
+            if step % 10 == 0 or step == s.steps - 1:
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+            if step % 50 == 0 or step == s.steps - 1:
+                log.debug("step %d loss %.4f lr %.2e", step, loss_val, _lr_at(step, s))
+    model.eval()
+    return loss_val
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def generate_answers_hf(model_dir: Path | str, questions: Sequence[str], max_new_tokens: int = 48,
+                        system: str | None = None) -> list[str]:
+    """Greedy answers from the Hugging Face folder, prompts built with the tokenizer's chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    answers = []
+    with torch.inference_mode():
+        for q in questions:
+            prompt = tok.apply_chat_template(question_messages(q, system), tokenize=False,
+                                             add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=model.generation_config.pad_token_id)
+            answers.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def evaluate_hf(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 48) -> float:
+    """Greedy exact-match accuracy (after :func:`normalise_answer`) of the HF model folder."""
+    return exact_match(generate_answers_hf(model_dir, [x.question for x in qa], max_new_tokens), qa)
+
+
+def generate_answers_onnx(model_dir: Path | str, questions: Sequence[str], max_new_tokens: int = 48,
+                          system: str | None = None) -> list[str]:
+    """Greedy answers from an ONNX Runtime GenAI folder (genai_config.json), through its own chat template."""
+    from scripts.runtimes.backends import GenAIBackend
+
+    backend = GenAIBackend(Path(model_dir))
+    backend.load()
+    return [backend.generate(question_messages(q, system), max_new_tokens).text for q in questions]
+
+
+def evaluate_onnx(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 48) -> float:
+    """Greedy exact-match accuracy of a converted ONNX Runtime GenAI model."""
+    return exact_match(generate_answers_onnx(model_dir, [x.question for x in qa], max_new_tokens), qa)
+
+
+# --------------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------------
+
+
+def _write_generation_config(model, bos_id: int, eos_id: int, pad_id: int, max_new_tokens: int) -> None:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def check_model_dir(model_dir: Path | str) -> dict:
+    """Light structural check of a demo folder; returns config.json. Raises ModelSourceError."""
+    model_dir = Path(model_dir)
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                           "generation_config.json") if not (model_dir / f).is_file()]
+    if missing:
+        raise ModelSourceError(f"{model_dir}: missing {', '.join(missing)}; rebuild with "
+                               "`python -m scripts.sources.demo build`")
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    gen = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    for name, d in (("config.json", cfg), ("generation_config.json", gen)):
+        for key in ("bos_token_id", "eos_token_id"):
+            if d.get(key) is None:
+                raise ModelSourceError(f"{model_dir / name}: {key} is null; ONNX Runtime GenAI refuses it")
+    vocab = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    n_tok = len(set(vocab["model"]["vocab"].values()) | {t["id"] for t in vocab.get("added_tokens", [])})
+    if n_tok != cfg["vocab_size"]:
+        raise ModelSourceError(f"{model_dir}: tokenizer has {n_tok} tokens but config.json vocab_size is "
+                               f"{cfg['vocab_size']}; the runtime cannot decode every id")
+    return cfg
+
+
+def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings = DemoSettings(),
+                     progress: bool = True) -> DemoBuildResult:
+    """Train tokenizer + tiny Qwen2 on ``dataset_path``, save a HF folder in ``out_dir``, evaluate it.
+
+    Deterministic for a given machine: same settings and data give a byte-identical model.safetensors.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    dataset_path, out_dir = Path(dataset_path), Path(out_dir)
+    qa = load_qa(dataset_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("demo model: %d questions from %s -> %s", len(qa), dataset_path, out_dir)
+
+    with _deterministic(settings.seed, settings.threads):
+        raw_tok = train_tokenizer(_tokenizer_texts(qa), settings.vocab_size)
+        save_tokenizer(raw_tok, out_dir, settings.max_position_embeddings)
+        tok = AutoTokenizer.from_pretrained(str(out_dir))
+        vocab_size = len(tok)
+        if vocab_size != raw_tok.get_vocab_size():
+            raise ModelSourceError(f"tokenizer size changed on save: {raw_tok.get_vocab_size()} -> {vocab_size}")
+        bos_id, eos_id, pad_id = (tok.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_END, ENDOFTEXT))
+        log.info("tokenizer: %d tokens (target %d); bos=%d eos=%d pad=%d",
+                 vocab_size, settings.vocab_size, bos_id, eos_id, pad_id)
+
+        examples = _encode_examples(tok, qa)
+        longest = max(len(ids) for ids, _ in examples)
+        if longest + settings.max_new_tokens > settings.max_position_embeddings:
+            raise RecipeError(f"{dataset_path}: a conversation is {longest} tokens, too long for "
+                              f"max_position_embeddings={settings.max_position_embeddings}")
+
+        torch.manual_seed(settings.seed)
+        config = make_config(settings, vocab_size, bos_id, eos_id, pad_id)
+        model = Qwen2ForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: %d parameters, hidden %d, %d layers", n_params, settings.hidden_size, settings.num_layers)
+
+        t0 = time.perf_counter()
+        final_loss = _train(model, examples, pad_id, settings, progress)
+        train_seconds = time.perf_counter() - t0
+        log.info("trained %d steps in %.1f s, final loss %.4f", settings.steps, train_seconds, final_loss)
+
+        _write_generation_config(model, bos_id, eos_id, pad_id, settings.max_new_tokens)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+        answers = generate_answers_hf(out_dir, [x.question for x in qa], settings.max_new_tokens)
+    wrong = tuple(f"{x.question} -> {p!r} (expected {x.answer!r})"
+                  for p, x in zip(answers, qa) if not answers_match(p, x.answer))
+    accuracy = exact_match(answers, qa)
+    log.info("greedy exact match: %.1f %% (%d/%d)", 100 * accuracy, len(qa) - len(wrong), len(qa))
+    for w in wrong:
+        log.info("wrong: %s", w)
+
+    import tokenizers
+    import transformers
+
+    provenance = {
+        "kind": "slmops-demo-model",
+        "dataset": dataset_path.name,
+        "dataset_sha256": file_sha256(dataset_path),
+        "n_questions": len(qa),
+        "settings": settings.to_dict(),
+        "vocab_size": vocab_size,
+        "n_parameters": n_params,
+        "train_seconds": round(train_seconds, 2),
+        "final_loss": round(final_loss, 6),
+        "hf_exact_match": accuracy,
+        "model_sha256": file_sha256(out_dir / "model.safetensors"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "tokenizers": tokenizers.__version__},
+    }
+    (out_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return DemoBuildResult(out_dir=out_dir, train_seconds=train_seconds, accuracy=accuracy,
+                           n_questions=len(qa), final_loss=final_loss, n_parameters=n_params,
+                           vocab_size=vocab_size, wrong=wrong)
+
+
+def build(request: dict) -> dict:
+    """Source-kind builder (:mod:`scripts.sources.registry`): train the demo model into ``request["out_dir"]``."""
+    from scripts.settings import recipes_dir
+    from scripts.sources.registry import DEMO_DATASET
+    result = build_demo_model(recipes_dir() / DEMO_DATASET, Path(request["out_dir"]), DemoSettings(), progress=True)
+    return {"accuracy": result.accuracy, "train_seconds": result.train_seconds,
+            "summary": f"demo model: {result.n_parameters:,} parameters, trained in {result.train_seconds:.0f} s, "
+                       f"PyTorch exact match {100 * result.accuracy:.1f} %"}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from scripts.settings import REPO_ROOT, build_dir
+
+    p = argparse.ArgumentParser(prog="python -m scripts.sources.demo", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    default_data = REPO_ROOT / "recipes" / "data" / "qwen-domain.jsonl"
+    b = sub.add_parser("build", help="train the demo model into a HF folder")
+    b.add_argument("--dataset", type=Path, default=default_data)
+    b.add_argument("--out", type=Path, default=build_dir() / "demo-hf")
+    b.add_argument("--steps", type=int)
+    b.add_argument("--seed", type=int)
+    b.add_argument("--quiet", action="store_true")
+    for name in ("eval", "eval-onnx"):
+        e = sub.add_parser(name, help=f"greedy exact match ({'HF' if name == 'eval' else 'ONNX Runtime GenAI'})")
+        e.add_argument("--model", type=Path, required=True)
+        e.add_argument("--dataset", type=Path, default=default_data)
+        e.add_argument("--show", action="store_true", help="print every answer")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.cmd == "build":
+        overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+        r = build_demo_model(args.dataset, args.out, DemoSettings(**overrides), progress=not args.quiet)
+        print(json.dumps({"out_dir": str(r.out_dir), "train_seconds": round(r.train_seconds, 1),
+                          "accuracy": r.accuracy, "n_questions": r.n_questions}))
+        return 0
+    qa = load_qa(args.dataset)
+    fn = generate_answers_hf if args.cmd == "eval" else generate_answers_onnx
+    preds = fn(args.model, [x.question for x in qa])
+    for pr, x in zip(preds, qa):
+        if args.show or not answers_match(pr, x.answer):
+            print(f"{'ok ' if answers_match(pr, x.answer) else 'BAD'} {x.question} -> {pr!r}")
+    acc = exact_match(preds, qa)
+    print(json.dumps({"model": str(args.model), "accuracy": acc, "n_questions": len(qa)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
