@@ -10,12 +10,14 @@ import sys
 from invoke import Exit, task
 
 from scripts.errors import SlmopsError
+from scripts.recipe.precisions import TABLE_ORDER, refusal
 
 RECIPE_HELP = "recipe name in recipes/ (e.g. qwen) or a path to a recipe .json"
-MODEL_PATH_HELP = "deploy this Hugging Face model folder instead of the recipe's model.source"
+MODEL_PATH_HELP = "deploy this Hugging Face model folder or .gguf file instead of the recipe's model.source"
 FORCE_HELP = "rebuild every step even if its inputs did not change"
-PRECISION_HELP = ("fp32, int8 or int4 instead of the recipe's conversion.precision (fp16 is refused on CPU), or auto: "
-                  "the smallest precision whose eval accuracy stays within conversion.auto_threshold of FP32's")
+PRECISION_HELP = (f"{', '.join(p for p in TABLE_ORDER if not refusal(p))} instead of the recipe's conversion.precision "
+                  f"({', '.join(p for p in TABLE_ORDER if refusal(p))} refused on CPU), or auto: the smallest "
+                  "precision whose eval accuracy stays within conversion.auto_threshold of FP32's")
 FAMILY_HELP = ("prompt-format family instead of the recipe's model.family: a name from `invoke families`, auto "
                "(detect), or auto-template (derive PromptTemplate from the tokenizer's chat template)")
 
@@ -47,14 +49,15 @@ def domain_errors(func):
 
 def _recipe(console, model, model_path=None, family=None, precision=None):
     """Load the recipe, apply the --family / --precision overrides and print any translation notes."""
-    from scripts.proof.compare import apply_precision
     from scripts.families.select import override_family
-    from scripts.recipe.load import load_recipe
-    recipe = override_family(load_recipe(model, model_path), family)
+    from scripts.recipe.load import load_recipe, with_precision
+    from scripts.recipe.precisions import AUTO
+    recipe = with_precision(override_family(load_recipe(model, model_path), family), precision)
     _print_notes(console, recipe)
-    if precision or recipe.conversion.precision == "auto":
+    if recipe.conversion.precision == AUTO:  # measuring the candidates: the proof layer's job
+        from scripts.proof.compare import resolve_auto
         with console.status("choosing the precision…") as status:
-            recipe = apply_precision(recipe, precision, console.print, status.update)
+            recipe = resolve_auto(recipe, console.print, status.update)
     return recipe
 
 
@@ -222,10 +225,10 @@ def report(c, model="qwen", model_path=None):
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "precisions": "comma-separated subset of fp32,fp16,int8,int4 (default: all four)",
+            "precisions": f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)",
             "precision": "auto: also say which precision --precision auto would deploy, and why"})
 @domain_errors
-def compare(c, model="qwen", model_path=None, precisions="fp32,fp16,int8,int4", precision=None):
+def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), precision=None):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
     from scripts.proof.compare import run_compare
     from scripts.recipe.load import load_recipe

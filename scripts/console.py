@@ -6,6 +6,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from scripts.proof.compare_report import markdown_table
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
@@ -89,7 +91,6 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
     """`invoke compare`: the tutorial's table with measured figures, the graphs, the auto choice, and the files."""
     from rich.markdown import Markdown
 
-    from scripts.proof.compare import markdown_table
     console.print(Markdown(f"### {report.recipe}: every precision, measured\n\n" + markdown_table(report)))
     console.print(f"[dim]Speed: medians of {report.profile['repeats']} runs (± half IQR) on a shared machine; "
                   "compare ratios, not absolutes.[/dim]")

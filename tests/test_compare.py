@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.proof.compare import (HF_ROW, CompareReport, Row, answer_agreement, markdown_table, perplexity, svg_plot,
-                             token_agreement, windows)
+from scripts.proof.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, markdown_table, perplexity,
+                                          svg_plot, token_agreement, windows)
 
 
 # ----- pure -------------------------------------------------------------------------------------------------------
@@ -140,9 +140,12 @@ def test_rerun_reuses_cached_builds(compared):
 
 # ----- --precision ------------------------------------------------------------------------------------------------
 def test_precision_flag_overrides_refuses_fp16_and_rejects_unknown(tmp_path):
-    from scripts.proof.compare import apply_precision
     from scripts.errors import RecipeError
-    from scripts.recipe.load import parse_recipe
+    from scripts.proof.compare import resolve_auto
+    from scripts.recipe.load import parse_recipe, with_precision
+
+    def apply_precision(recipe, name):
+        return resolve_auto(with_precision(recipe, name))
     (tmp_path / "hf").mkdir()
     recipe = parse_recipe({"model": {"source": "hf", "family": "chatml"}, "foundry": {"name": "t"}},
                           tmp_path / "r.json")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.sources.demo_tokenizer import CHAT_TEMPLATE, render_chatml
 from scripts.sources.demo import (
-    CHAT_TEMPLATE,
     EXPECTED_FILES,
     PROVENANCE_FILE,
     DemoBuildResult,
@@ -15,7 +15,6 @@ from scripts.sources.demo import (
     build_demo_model,
     check_model_dir,
     file_sha256,
-    render_chatml,
 )
 from scripts.errors import ModelSourceError
 

@@ -3,7 +3,7 @@ import base64
 import json
 
 from scripts.proof.bench import bench_markdown
-from scripts.proof.run import validate_markdown
+from scripts.proof.validate import validate_markdown
 from scripts.proof.report import compare_rows, write_report
 
 

@@ -15,6 +15,7 @@ from onnx import helper
 
 from scripts.errors import GraphCheckError
 from scripts.recipe.load import Conversion
+from scripts.recipe.precisions import get_precision
 
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
@@ -86,12 +87,13 @@ def verify_quantization(summary: GraphSummary, conversion: Conversion, where: st
     """Raise :class:`GraphCheckError` when the graph does not have what ``conversion`` asked for."""
     problems: list[str] = []
     matmuls = [n for n in summary.quant_nodes if n.op_type == "MatMulNBits"]
-    if conversion.precision == "fp32":
+    bits = get_precision(conversion.precision).bits
+    if bits is None:
         if summary.quant_nodes:
-            problems.append(f"fp32 was asked but the graph has {len(summary.quant_nodes)} quantized nodes")
-    elif conversion.precision in ("int4", "int8"):
+            problems.append(f"{conversion.precision} was asked but the graph has {len(summary.quant_nodes)} quantized "
+                            "nodes")
+    else:
         q = conversion.quantization
-        bits = 4 if conversion.precision == "int4" else 8
         if not matmuls:
             problems.append(f"{conversion.precision} was asked but the graph has no MatMulNBits node")
         checks = (("bits", bits), ("block_size", q.block_size), ("accuracy_level", q.accuracy_level),

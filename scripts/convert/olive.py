@@ -3,7 +3,7 @@
 The recipe's quantization options are rendered under the keys Olive 0.13's ModelBuilder pass really reads
 (``int4_block_size``, ``int4_is_symmetric``, ``int4_accuracy_level``, ``int4_algo_config``); the tutorial's
 ``quantization_config`` block is silently ignored by Olive, so we never emit it. INT8 and quantized embeddings
-add Olive's ``OnnxBlockWiseRtnQuantization`` pass to the same workflow (see scripts/precisions.py).
+add Olive's ``OnnxBlockWiseRtnQuantization`` pass to the same workflow (see :mod:`scripts.recipe.precisions`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from scripts.errors import ConversionError
 from scripts.recipe.load import Conversion
+from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, PRECISIONS, get_precision
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,25 @@ _HINTS: tuple[tuple[str, str], ...] = (
 
 def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cache_dir: Path,
                  search: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Olive workflow on CPU for a recipe's conversion settings (see scripts/precisions.py):
+    """The Olive workflow on CPU for a recipe's conversion settings, rendered from the precision's registry entry
+    (:data:`scripts.recipe.precisions.PRECISIONS`):
 
-    - fp32 / int4: one ``ModelBuilder`` pass (int4 options under the keys Olive really reads);
-    - int8: ``ModelBuilder`` fp32, then ``OnnxBlockWiseRtnQuantization`` with ``bits=8`` (8-bit MatMulNBits);
-    - ``quantization.embeddings`` with int4: ``OnnxBlockWiseRtnQuantization`` on the embedding Gather only.
+    - a ``ModelBuilder`` pass at the entry's builder precision (its ``int4_*`` options when the builder quantizes);
+    - ``rtn == "all"`` (int8): ``OnnxBlockWiseRtnQuantization`` with the entry's bits on every MatMul;
+    - ``rtn == "embeddings"`` (int4) with ``quantization.embeddings``: the same pass on the embedding Gather only.
 
-    fp16 raises :class:`ConversionError` before anything runs: it cannot be built and run on CPU."""
-    from scripts.recipe.precisions import BITS, EMBED_GATHER, LM_HEAD, refusal
-    if (why := refusal(conversion.precision)) is not None:
-        raise ConversionError(f"conversion.precision {conversion.precision!r} refused before building. {why}")
-    if conversion.precision == "auto":
-        raise ConversionError("conversion.precision \"auto\" is resolved before converting (`invoke deploy --precision "
-                              "auto` measures the candidates first); this code path got it unresolved.")
+    The recipe loader refuses what cannot run on CPU (fp16), and ``auto`` is resolved before converting; a
+    conversion that still carries one is a :class:`ConversionError` here, before Olive runs."""
+    if conversion.precision not in PRECISIONS:
+        raise ConversionError(f"conversion.precision {conversion.precision!r} reached the converter unresolved "
+                              "(`--precision auto` measures the candidates first).")
+    precision = get_precision(conversion.precision)
+    if precision.refusal:
+        raise ConversionError(f"conversion.precision {precision.name!r} refused before building. {precision.refusal}")
     q = conversion.quantization
-    build_precision = "fp32" if conversion.precision == "int8" else conversion.precision
-    builder: dict[str, Any] = {"type": "ModelBuilder", "precision": build_precision}
+    builder: dict[str, Any] = {"type": "ModelBuilder", "precision": precision.builder}
     passes: dict[str, Any] = {"builder": builder}
-    if conversion.precision == "int4":
+    if precision.builder_quantizes:
         builder.update({
             "int4_block_size": q.block_size,
             "int4_is_symmetric": q.symmetric,
@@ -67,17 +69,17 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
             builder["int4_algo_config"] = q.algorithm
         if not q.lm_head:
             builder["int4_nodes_to_exclude"] = [LM_HEAD]
-    if conversion.precision in BITS:
+    if precision.bits:
         # Embedding and LM head as separate tables: a tied fp32 embedding would otherwise survive (as the input of a
         # Transpose) next to its quantized LM-head copy. Deterministic across builder versions.
         builder["extra_options"] = {"shared_embeddings": False}
-    rtn: dict[str, Any] = {"type": "OnnxBlockWiseRtnQuantization", "bits": BITS.get(conversion.precision, 4),
+    rtn: dict[str, Any] = {"type": "OnnxBlockWiseRtnQuantization", "bits": precision.bits or 4,
                            "block_size": q.block_size, "is_symmetric": q.symmetric, "accuracy_level": q.accuracy_level}
-    if conversion.precision == "int8":
+    if precision.rtn == "all":
         exclude = ([] if q.embeddings else [EMBED_GATHER]) + ([] if q.lm_head else [LM_HEAD])
-        passes["rtn8"] = {**rtn, **({"nodes_to_exclude": exclude} if exclude else {})}
-    elif conversion.precision == "int4" and q.embeddings:
-        passes["embed4"] = {**rtn, "nodes_to_include": [EMBED_GATHER]}
+        passes[f"rtn{precision.bits}"] = {**rtn, **({"nodes_to_exclude": exclude} if exclude else {})}
+    elif precision.rtn == "embeddings" and q.embeddings:
+        passes[f"embed{precision.bits}"] = {**rtn, "nodes_to_include": [EMBED_GATHER]}
     if search:
         builder["search"] = search
     return {

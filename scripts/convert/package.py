@@ -20,6 +20,7 @@ from scripts import settings
 from scripts.errors import TemplateError
 from scripts.families.registry import Family
 from scripts.recipe.load import Generation, Recipe
+from scripts.sources.folder import read_chat_template
 
 PROMPT_KEYS = ("system", "user", "assistant", "prompt")
 PLACEHOLDER = "{Content}"
@@ -168,7 +169,6 @@ def compare_templates(prompt_template: dict[str, str], model_dir: Path, family: 
     """Render the fixed conversations both ways and tokenize both renderings with the model's tokenizer. The chat
     side uses ``chat_template`` (default: the one Foundry Local applies from ``model_dir``, see
     :func:`~scripts.sources.folder.read_chat_template`), not whichever transformers would pick."""
-    from scripts.sources.folder import read_chat_template
 
     tokenizer = tokenizer or load_tokenizer(model_dir)
     chat_template = chat_template or read_chat_template(Path(model_dir))
@@ -227,7 +227,6 @@ def derive_prompt_template(model_dir: Path, tokenizer: Any = None) -> DerivedTem
     strings (``{Content}`` where each message went). A leading bos token is kept apart (``bos_token``); a template
     that refuses a system message, or folds it into the user turn, gets ``system_role`` unsupported / folded and
     a plain ``{Content}\\n\\n`` system entry."""
-    from scripts.sources.folder import read_chat_template
 
     tok = tokenizer or load_tokenizer(model_dir)
     template = read_chat_template(Path(model_dir))  # the one Foundry Local applies

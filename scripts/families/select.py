@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConversionError, TemplateError
-from scripts.families.registry import AUTO_TEMPLATE, Family, confirm_template, detect_family, get_family, unconvertible_reason
+from scripts.convert.package import derive_prompt_template
+from scripts.errors import ConversionError, RecipeError, TemplateError
+from scripts.families.registry import (AUTO_TEMPLATE, confirm_template, detect_family, Family, family_names,
+                                       get_family, registry, unconvertible_reason)
 from scripts.sources.folder import ModelFolder
 
 
@@ -31,7 +33,6 @@ def choose_family(requested: str, source: ModelFolder, where: str, tokenizer: An
         return FamilyChoice(family, f"{family.name} (detected from {source.architecture} and the tokenizer's chat "
                                     "template; set model.family or --family to override)")
     if requested == AUTO_TEMPLATE:
-        from scripts.convert.package import derive_prompt_template
 
         if source.chat_template is None:
             raise TemplateError(f"{where}: --family {AUTO_TEMPLATE} needs the tokenizer's chat template, and the "
@@ -90,8 +91,6 @@ def override_family(recipe, family: str | None):
     """The recipe with ``model.family`` replaced by ``--family`` (validated like the recipe key)."""
     from dataclasses import replace
 
-    from scripts.errors import RecipeError
-    from scripts.families.registry import family_names
 
     if family is None:
         return recipe
@@ -105,7 +104,6 @@ def override_family(recipe, family: str | None):
 def family_rows() -> list[dict[str, str]]:
     """One row per registered family for ``invoke families`` (multi-line cells: one architecture / token a line;
     an architecture the pinned toolchain cannot convert is marked ``✗``, see :func:`family_notes`)."""
-    from scripts.families.registry import registry
 
     rows = []
     for f in registry().values():
@@ -119,7 +117,6 @@ def family_rows() -> list[dict[str, str]]:
 
 def family_notes() -> list[str]:
     """What to tell the user under the ``invoke families`` table: unconvertible architectures and how to choose."""
-    from scripts.families.registry import registry
 
     notes = [f"✗ {arch}: not convertible: {reason}."
              for f in registry().values() for arch, reason in f.unconvertible]

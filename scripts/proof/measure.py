@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
-from scripts.proof.stats import Summary, rates_from_token_times, summarise
+from scripts.proof.edge_cases import run_edge_cases
+from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
+from scripts.runtimes.backends import make_backend, render_chat
 from scripts.workers import run_in_worker
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,6 @@ def prompt_lengths(profile: Profile, context: int, margin: int = CONTEXT_MARGIN)
 
 def template_overhead(model_dir: Path) -> int:
     """Tokens the chat template and the instruction add around the filler."""
-    from scripts.runtimes.backends import render_chat
     tok = _tokenizer(model_dir)
     return len(tok.encode(render_chat(model_dir, [{"role": "user", "content": INSTRUCTION}]),
                           add_special_tokens=False).ids)
@@ -191,7 +192,6 @@ def soak_job(backend, job: dict) -> dict:
 
 
 def _edge_job(backend, job: dict) -> dict:
-    from scripts.proof.edge_cases import run_edge_cases
     return run_edge_cases(backend, job)
 
 
@@ -216,7 +216,6 @@ JOBS: dict[str, Callable[[Any, dict], dict]] = {"bench": bench_job, "answers": a
 
 def run_request(request: dict) -> dict:
     """Load the backend once, run each job, report load time and memory (in this process)."""
-    from scripts.runtimes.backends import make_backend
     backend = make_backend(request["backend"], Path(request["model_dir"]), **(request.get("options") or {}))
     rss_before = rss_bytes()
     try:
@@ -270,7 +269,6 @@ class LengthResult:
 
 def summarise_length(raw: dict) -> LengthResult:
     """Pure: the raw runs of one prompt length → medians, spreads and the p95 per-token latency."""
-    from scripts.proof.stats import percentile
     runs = raw["runs"]
     gaps_ms = [1000 * g for r in runs for g in r["token_latencies"]]
     return LengthResult(

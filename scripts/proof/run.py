@@ -3,13 +3,16 @@ written from them, and the two as Make-style steps for ``deploy`` (skipped when 
 recipe's thresholds, the profile and the measuring code are unchanged)."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
+from scripts.proof.bench import bench_markdown, run_bench
+from scripts.proof.report import write_report as write_report_files
+from scripts.proof.validate import run_validate, validate_markdown
+from scripts.steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -19,28 +22,13 @@ def proof_dir(pipeline) -> Path:
 
 
 def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> dict:
-    from scripts.proof.bench import bench_markdown, run_bench
     data = run_bench(pipeline, profile, status)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
 
 
-def validate_markdown(report: dict) -> str:
-    lines = [f"# Validate: {report['model_id']} (profile {report['profile']}): "
-             f"{'PASS' if report['passed'] else 'FAIL'}", "", "| item | result | figure |", "|---|---|---|"]
-    for i in report["items"]:
-        lines.append(f"| {i['title']} | {i['status'].upper()} | {i['figure'].replace('|', '/')} |")
-    edge = next((i for i in report["items"] if i["key"] == "edge"), None)
-    if edge:
-        lines += ["", "| edge case | result | outcome |", "|---|---|---|"]
-        lines += [f"| {c['name']} | {'PASS' if c['passed'] else 'FAIL'} | {c['outcome'].replace('|', '/')} |"
-                  for c in edge["detail"]["cases"]]
-    return "\n".join(lines) + "\n"
-
-
 def validate_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None):
-    from scripts.proof.validate import run_validate
     report = run_validate(pipeline, profile, status)
     data = report.to_json()
     write_json_atomic(proof_dir(pipeline) / "validate.json", data)
@@ -56,13 +44,11 @@ def failure_message(report) -> str:
 
 
 def write_report(pipeline) -> tuple[Path, Path]:
-    from scripts.proof.report import write_report as write
-    return write(proof_dir(pipeline), pipeline.recipe.name, pipeline.paths.stamps)
+    return write_report_files(proof_dir(pipeline), pipeline.recipe.name, pipeline.paths.stamps)
 
 
 def proof_steps(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> list:
     """``bench`` and ``validate`` as steps of the deploy chain."""
-    from scripts.steps import Step
     r = pipeline.recipe
     hashed = r.settings_for_hash()
     inputs = [pipeline.installed_dir] + ([Path(pipeline.model_dir)] if Path(pipeline.model_dir).is_dir() else [])
@@ -105,10 +91,3 @@ def run_proof(pipeline, profile, status: Callable[[str], Any] = lambda s: None) 
     return {"validate": outcomes["validate"].result, "bench": outcomes["bench"].result,
             "report": str(html), "ran": [n for n, o in outcomes.items() if not o.skipped],
             "skipped": [n for n, o in outcomes.items() if o.skipped]}
-
-
-def load_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None

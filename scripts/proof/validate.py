@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from scripts.proof.edge_cases import control_tokens, edge_cases, edge_verdicts
+from scripts.proof.evaluate import conversations
+from scripts.proof.measure import bench_request, context_limit, run_worker, summarise_length
+from scripts.proof.qa import answers_match
 from scripts.proof.stats import percentile, slope
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,6 @@ def _pct(x: float) -> str:
 def domain_item(answers: Sequence[str], references: Sequence[str], reference_answers: Sequence[str] | None,
                 min_accuracy: float, min_agreement: float) -> Item:
     """Accuracy against the eval set's answers, and agreement with the FP32 model's own answers."""
-    from scripts.proof.qa import answers_match
     title = "domain answers"
     if not references:
         return Item("domain", title, SKIP, "no eval.dataset in the recipe: nothing to score")
@@ -195,15 +198,25 @@ class ValidateReport:
                 "items": [i.to_json() for i in self.items], "raw": self.raw}
 
 
+def validate_markdown(report: dict) -> str:
+    lines = [f"# Validate: {report['model_id']} (profile {report['profile']}): "
+             f"{'PASS' if report['passed'] else 'FAIL'}", "", "| item | result | figure |", "|---|---|---|"]
+    for i in report["items"]:
+        lines.append(f"| {i['title']} | {i['status'].upper()} | {i['figure'].replace('|', '/')} |")
+    edge = next((i for i in report["items"] if i["key"] == "edge"), None)
+    if edge:
+        lines += ["", "| edge case | result | outcome |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {'PASS' if c['passed'] else 'FAIL'} | {c['outcome'].replace('|', '/')} |"
+                  for c in edge["detail"]["cases"]]
+    return "\n".join(lines) + "\n"
+
+
 def _hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> ValidateReport:
     """Run every checklist item on the installed model of ``pipeline`` (a :class:`scripts.pipeline.Pipeline`)."""
-    from scripts.proof.edge_cases import control_tokens, edge_cases, edge_verdicts
-    from scripts.proof.evaluate import conversations
-    from scripts.proof.measure import bench_request, context_limit, run_worker, summarise_length
 
     recipe, spec = pipeline.recipe, pipeline.recipe.validate
     model_dir = pipeline.installed_dir

@@ -9,21 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from scripts import settings
 from scripts.errors import RecipeError
-from scripts.recipe.schema import Field, Obj, in_range, validate
-from scripts.sources.registry import DEMO, SOURCE_KINDS, TINY_PREFIX, ModelSource, parse_source
+from scripts.families.registry import AUTO_TEMPLATE, family_names
+from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, PRECISIONS, refusal,
+                                       translate_tutorial_conversion, TutorialFormError)
+from scripts.recipe.schema import Field, in_range, Obj, validate
+from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")  # scripts/precisions.py: how each is built; fp16 is refused on CPU
-PRECISION_CHOICES = (*PRECISIONS, "auto")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -41,7 +41,6 @@ def _regex_check(value: str) -> str | None:
 
 
 def _families() -> tuple[str, ...]:
-    from scripts.families.registry import AUTO_TEMPLATE, family_names  # late import: families read template data files
     return ("auto", AUTO_TEMPLATE, *family_names())
 
 
@@ -58,7 +57,7 @@ SCHEMA = Obj({
                          "conversion; relative to the recipe"),
     }, required=True),
     "conversion": Obj({
-        "precision": Field(str, default="int4", choices=PRECISION_CHOICES,
+        "precision": Field(str, default="int4", choices=CHOICES,
                            help="fp32, int8, int4 (fp16 is refused on CPU), or auto: the smallest precision whose "
                                 "eval accuracy is within auto_threshold of FP32's"),
         "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
@@ -289,7 +288,6 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
 
 def _translate_tutorial_form(doc: Any, path: Path) -> tuple[Any, list[str]]:
     """Accept the tutorial's ``conversion.config`` block (``precision`` + ``quantization_config``), translated."""
-    from scripts.recipe.precisions import TutorialFormError, translate_tutorial_conversion
     if not isinstance(doc, dict) or "conversion" not in doc:
         return doc, []
     try:
@@ -303,14 +301,33 @@ def _translate_tutorial_form(doc: Any, path: Path) -> tuple[Any, list[str]]:
 
 def _conversion(conv: dict, path: Path) -> "Conversion":
     """The validated conversion block; precisions that cannot run on the target are refused here, before any build."""
-    from scripts.recipe.precisions import refusal
-    if (why := refusal(conv["precision"])) is not None:
-        raise RecipeError(f"{path}: conversion.precision: {conv['precision']!r} refused. {why}")
-    q = conv["quantization"]
-    if conv["precision"] == "int8" and q["algorithm"] not in ("default", "rtn"):
-        raise RecipeError(f"{path}: conversion.quantization.algorithm: {q['algorithm']!r} is an INT4 algorithm of "
-                          "the GenAI model builder; int8 is built with round-to-nearest. Use \"default\" or \"rtn\".")
-    return Conversion(conv["precision"], Quantization(**q), conv["auto_threshold"])
+    name = conv["precision"]
+    check_precision(name, conv["quantization"]["algorithm"], f"{path}: conversion.precision",
+                    f"{path}: conversion.precision: {name!r}")
+    return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"])
+
+
+def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:
+    """The one check of a precision name (recipe key or ``--precision``): known, buildable here, and its algorithm
+    is one it has. ``where`` and ``refused_as`` name it in messages. Raises :class:`RecipeError`."""
+    if name == AUTO:
+        return
+    if name not in PRECISIONS:
+        raise RecipeError(f"{where}: {name!r} is not a precision; choose one of: {', '.join(CHOICES)}.")
+    if (why := refusal(name)) is not None:
+        raise RecipeError(f"{refused_as} refused. {why}")
+    if algorithm not in PRECISIONS[name].algorithms:
+        raise RecipeError(f"{where}: quantization.algorithm {algorithm!r} does not apply to {name} (it has: "
+                          f"{', '.join(PRECISIONS[name].algorithms)}); {algorithm!r} is an INT4 algorithm of the GenAI "
+                          "model builder, int8 is built with round-to-nearest. Use \"default\" or \"rtn\".")
+
+
+def with_precision(recipe: "Recipe", name: str | None) -> "Recipe":
+    """``recipe`` with ``conversion.precision`` set to ``name`` (``--precision``), checked like the recipe key."""
+    if not name:
+        return recipe
+    check_precision(name, recipe.conversion.quantization.algorithm, "--precision", f"--precision {name}:")
+    return replace(recipe, conversion=replace(recipe.conversion, precision=name))
 
 
 def _resolve_adapter(adapter: str | None, recipe_file: Path) -> str | None:

@@ -1,12 +1,15 @@
-"""The four precisions of the tutorial's table, what each really needs on a CPU target, and the tutorial's
-recipe form translated into ours. Pure: no I/O, no heavy imports.
+"""The precisions a recipe may ask for: one :class:`Precision` entry each in :data:`PRECISIONS`, from which recipe
+validation (choices, refusal), the Olive workflow (:mod:`scripts.convert.olive`), the graph check
+(:mod:`scripts.convert.graph_check`), ``compare``'s table and the ``--precision`` help derive. Adding a precision is
+one entry here (plus any pass it needs in the Olive renderer). Also: the tutorial's recipe form translated into ours.
+Pure: no I/O, no heavy imports.
 
-| precision | how it is built (Olive workflow) | tutorial's claim |
-|---|---|---|
-| ``fp32`` | ``ModelBuilder`` fp32 | baseline |
-| ``fp16`` | refused on CPU before anything is built (see :data:`FP16_ON_CPU`) | × 0.5, fast, best |
-| ``int8`` | ``ModelBuilder`` fp32, then ``OnnxBlockWiseRtnQuantization`` ``bits=8`` (8-bit ``MatMulNBits``) | × 0.25, very fast, good |
-| ``int4`` | ``ModelBuilder`` int4 (4-bit ``MatMulNBits``) | × 0.125, fastest, acceptable |
+| precision | how it is built (Olive workflow, CPU) | checked in the graph | tutorial's claim |
+|---|---|---|---|
+| ``fp32`` | ``ModelBuilder`` fp32 | no quantized node | baseline |
+| ``fp16`` | refused on CPU before anything is built (see :data:`FP16_ON_CPU`) | – | × 0.5, fast, best |
+| ``int8`` | ``ModelBuilder`` fp32, then ``OnnxBlockWiseRtnQuantization`` ``bits=8`` | 8-bit ``MatMulNBits`` | × 0.25 |
+| ``int4`` | ``ModelBuilder`` int4 (4-bit ``MatMulNBits``) | 4-bit ``MatMulNBits`` | × 0.125 |
 
 With ``quantization.embeddings`` the embedding table is quantized too, by ``OnnxBlockWiseRtnQuantization`` on the
 embedding ``Gather`` only (``GatherBlockQuantized``, same bits and block size): without it a Qwen2.5-0.5B-shaped
@@ -14,21 +17,8 @@ INT4 model keeps its 151936×896 table in FP32 and is 0.43× its FP32 size, not 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-#: Smallest first: the order ``--precision auto`` tries them in.
-BY_SIZE = ("int4", "int8", "fp16", "fp32")
-BITS = {"int4": 4, "int8": 8}
-#: The tutorial's table, verbatim: size as a multiple of the FP32 baseline, speed, quality.
-TUTORIAL_CLAIMS: dict[str, tuple[float, str, str]] = {
-    "fp32": (1.0, "baseline", "reference"),
-    "fp16": (0.5, "fast", "best"),
-    "int8": (0.25, "very fast", "good"),
-    "int4": (0.125, "fastest", "acceptable"),
-}
-EMBED_GATHER = "/model/embed_tokens/Gather"
-LM_HEAD = "/lm_head/MatMul"
 
 FP16_ON_CPU = (
     "FP16 is for GPU targets: this deployment runs on CPU, where Olive's ModelBuilder drops an fp16 pass "
@@ -36,13 +26,56 @@ FP16_ON_CPU = (
     "time in ONNX Runtime GenAI (\"Shape mismatch attempting to re-use buffer\"); its maintainers do not support "
     "FP16 on CPU. Use \"int8\" (8-bit weights, close to FP32 quality) or \"int4\" (smallest, fastest) for CPU, "
     "\"fp32\" for full precision, or \"auto\" to pick the smallest precision that keeps the eval accuracy.")
+AUTO = "auto"
+EMBED_GATHER = "/model/embed_tokens/Gather"
+LM_HEAD = "/lm_head/MatMul"
+INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
 
 
-def refusal(precision: str, device: str = "cpu") -> str | None:
-    """Why ``precision`` cannot be built for ``device`` (None when it can)."""
-    if precision == "fp16" and device == "cpu":
-        return FP16_ON_CPU
-    return None
+@dataclass(frozen=True)
+class Precision:
+    """One precision. ``bits``: weight bits of the ``MatMulNBits`` the graph must hold (None: float weights, no
+    quantized node). ``builder``: the ``ModelBuilder`` precision. ``builder_quantizes``: the builder itself quantizes
+    (its ``int4_*`` options apply). ``rtn``: where Olive's ``OnnxBlockWiseRtnQuantization`` runs after the builder —
+    ``"all"`` (every MatMul, the embedding with ``quantization.embeddings``), ``"embeddings"`` (only the embedding
+    Gather, when ``quantization.embeddings``) or None. ``refusal``: why it cannot be built on CPU (None: it can)."""
+
+    name: str
+    builder: str
+    bits: int | None = None
+    builder_quantizes: bool = False
+    rtn: str | None = None
+    algorithms: tuple[str, ...] = ("default",)
+    tutorial: tuple[float, str, str] = (1.0, "", "")
+    refusal: str | None = None
+
+
+#: Smallest first: the order ``--precision auto`` tries them in.
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("int4", builder="int4", bits=4, builder_quantizes=True, rtn="embeddings", algorithms=INT4_ALGORITHMS,
+              tutorial=(0.125, "fastest", "acceptable")),
+    Precision("int8", builder="fp32", bits=8, rtn="all", algorithms=("default", "rtn"),
+              tutorial=(0.25, "very fast", "good")),
+    Precision("fp16", builder="fp16", tutorial=(0.5, "fast", "best"), refusal=FP16_ON_CPU),
+    Precision("fp32", builder="fp32", tutorial=(1.0, "baseline", "reference")),
+)}
+#: Names in the tutorial's table order (largest first), and smallest first.
+TABLE_ORDER = ("fp32", "fp16", "int8", "int4")
+BY_SIZE = tuple(PRECISIONS)
+CHOICES = (*TABLE_ORDER, AUTO)
+TUTORIAL_CLAIMS = {name: PRECISIONS[name].tutorial for name in TABLE_ORDER}
+
+
+def get_precision(name: str) -> Precision:
+    """The entry for ``name`` (``auto`` is resolved before anything is built, so it has none)."""
+    if name not in PRECISIONS:
+        raise KeyError(f"{name!r} is not a precision; choose one of: {', '.join(CHOICES)}")
+    return PRECISIONS[name]
+
+
+def refusal(precision: str) -> str | None:
+    """Why ``precision`` cannot be built on this (CPU) target (None when it can, or for ``auto``)."""
+    return PRECISIONS[precision].refusal if precision in PRECISIONS else None
 
 
 # ----- the tutorial's recipe form -------------------------------------------------------------------------------

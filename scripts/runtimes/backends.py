@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
 from scripts.runtimes import foundry_sdk
+from scripts.sources.folder import read_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ class Trace:
 def chat_template_of(model_dir: Path) -> tuple[str, dict]:
     """The chat template Foundry Local applies (see :func:`scripts.sources.folder.read_chat_template`) and the
     tokenizer config."""
-    from scripts.sources.folder import read_chat_template
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / "tokenizer_config.json"

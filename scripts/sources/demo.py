@@ -34,34 +34,17 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from scripts.errors import ModelSourceError, RecipeError
-from scripts.proof.qa import QA, answers_match, exact_match, load_qa, question_messages
+from scripts.proof.answers import generate_answers_hf, generate_answers_onnx
+from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, _tokenizer_texts, render_chatml, save_tokenizer,
+                                          train_tokenizer)
+from scripts.proof.qa import answers_match, exact_match, load_qa, QA, question_messages
+from scripts.settings import build_dir, REPO_ROOT
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Constants shared with the rest of the pipeline
 # --------------------------------------------------------------------------------------------
-
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
-
-#: Qwen2-style ChatML, but with no default system prompt: a system turn appears only when given.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
-
-#: The pre-tokenization regex of Qwen2 (same as ``transformers`` ``Qwen2Tokenizer``), so that the
-#: tokenizer.json we write and the one ``Qwen2Tokenizer`` rebuilds from vocab/merges agree.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 PROVENANCE_FILE = "slmops_demo.json"
 EXPECTED_FILES: tuple[str, ...] = (
@@ -136,88 +119,12 @@ class DemoBuildResult:
 # Pure helpers
 # --------------------------------------------------------------------------------------------
 
-def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """Pure-Python twin of :data:`CHAT_TEMPLATE` (for code that must not load a tokenizer)."""
-    out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-
-def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """Byte-level BPE with Qwen2's normaliser and pre-tokenizer; special tokens get ids 0, 1, 2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    return tok
-
-
-def _tokenizer_texts(qa: Sequence[QA]) -> list[str]:
-    # The role words appear in every rendered prompt: train on them so they become single tokens.
-    texts = [render_chatml(question_messages(x.question, "system")) + x.answer for x in qa]
-    return [t.replace(IM_START, "").replace(IM_END, "") for t in texts]
-
-
-def save_tokenizer(raw_tokenizer, out_dir: Path, max_length: int) -> None:
-    """Write tokenizer.json, tokenizer_config.json (chat_template inline) and chat_template.jinja.
-
-    Goes through ``transformers.Qwen2Tokenizer.save_pretrained`` so the files look like any Qwen2
-    checkpoint's; transformers 5 writes the template to ``chat_template.jinja`` by default, and we also
-    put it inline in tokenizer_config.json for runtimes that read only that file.
-    """
-    from transformers import Qwen2Tokenizer
-
-    model_json = json.loads(raw_tokenizer.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
-    tok = Qwen2Tokenizer(
-        vocab=model_json["vocab"],
-        merges=merges,
-        unk_token=None,
-        bos_token=ENDOFTEXT,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=max_length,
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(out_dir))
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["chat_template"] = CHAT_TEMPLATE
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    cfg["add_bos_token"] = False
-    cfg["add_eos_token"] = False
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,53 +247,6 @@ def _train(model, examples, pad_id: int, s: DemoSettings, progress: bool) -> flo
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def generate_answers_hf(model_dir: Path | str, questions: Sequence[str], max_new_tokens: int = 48,
-                        system: str | None = None) -> list[str]:
-    """Greedy answers from the Hugging Face folder, prompts built with the tokenizer's chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    model.eval()
-    eos = model.generation_config.eos_token_id
-    answers = []
-    with torch.inference_mode():
-        for q in questions:
-            prompt = tok.apply_chat_template(question_messages(q, system), tokenize=False,
-                                             add_generation_prompt=True)
-            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=model.generation_config.pad_token_id)
-            answers.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return answers
-
-
-def evaluate_hf(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 48) -> float:
-    """Greedy exact-match accuracy (after :func:`normalise_answer`) of the HF model folder."""
-    return exact_match(generate_answers_hf(model_dir, [x.question for x in qa], max_new_tokens), qa)
-
-
-def generate_answers_onnx(model_dir: Path | str, questions: Sequence[str], max_new_tokens: int = 48,
-                          system: str | None = None) -> list[str]:
-    """Greedy answers from an ONNX Runtime GenAI folder (genai_config.json), through its own chat template."""
-    from scripts.runtimes.backends import GenAIBackend
-
-    backend = GenAIBackend(Path(model_dir))
-    backend.load()
-    return [backend.generate(question_messages(q, system), max_new_tokens).text for q in questions]
-
-
-def evaluate_onnx(model_dir: Path | str, qa: Sequence[QA], max_new_tokens: int = 48) -> float:
-    """Greedy exact-match accuracy of a converted ONNX Runtime GenAI model."""
-    return exact_match(generate_answers_onnx(model_dir, [x.question for x in qa], max_new_tokens), qa)
-
-
-# --------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------
 
@@ -500,10 +360,9 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
 
 
 def build(request: dict) -> dict:
-    """Source-kind builder (:mod:`scripts.sources.registry`): train the demo model into ``request["out_dir"]``."""
-    from scripts.settings import recipes_dir
-    from scripts.sources.registry import DEMO_DATASET
-    result = build_demo_model(recipes_dir() / DEMO_DATASET, Path(request["out_dir"]), DemoSettings(), progress=True)
+    """Source-kind builder (:mod:`scripts.sources.registry`): train the demo model on the step's input (the dataset)
+    into ``request["out_dir"]``."""
+    result = build_demo_model(Path(request["inputs"][0]), Path(request["out_dir"]), DemoSettings(), progress=True)
     return {"accuracy": result.accuracy, "train_seconds": result.train_seconds,
             "summary": f"demo model: {result.n_parameters:,} parameters, trained in {result.train_seconds:.0f} s, "
                        f"PyTorch exact match {100 * result.accuracy:.1f} %"}
@@ -515,7 +374,6 @@ def build(request: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from scripts.settings import REPO_ROOT, build_dir
 
     p = argparse.ArgumentParser(prog="python -m scripts.sources.demo", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

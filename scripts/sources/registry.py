@@ -21,6 +21,7 @@ from typing import Callable
 
 from scripts import settings
 from scripts.errors import RecipeError
+from scripts.families.registry import family_names
 
 DEMO = "demo"
 TINY_PREFIX = "tiny:"
@@ -52,7 +53,8 @@ class ModelSource:
 
     def request(self, out_dir: Path) -> dict:
         """What the build function of this kind is handed."""
-        return {"spec": self.spec, "arg": self.arg, "out_dir": str(out_dir)}
+        return {"spec": self.spec, "arg": self.arg, "out_dir": str(out_dir),
+                "inputs": [str(p) for p in self.step_inputs()]}
 
     def __str__(self) -> str:
         return self.spec
@@ -95,7 +97,6 @@ def _synthetic(spec: str, base: Path) -> ModelSource | None:
 def _tiny(spec: str, base: Path) -> ModelSource | None:
     if not spec.startswith(TINY_PREFIX):
         return None
-    from scripts.families.registry import family_names  # reads the family data files
     family = spec[len(TINY_PREFIX):]
     if family not in family_names():
         raise ValueError(f"{spec!r} names no registered family; use one of "
