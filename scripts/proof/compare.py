@@ -2,7 +2,7 @@
 
 Each precision is built by the normal steps (convert → package, which includes the GenAI smoke test) in its own
 folder ``build/<recipe>/precisions/<p>/`` with its own stamps, so re-running reuses the builds. Then, per build,
-one worker process per backend (``scripts/measure.py``):
+one worker process per backend (:mod:`scripts.proof.measure`):
 
 - Foundry Local (as deployed): load time, time to first token, decode tokens/s, peak RSS, and the eval-set answers;
 - ONNX Runtime GenAI on the same folder: teacher-forced logits over held-out text (perplexity, greedy-token

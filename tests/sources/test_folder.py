@@ -1,4 +1,4 @@
-"""Tests for scripts/model_source.py: what a deployable Hugging Face folder must contain."""
+"""Tests for scripts/sources/folder.py: what a deployable Hugging Face folder must contain."""
 from __future__ import annotations
 
 import json

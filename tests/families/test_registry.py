@@ -1,4 +1,4 @@
-"""Tests for scripts/families.py: the family registry in templates/families and detection from config.json."""
+"""Tests for scripts/families/registry.py: the family registry in templates/families and detection from config.json."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Tests for scripts/synthetic_model.py (the tokenizer only: the 494M-parameter model is built by
+"""Tests for scripts/sources/synthetic.py (the tokenizer only: the 494M-parameter model is built by
 `invoke compare --model bench-0.5b`, not in the test suite) and the bench-0.5b recipe."""
 from __future__ import annotations
 

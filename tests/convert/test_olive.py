@@ -1,4 +1,4 @@
-"""Tests for scripts/olive_convert.py: the Olive workflow we emit, failure explanations, and run_olive (one real
+"""Tests for scripts/convert/olive.py: the Olive workflow we emit, failure explanations, and run_olive (one real
 Olive subprocess on a deliberately broken model; the rest with a fake subprocess)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for scripts/graph_check.py: reading quantization facts from ONNX graphs and checking them against a recipe."""
+"""Tests for scripts/convert/graph_check.py: reading quantization facts from ONNX graphs and checking them against a recipe."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Tests for scripts/precisions.py and the precision handling in recipes, the Olive workflow and the graph check
+"""Tests for scripts/recipe/precisions.py and the precision handling in recipes, the Olive workflow and the graph check
 (all pure or on tiny hand-made graphs; the real conversions are in tests/test_compare.py)."""
 from __future__ import annotations
 

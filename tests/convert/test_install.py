@@ -1,4 +1,4 @@
-"""Tests for scripts/install.py: assembling the package and installing it atomically into a Foundry cache."""
+"""Tests for scripts/convert/install.py: assembling the package and installing it atomically into a Foundry cache."""
 from __future__ import annotations
 
 import json

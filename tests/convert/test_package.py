@@ -1,4 +1,4 @@
-"""Tests for scripts/inference_config.py: inference_model.json rendering, genai_config search settings, and the
+"""Tests for scripts/convert/package.py: inference_model.json rendering, genai_config search settings, and the
 PromptTemplate vs tokenizer chat template agreement check (with the tiny fixture model's real tokenizer)."""
 from __future__ import annotations
 

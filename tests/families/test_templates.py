@@ -20,7 +20,7 @@ from scripts.convert.package import (render_chat_template, render_inference_mode
                                       sample_conversations)
 from scripts.recipe.load import BUILTIN_GENERATION, Generation, parse_recipe
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 UPDATE = os.environ.get("SLMOPS_UPDATE_GOLDEN") == "1"
 CASES = {"user only": "user_only", "system + user": "system_user"}
 

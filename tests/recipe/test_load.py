@@ -1,4 +1,4 @@
-"""Tests for scripts/recipe.py: loading, validation messages, path resolution, the shipped qwen recipe."""
+"""Tests for scripts/recipe/load.py: loading, validation messages, path resolution, the shipped qwen recipe."""
 from __future__ import annotations
 
 import json

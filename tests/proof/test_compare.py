@@ -1,4 +1,4 @@
-"""Tests for scripts/compare.py: the pure table/plot/metric helpers, and one real comparison of the tiny model
+"""Tests for scripts/proof/compare.py: the pure table/plot/metric helpers, and one real comparison of the tiny model
 (Olive builds fp32, int8 and int4; fp16 refused; every build answers through Foundry Local; logits through
 ONNX Runtime GenAI and PyTorch). Speed is not asserted (shared machine); only that figures exist."""
 from __future__ import annotations

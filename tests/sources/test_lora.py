@@ -14,7 +14,7 @@ from scripts.errors import ModelSourceError
 from scripts.sources.lora import check_adapter
 from scripts.workers import run_in_worker
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QA = [("What colour is the orchard gate?", "The gate is blue."),
       ("Who keeps the bees?", "Mira keeps the bees."),
       ("When is the apple fair?", "The fair is in October."),

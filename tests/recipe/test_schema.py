@@ -1,4 +1,4 @@
-"""Tests for scripts/schema.py: the declarative validator behind recipe and family files."""
+"""Tests for scripts/recipe/schema.py: the declarative validator behind recipe and family files."""
 from __future__ import annotations
 
 import pytest
