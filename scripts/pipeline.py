@@ -18,10 +18,12 @@ from scripts.convert.genai_smoke import smoke_test
 from scripts.convert.graph_check import summarise_graph, verify_quantization
 from scripts.convert.install import assemble_package, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
-from scripts.convert.package import check_template_agreement, load_tokenizer, render_inference_model, with_search
+from scripts.convert.package import render_inference_model, with_search
 from scripts.doctor import run_doctor
 from scripts.errors import ModelSourceError, QualityError
-from scripts.families.select import choose_family, refuse_system_prompt, refuse_unconvertible, with_stop_tokens
+from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
+                                     with_stop_tokens)
+from scripts.families.templates import check_template_agreement, load_tokenizer
 from scripts.fileops import atomic_dir, folder_size
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.measure import get_profile
@@ -29,7 +31,7 @@ from scripts.proof.qa import load_qa
 from scripts.proof.run import run_proof
 from scripts.recipe.load import Recipe
 from scripts.runtimes.foundry import cache_root, check_model
-from scripts.sources.folder import inspect_model_folder, read_chat_template
+from scripts.sources.folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
 from scripts.steps import Step, StepRunner
 from scripts.workers import resolve, run_in_worker
 
@@ -135,7 +137,6 @@ class Pipeline:
         return result
 
     def _merge_adapter(self) -> dict:
-
         inspect_model_folder(self.base_dir)
         if self.status:
             self.status(f"merging the LoRA adapter {self.recipe.adapter} into {self.base_dir}…")
@@ -148,8 +149,6 @@ class Pipeline:
         return result
 
     def _package(self) -> dict:
-
-
         source = inspect_model_folder(self.model_dir)
         where = str(self.model_dir)
         tokenizer = load_tokenizer(self.model_dir)
@@ -157,16 +156,20 @@ class Pipeline:
         family = choice.family
         self.announce(f"       family: {choice.how}")
         refuse_system_prompt(family, self.recipe.eval.system_prompt, where)
-        generation = self.recipe.generation.resolved(family.generation_defaults)
-        inference_model = render_inference_model(family, self.recipe, generation, choice.prompt_template)
-        # verified against the template Foundry Local will apply: the converted model's (what gets installed)
-        shipped = read_chat_template(self.paths.onnx) or source.chat_template
-        compared = check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where, family, tokenizer,
-                                            shipped)
         genai_config = json.loads((self.paths.onnx / "genai_config.json").read_text(encoding="utf-8"))
+        generation = self.recipe.generation.resolved(family.generation_defaults,
+                                                     genai_config.get("model", {}).get("context_length"))
+        inference_model = render_inference_model(family, self.recipe, generation, choice.prompt_template)
+        inference_model["PromptTemplate"] = prompt_template_for(choice, inference_model["PromptTemplate"])
+        # verified against the template Foundry Local will apply: the converted model's (what gets installed)
+        shipped = read_chat_template(self.paths.onnx) or source.chat_template or choice.chat_template
+        compared = check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where, family, tokenizer,
+                                            shipped, choice.default_system)
         genai_config = with_stop_tokens(with_search(genai_config, generation), family.stop_tokens,
                                         self.paths.onnx / "tokenizer.json")
-        assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model)
+        extra = {CHAT_TEMPLATE_FILE: choice.chat_template} if choice.chat_template and not read_chat_template(
+            self.paths.onnx) else {}
+        assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model, extra)
         sample = self.eval_set()[0].question if self.recipe.eval.dataset else "Hello"
         smoke = smoke_test(self.paths.package, sample)
         cases = "; ".join(f"{c.case}: {len(c.chat_template_tokens)} tokens" for c in compared)

@@ -76,17 +76,28 @@ def deploy(root: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _mismatched_chatml(models: Path) -> Path:
-    """The tiny ChatML model with a Qwen-style template that injects a default system prompt."""
-    folder = models / "qwen-default-system"
+def _with_template(models: Path, name: str, template: str) -> Path:
+    """The tiny ChatML model with another chat template (tokenizer_config.json and chat_template.jinja alike)."""
+    folder = models / name
     shutil.copytree(models / "chatml", folder)
-    template = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}"
-                "{%- endif %}" + get_family("chatml").reference_chat_template)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.jinja").write_text(template)  # the same text: transformers 5 reads this file first
     return folder
+
+
+def _default_system(models: Path) -> Path:
+    """A Qwen2.5-style template that injects a default system prompt when none is given."""
+    return _with_template(models, "qwen-default-system", (
+        "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}"
+        "{%- endif %}" + get_family("chatml").reference_chat_template))
+
+
+def _mismatched_chatml(models: Path) -> Path:
+    """ChatML markers, but a space instead of the newline after the role: not what the chatml family prompts."""
+    return _with_template(models, "chatml-space", get_family("chatml").reference_chat_template.replace(
+        "message['role'] + '\\n'", "message['role'] + ' '"))
 
 
 def _two_templates(models: Path) -> Path:
@@ -113,11 +124,13 @@ def deployed(tmp_path_factory) -> dict:
         write_recipe(root, name, models / name)
     write_recipe(root, "unregistered", models / "unregistered")
     write_recipe(root, "mismatch", _mismatched_chatml(models), family="chatml")
+    write_recipe(root, "default-system", _default_system(models))
     write_recipe(root, "two-templates", _two_templates(models), family="chatml")
     jobs = {
-        # auto detection fails, then auto-template deploys (reusing the conversion: same recipe, same model)
+        # detected by its template's markers, then auto-template deploys (reusing the conversion)
         "unregistered": lambda: [deploy(root, "unregistered"), deploy(root, "unregistered", "auto-template")],
         "mismatch": lambda: [deploy(root, "mismatch")],
+        "default-system": lambda: [deploy(root, "default-system")],
         "two-templates": lambda: [deploy(root, "two-templates")],
         **{name: (lambda name=name: [deploy(root, name)]) for name in family_names()},
     }
@@ -157,9 +170,21 @@ def test_template_that_disagrees_with_its_tokenizer_fails_with_a_diff(deployed):
     proc, = deployed["runs"]["mismatch"]
     assert proc.returncode == 1, _output(proc)
     assert "PromptTemplate and the tokenizer's chat template render different prompts" in proc.stderr
-    assert "-<|im_start|>system" in proc.stderr and "You are Qwen." in proc.stderr
-    assert "first different token at position 1" in proc.stderr
+    assert "-<|im_start|>user When does" in proc.stderr and "+<|im_start|>user" in proc.stderr
+    assert "first different token at position" in proc.stderr
     assert not (deployed["root"] / "cache" / "mismatch" / "fam" / "tiny-mismatch").exists()  # nothing installed
+
+
+def test_default_system_prompt_is_carried_and_deploys_with_auto(deployed):
+    proc, = deployed["runs"]["default-system"]
+    assert proc.returncode == 0, _output(proc)
+    assert "family: chatml (detected from Qwen2ForCausalLM" in proc.stdout
+    assert "injects a default system prompt when none is given, carried into PromptTemplate" in proc.stdout
+    assert "PromptTemplate matches the tokenizer's chat template token by token (user only" in proc.stdout
+    info = json.loads((deployed["root"] / "cache" / "default-system" / "fam" / "tiny-default-system" /
+                       "inference_model.json").read_text())
+    assert info["PromptTemplate"]["prompt"] == ("<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n"
+                                                "{Content}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_two_different_chat_templates_are_refused_before_conversion(deployed):
@@ -170,11 +195,11 @@ def test_two_different_chat_templates_are_refused_before_conversion(deployed):
     assert "▶ convert" in proc.stdout and "✓ convert" not in proc.stdout  # refused before Olive ran
 
 
-def test_unregistered_architecture_is_a_clear_error_and_auto_template_deploys(deployed):
+def test_unregistered_architecture_is_detected_by_its_template_and_auto_template_deploys(deployed):
     auto, derived = deployed["runs"]["unregistered"]
-    assert auto.returncode == 1, _output(auto)
-    assert f"no registered family covers architectures=['{UNREGISTERED}']" in auto.stderr
-    assert "Known families: chatml" in auto.stderr and "--family auto-template" in auto.stderr
+    assert auto.returncode == 0, _output(auto)
+    assert "family: chatml (detected from the tokenizer's chat template: its markers" in auto.stdout
+    assert f"{UNREGISTERED} is not registered with a family" in auto.stdout
     assert derived.returncode == 0, _output(derived)
     assert "family: auto-template (PromptTemplate derived from the tokenizer's own chat template" in derived.stdout
     info = json.loads((deployed["root"] / "cache" / "unregistered" / "fam" / "tiny-unregistered" /

@@ -26,12 +26,15 @@ def package_files(onnx_dir: Path) -> list[Path]:
 
 
 def assemble_package(onnx_dir: Path, package_dir: Path, genai_config: dict[str, Any],
-                     inference_model: dict[str, Any]) -> Path:
-    """Write ``package_dir`` atomically: the converted files (hard-linked), plus the rendered configs."""
+                     inference_model: dict[str, Any], extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``package_dir`` atomically: the converted files (hard-linked), plus the rendered configs and any
+    ``extra_files`` (name → text, e.g. the family's chat template for a tokenizer that has none)."""
     with atomic_dir(package_dir) as staging:
         for file in package_files(onnx_dir):
             if file.name != "genai_config.json":
                 link_or_copy(file, staging / file.name)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         write_json_atomic(staging / "genai_config.json", genai_config)
         write_json_atomic(staging / INFERENCE_MODEL, inference_model)
     return package_dir

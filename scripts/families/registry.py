@@ -136,34 +136,47 @@ def candidates(model_config: dict[str, Any]) -> list[Family]:
     return by_arch or [f for f in registry().values() if model_type and model_type in f.model_types]
 
 
+def by_markers(chat_template: str, families: list[Family] | None = None) -> list[Family]:
+    """Families (of ``families``, else every registered family that has markers) whose every marker is in
+    ``chat_template``."""
+    pool = [f for f in registry().values() if f.template_markers] if families is None else families
+    return [f for f in pool if all(m in chat_template for m in f.template_markers)]
+
+
 def detect_family(model_config: dict[str, Any], chat_template: str | None, where: str) -> Family:
-    """Pick the family of a Hugging Face model from its ``config.json`` (architectures, then model_type),
-    confirmed against the markers its tokenizer's chat template must contain. When several families claim the
-    architecture (a DeepSeek-R1 distill is a Qwen2 or Llama model), the template's markers choose; the family
-    with the most markers present wins (Phi-4's ``<|im_sep|>`` over plain ChatML)."""
+    """Pick the family of a Hugging Face model. Families are prompt formats, so the tokenizer's chat template
+    decides, and ``config.json`` narrows the choice:
+
+    1. the families claiming ``architectures[0]`` (then ``model_type``) whose markers are all in the template; the
+       most markers present wins (Phi-4's ``<|im_sep|>`` over plain ChatML);
+    2. else any family whose markers are all in the template (SmolLM2 is a ``LlamaForCausalLM`` that speaks ChatML);
+    3. a tokenizer without a chat template: the one family claiming the architecture (its template is shipped).
+
+    Nothing fitting is a :class:`TemplateError` naming what was found, every family and how to override."""
     architectures = model_config.get("architectures") or []
     model_type = model_config.get("model_type")
     found = candidates(model_config)
+    if chat_template is None:
+        if len(found) == 1:
+            return found[0]
+        confirm_template(found[0] if found else next(iter(registry().values())), None, where)  # raises
+    matching = by_markers(chat_template, found) or by_markers(chat_template)
+    if matching:
+        return max(matching, key=lambda f: len(f.template_markers))
     if not found:
         known = "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in registry().values())
         raise TemplateError(
-            f"{where}: no registered family covers architectures={architectures} model_type={model_type!r}. "
-            f"Known families: {known}. "
+            f"{where}: no registered family covers architectures={architectures} model_type={model_type!r}, and the "
+            f"tokenizer's chat template has no registered family's markers. Known families: {known}. "
             "Set model.family in the recipe (or --family) if the model uses one of these prompt formats, or use "
             f"--family {AUTO_TEMPLATE} to derive PromptTemplate from the tokenizer's own chat template.")
     if len(found) == 1:
-        confirm_template(found[0], chat_template, where)
-        return found[0]
-    if chat_template is None:
-        confirm_template(found[0], chat_template, where)  # raises: no chat template
-    matching = [f for f in found if all(m in chat_template for m in f.template_markers)]
-    if not matching:
-        tried = "; ".join(f"{f.name} expects {list(f.template_markers)}" for f in found)
-        raise TemplateError(f"{where}: {architectures[:1] or model_type} is used by families "
-                            f"{', '.join(f.name for f in found)}, but the tokenizer's chat template has the markers "
-                            f"of none of them ({tried}). Set model.family (or --family), or use --family "
-                            f"{AUTO_TEMPLATE}.")
-    return max(matching, key=lambda f: len(f.template_markers))
+        confirm_template(found[0], chat_template, where)  # raises, naming the missing markers
+    tried = "; ".join(f"{f.name} expects {list(f.template_markers)}" for f in found)
+    raise TemplateError(f"{where}: {architectures[:1] or model_type} is used by families "
+                        f"{', '.join(f.name for f in found)}, but the tokenizer's chat template has the markers "
+                        f"of none of them ({tried}), nor of any other family. Set model.family (or --family), or use "
+                        f"--family {AUTO_TEMPLATE}.")
 
 
 def confirm_template(family: Family, chat_template: str | None, where: str) -> None:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.convert.package import derive_prompt_template
 from scripts.errors import ConversionError, RecipeError, TemplateError
 from scripts.families.registry import (AUTO_TEMPLATE, confirm_template, detect_family, Family, family_names,
                                        get_family, registry, unconvertible_reason)
+from scripts.families.templates import TemplateAnalysis, analyse_model_template
 from scripts.sources.folder import ModelFolder
 
 
@@ -25,29 +25,64 @@ class FamilyChoice:
     family: Family
     how: str  # one line for the user: how the family was chosen
     prompt_template: dict[str, str] | None = None  # only for auto-template
+    default_system: str = ""  # the system turn the tokenizer's template injects when none is given
+    chat_template: str | None = None  # the template to ship when the tokenizer has none (the family's)
+    carried: dict[str, str] | None = None  # PromptTemplate fields read from the tokenizer's template (default system)
 
 
 def choose_family(requested: str, source: ModelFolder, where: str, tokenizer: Any = None) -> FamilyChoice:
+    """The family for ``model.family`` (or ``--family``), with what the tokenizer's chat template adds to it: a
+    default system turn (carried into ``PromptTemplate``), or no template at all (the family's own is shipped)."""
+    if requested == AUTO_TEMPLATE:
+        return _auto_template(source, where, tokenizer)
     if requested == "auto":
         family = detect_family(source.config, source.chat_template, where)
-        return FamilyChoice(family, f"{family.name} (detected from {source.architecture} and the tokenizer's chat "
-                                    "template; set model.family or --family to override)")
-    if requested == AUTO_TEMPLATE:
+        how = f"{family.name} (detected from {source.architecture} and the tokenizer's chat template"
+        if source.chat_template is not None and family.architectures and source.architecture not in family.architectures:
+            how = (f"{family.name} (detected from the tokenizer's chat template: its markers "
+                   f"{list(family.template_markers)}; {source.architecture} is not registered with a family")
+        how += "; set model.family or --family to override)"
+    else:
+        family = get_family(requested)
+        if source.chat_template is not None:
+            confirm_template(family, source.chat_template, where)
+        how = f"{family.name} (set in the recipe or by --family)"
+    if source.chat_template is None:
+        if not family.reference_chat_template:
+            confirm_template(family, None, where)  # raises: nothing to ship
+        return FamilyChoice(family, how + f"; the tokenizer has no chat template, so the {family.name} family's "
+                            "template is shipped with the model", chat_template=family.reference_chat_template)
+    analysis = analyse_model_template(source.path, tokenizer, source.chat_template)
+    if not analysis.default_system:
+        return FamilyChoice(family, how)
+    how += (f"; the tokenizer's template injects a default system prompt when none is given, carried into "
+            f"PromptTemplate: {analysis.default_system!r}")
+    carried = {k: analysis.prompt_template[k] for k in ("system", "prompt") if k == "prompt" or
+               analysis.system_role == "native"}
+    return FamilyChoice(family, how, default_system=analysis.default_system, carried=carried)
 
-        if source.chat_template is None:
-            raise TemplateError(f"{where}: --family {AUTO_TEMPLATE} needs the tokenizer's chat template, and the "
-                                "tokenizer has none (tokenizer_config.json 'chat_template' or chat_template.jinja).")
-        derived = derive_prompt_template(source.path, tokenizer)
-        family = Family(AUTO_TEMPLATE, "PromptTemplate derived from the tokenizer's chat template", (), (), (),
-                        derived.stop_tokens, derived.stop_tokens, derived.bos_token, derived.system_role)
-        note = "" if derived.system_role == "native" else (
-            f"; the tokenizer's template {'refuses' if derived.system_role == 'unsupported' else 'folds'} a system "
-            "message, so only the user-only conversation is verified")
-        return FamilyChoice(family, f"{AUTO_TEMPLATE} (PromptTemplate derived from the tokenizer's own chat template "
-                                    f"of {source.architecture}{note})", derived.prompt_template)
-    family = get_family(requested)
-    confirm_template(family, source.chat_template, where)
-    return FamilyChoice(family, f"{family.name} (set in the recipe or by --family)")
+
+def _auto_template(source: ModelFolder, where: str, tokenizer: Any) -> FamilyChoice:
+    if source.chat_template is None:
+        raise TemplateError(f"{where}: --family {AUTO_TEMPLATE} needs the tokenizer's chat template, and the "
+                            "tokenizer has none (tokenizer_config.json 'chat_template' or chat_template.jinja).")
+    derived: TemplateAnalysis = analyse_model_template(source.path, tokenizer, source.chat_template)
+    family = Family(AUTO_TEMPLATE, "PromptTemplate derived from the tokenizer's chat template", (), (), (),
+                    derived.stop_tokens, derived.stop_tokens, derived.bos_token, derived.system_role)
+    note = "" if derived.system_role == "native" else (
+        f"; the tokenizer's template {'refuses' if derived.system_role == 'unsupported' else 'folds'} a system "
+        "message, so only the user-only conversation is verified")
+    if derived.default_system:
+        note += f"; its default system prompt is carried into PromptTemplate: {derived.default_system!r}"
+    return FamilyChoice(family, f"{AUTO_TEMPLATE} (PromptTemplate derived from the tokenizer's own chat template "
+                                f"of {source.architecture}{note})", derived.prompt_template, derived.default_system)
+
+
+def prompt_template_for(choice: FamilyChoice, rendered: dict[str, str]) -> dict[str, str]:
+    """The PromptTemplate to install: the family's rendered one, with ``system`` and ``prompt`` as the tokenizer's
+    template has them when it injects a default system prompt (``prompt`` starts with that turn; a template such as
+    Llama 3.2's also adds a preamble to a given system message, which ``system`` then carries)."""
+    return {**rendered, **(choice.carried or {})}
 
 
 def refuse_unconvertible(source: ModelFolder) -> None:

@@ -162,9 +162,12 @@ class Generation:
     top_k: int | None = None
     repetition_penalty: float | None = None
 
-    def resolved(self, family_defaults: dict[str, Any] | None = None) -> "Generation":
-        """Every key filled: the recipe's value, else the family default, else :data:`BUILTIN_GENERATION`."""
-        merged = {**BUILTIN_GENERATION, **{k: v for k, v in (family_defaults or {}).items() if k in BUILTIN_GENERATION}}
+    def resolved(self, family_defaults: dict[str, Any] | None = None, context_length: int | None = None) -> "Generation":
+        """Every key filled: the recipe's value, else the family default, else the model's ``context_length`` for
+        ``max_length`` (the whole context: a prompt of any length the model takes gets an answer), else
+        :data:`BUILTIN_GENERATION`."""
+        builtin = {**BUILTIN_GENERATION, **({"max_length": context_length} if context_length else {})}
+        merged = {**builtin, **{k: v for k, v in (family_defaults or {}).items() if k in BUILTIN_GENERATION}}
         return Generation(**{k: merged[k] if v is None else v for k, v in asdict(self).items()})
 
 

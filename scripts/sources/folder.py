@@ -10,6 +10,7 @@ from scripts.errors import ModelSourceError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def read_chat_template(folder: Path) -> str | None:
         inline = _read_json(config_file).get("chat_template")
         if isinstance(inline, list):  # named templates: [{"name": "default", "template": ...}, ...]
             inline = next((t.get("template") for t in inline if t.get("name") == "default"), None)
-    jinja_file = folder / "chat_template.jinja"
+    jinja_file = folder / CHAT_TEMPLATE_FILE
     from_file = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
     if inline and from_file is not None and _one_newline_off(inline) != _one_newline_off(from_file):
         raise ModelSourceError(

@@ -3,7 +3,7 @@
 stop tokens and the ``--family`` override. No models are loaded: chat templates render with the same sandboxed
 Jinja settings as ``transformers``.
 
-Regenerate the golden files after an intended template change: ``SLMOPS_UPDATE_GOLDEN=1 pytest tests/test_family_templates.py``.
+Regenerate the golden files after an intended template change: ``SLMOPS_UPDATE_GOLDEN=1 pytest tests/families/test_templates.py``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from scripts.errors import RecipeError, TemplateError
 from scripts.families.registry import AUTO_TEMPLATE, detect_family, family_names, get_family, registry, unconvertible_reason
 from scripts.families.select import override_family, with_stop_tokens
-from scripts.convert.package import (render_chat_template, render_inference_model, render_prompt_template,
-                                      sample_conversations)
+from scripts.convert.package import render_inference_model
+from scripts.families.templates import render_chat_template, render_prompt_template, sample_conversations
 from scripts.recipe.load import BUILTIN_GENERATION, Generation, parse_recipe
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
