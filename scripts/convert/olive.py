@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from scripts.errors import ConversionError
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, PRECISIONS, get_precision
+from scripts.workers import worker_env
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ def run_olive(config: dict[str, Any], workdir: Path, progress: Any = None) -> Pa
     config_path = workdir / "olive_config.json"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     log_path = workdir / "olive.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "olive", "run", "--config", str(config_path)]
+    env = worker_env({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    # olive, with the builder's expectations of transformers configs met (scripts/convert/builder_compat.py)
+    cmd = [sys.executable, "-m", "scripts.convert.builder_compat", "run", "--config", str(config_path)]
     log.info("Running %s (log: %s)", " ".join(cmd), log_path)
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:

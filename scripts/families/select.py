@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConversionError, RecipeError, TemplateError
+from scripts.families import registry as family_registry
 from scripts.families.registry import (AUTO_TEMPLATE, confirm_template, detect_family, Family, family_names,
-                                       get_family, registry, unconvertible_reason)
+                                       get_family, unconvertible_reason)
 from scripts.families.templates import TemplateAnalysis, analyse_model_template
 from scripts.sources.folder import ModelFolder
 
@@ -124,9 +125,6 @@ def with_stop_tokens(genai_config: dict[str, Any], stop_tokens: tuple[str, ...],
 
 def override_family(recipe, family: str | None):
     """The recipe with ``model.family`` replaced by ``--family`` (validated like the recipe key)."""
-    from dataclasses import replace
-
-
     if family is None:
         return recipe
     valid = ("auto", AUTO_TEMPLATE, *family_names())
@@ -141,7 +139,7 @@ def family_rows() -> list[dict[str, str]]:
     an architecture the pinned toolchain cannot convert is marked ``✗``, see :func:`family_notes`)."""
 
     rows = []
-    for f in registry().values():
+    for f in family_registry.registry().values():
         broken = dict(f.unconvertible)
         rows.append({"family": f.name,
                      "architectures": "\n".join(a + (" ✗" if a in broken else "") for a in f.architectures),
@@ -154,7 +152,7 @@ def family_notes() -> list[str]:
     """What to tell the user under the ``invoke families`` table: unconvertible architectures and how to choose."""
 
     notes = [f"✗ {arch}: not convertible: {reason}."
-             for f in registry().values() for arch, reason in f.unconvertible]
+             for f in family_registry.registry().values() for arch, reason in f.unconvertible]
     return notes + [
         "system message: native = its own turn; folded = merged into the first user turn; unsupported = the "
         "template refuses it (eval.system_prompt is refused for both).",

@@ -179,14 +179,24 @@ def test_registry_refuses_malformed_json_with_template_error(tmp_path):
 
 
 def test_invoke_families_rows_and_notes():
-    """`invoke families`: one row per registered family; an unconvertible architecture is marked and explained."""
+    """`invoke families`: one row per registered family (Gemma 3 converts: scripts/convert/builder_compat.py)."""
     from scripts.families.select import family_notes, family_rows
 
     rows = {row["family"]: row for row in family_rows()}
     assert list(rows) == list(family_names())
     assert rows["gemma"]["architectures"].splitlines() == ["Gemma2ForCausalLM", "GemmaForCausalLM",
-                                                           "Gemma3ForCausalLM ✗"]
+                                                           "Gemma3ForCausalLM"]
     assert rows["mistral"]["system message"] == "unsupported"
     notes = "\n".join(family_notes())
-    assert "✗ Gemma3ForCausalLM: not convertible: " in notes and "rope_local_base_freq" in notes
     assert "--family auto-template" in notes and "--model-path DIR" in notes
+
+
+def test_an_unconvertible_architecture_is_marked_and_explained(custom_registry):
+    from scripts.families.select import family_notes, family_rows
+    add_family(custom_registry, "foo", family_doc(architectures=["FooForCausalLM", "Foo2ForCausalLM"],
+                                                  unconvertible={"Foo2ForCausalLM": "the builder lacks Foo2"}))
+    rows = {row["family"]: row for row in family_rows()}
+    assert rows["foo"]["architectures"].splitlines() == ["FooForCausalLM", "Foo2ForCausalLM ✗"]
+    assert "✗ Foo2ForCausalLM: not convertible: the builder lacks Foo2" in "\n".join(family_notes())
+    assert families.unconvertible_reason("Foo2ForCausalLM") == "the builder lacks Foo2"
+    assert families.unconvertible_reason("FooForCausalLM") is None

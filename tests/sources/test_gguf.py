@@ -5,17 +5,14 @@ Olive and Foundry Local."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from scripts.errors import ModelSourceError, RecipeError
 from scripts.recipe.load import parse_recipe
-from scripts.settings import REPO_ROOT
 from scripts.sources.gguf import check_architecture, dequantize, loadable_architectures, read_metadata
+from tests.deploy_helper import deploy_doc
 from tests.gguf_writer import make_tiny_gguf
 
 
@@ -93,37 +90,13 @@ def test_gguf_as_model_source_and_model_path(tiny_gguf, tmp_path, monkeypatch):
         parse_recipe({"model": {"source": "missing.gguf"}, "foundry": {"name": "g"}}, tmp_path / "r.json")
 
 
-_DEPLOY = """
-import json, sys
-from scripts.errors import SlmopsError
-from scripts.pipeline import Pipeline
-from scripts.recipe.load import parse_recipe
-from pathlib import Path
-doc = {"model": {"source": sys.argv[1]}, "conversion": {"precision": "int4"}, "foundry": {"name": "tiny-gguf"},
-       "generation": {"do_sample": False}}
-try:
-    out = Pipeline(parse_recipe(doc, Path(sys.argv[2])), announce=print).run()
-    print("RESULT", json.dumps({n: o.skipped for n, o in out.items()}))
-except SlmopsError as exc:
-    print("error:", exc, file=sys.stderr)
-    sys.exit(1)
-"""
-
-
 def test_gguf_deploys_through_olive_and_foundry_and_a_rerun_skips_every_step(tiny_gguf, tmp_path):
-    env = dict(os.environ, SLMOPS_BUILD_DIR=str(tmp_path / "build"), SLMOPS_FOUNDRY_CACHE=str(tmp_path / "cache"),
-               HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "home/.cache"), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-
-    def deploy() -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", _DEPLOY, str(tiny_gguf[0]), str(tmp_path / "r.json")],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]), proc.stdout
-
-    first, out = deploy()
+    doc = {"model": {"source": str(tiny_gguf[0])}, "conversion": {"precision": "int4"},
+           "foundry": {"name": "tiny-gguf"}, "generation": {"do_sample": False}}
+    first, out = deploy_doc(doc, tmp_path)
+    first = {name: o["skipped"] for name, o in first.items()}
     assert first["gguf-import"] is False and first["check"] is False
     assert "family: chatml (detected from the tokenizer's chat template" in out  # LlamaForCausalLM speaking ChatML
     assert (tmp_path / "cache" / "slmops" / "tiny-gguf" / "inference_model.json").is_file()
-    again, _ = deploy()
-    assert all(again.values()), again  # nothing changed: every step skipped
+    again, _ = deploy_doc(doc, tmp_path)
+    assert all(o["skipped"] for o in again.values()), again  # nothing changed: every step skipped
