@@ -26,7 +26,8 @@ from scripts.proof.evaluate import conversations, score
 from scripts.proof.measure import (_tokenizer, bench_request, context_limit, Profile, run_worker, to_backend_bench,
                                    weights_size)
 from scripts.proof.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
-                                          perplexity, token_agreement, windows, write_outputs)
+                                          perplexity, token_agreement, write_outputs)
+from scripts.proof.fidelity import DEFAULT_WINDOW, failures as fidelity_failures, heldout_text, token_windows
 from scripts.recipe.load import Recipe
 from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
 
@@ -74,13 +75,10 @@ def build_precision(recipe: Recipe, precision: str, announce: Announce, status=N
                graph=summary.describe(), weights_by_type=summary.weight_bytes_by_type()), pipe
 
 
-def _heldout_ids(recipe: Recipe, model_dir: Path) -> list[int]:
-    if recipe.eval.dataset is None:
-        return []
-    path = recipe.eval.dataset.with_name(recipe.eval.dataset.stem + "-heldout.txt")
-    if not path.is_file():
-        return []
-    return _tokenizer(model_dir).encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids
+def heldout_windows(recipe: Recipe, model_dir: Path, context: int) -> list[list[int]]:
+    """The held-out text (:func:`scripts.proof.fidelity.heldout_text`) in windows that fit the context."""
+    ids = _tokenizer(model_dir).encode(heldout_text(), add_special_tokens=False).ids
+    return token_windows(ids, min(DEFAULT_WINDOW, context), recipe.conversion.fidelity.heldout_tokens)
 
 
 def _measure_row(row: Row, backend: str, folder: Path, jobs: list[dict], prompt_dir: Path, context: int,
@@ -109,10 +107,6 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
     main = prepare_model(recipe, announce, status)
     hf_dir = main.model_dir
     qa = main.eval_set() if quality else []
-    heldout = windows(_heldout_ids(recipe, hf_dir)) if quality else []
-    if quality and not qa and not heldout:
-        note = "no eval set and no held-out text: quality not measured"
-        quality = False
     rows: list[Row] = []
     pipes: dict[str, Any] = {}
     order = [p for p in TABLE_ORDER if p in precisions]
@@ -123,6 +117,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         pipes[p] = pipe
     ok = [r for r in rows if r.ok]
     context = min(context_limit(Path(r.folder)) for r in ok) if ok else 512
+    heldout = heldout_windows(recipe, hf_dir, context) if quality else []
     chats = conversations(qa, recipe.eval.system_prompt) if qa else []
     answers_job = {"kind": "answers", "conversations": chats, "max_new_tokens": recipe.eval.max_new_tokens}
     logits_job = {"kind": "logits", "windows": heldout}
@@ -156,7 +151,13 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
                 _quality_from(row, _measure_row(row, "foundry", folder, jobs, folder, context, speed), qa, score)
             if quality and heldout:
                 status(f"ONNX Runtime GenAI: scoring held-out text with {row.precision}…")
-                logits[row.precision] = run_logits(folder, logits_job)
+                reference = next((r.folder for r in ok if r.precision == "fp32"), None)
+                fidelity = ({"kind": "fidelity", "windows": heldout, "reference_dir": reference}
+                            if reference and row.precision != "fp32" else None)
+                done = run_genai(folder, [logits_job] + ([fidelity] if fidelity else []))
+                logits[row.precision] = done["logits"]
+                if "fidelity" in done:
+                    _fidelity_from(row, done["fidelity"])
         except MeasurementError as exc:
             row.status, row.reason = "failed", str(exc)
             announce(f"✗ {row.precision}: {str(exc).splitlines()[0]}")
@@ -171,7 +172,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         mine = logits.get("torch" if row is hf_row else row.precision)
         if mine:
             row.perplexity = perplexity(mine)
-            if logits.get("fp32"):
+            if logits.get("fp32") and row.token_agreement_fp32 is None:
                 row.token_agreement_fp32 = token_agreement(mine, logits["fp32"])
             if logits.get("torch"):
                 row.token_agreement_torch = token_agreement(mine, logits["torch"])
@@ -180,16 +181,25 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
     if quality and qa and fp32 is not None and fp32.eval_accuracy is not None:
         refused = {r.precision: r.reason for r in rows if r.status == "refused"}
         failed = {r.precision: None for r in rows if r.status == "failed"}
+        spec = recipe.conversion.fidelity
+        misses = {r.precision: fidelity_failures({"kld_mean": r.kld_mean, "top1": r.token_agreement_fp32,
+                                                  "ppl_increase": r.ppl_increase}, spec)
+                  for r in rows if r.ok and r.kld_mean is not None}
         winner, reasons = choose_auto({**{r.precision: r.eval_accuracy for r in rows if r.ok}, **failed},
-                                      recipe.conversion.auto_threshold, refused)
+                                      recipe.conversion.auto_threshold, refused, misses)
         report.auto = {"chosen": winner, "threshold": recipe.conversion.auto_threshold, "reasons": reasons}
     write_outputs(report, out_dir or main.paths.root / "proof")  # beside bench/validate: `invoke report` reads it
     return report
 
 
-def run_logits(folder: Path, job: dict) -> dict:
-    result = run_worker("genai", folder, [job])
-    return next(j for j in result["jobs"] if j["kind"] == "logits")
+def run_genai(folder: Path, jobs: list[dict]) -> dict[str, dict]:
+    """Jobs on one ONNX Runtime GenAI worker, by kind."""
+    return {j["kind"]: j for j in run_worker("genai", folder, jobs)["jobs"]}
+
+
+def _fidelity_from(row: Row, figures: dict) -> None:
+    row.kld_mean, row.kld_p99, row.ppl_increase = figures["kld_mean"], figures["kld_p99"], figures["ppl_increase"]
+    row.token_agreement_fp32 = figures["top1"]
 
 
 def _quality_from(row: Row, done: dict, qa, score) -> None:

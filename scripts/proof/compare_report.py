@@ -13,8 +13,6 @@ from scripts.fileops import write_text_atomic
 from scripts.proof.qa import normalise_answer
 from scripts.recipe.precisions import TUTORIAL_CLAIMS
 
-WINDOW_TOKENS = 256
-MAX_HELDOUT_TOKENS = 1024
 HF_ROW = "hf-fp32"
 
 
@@ -39,6 +37,9 @@ class Row:
     token_agreement_fp32: float | None = None
     token_agreement_torch: float | None = None
     perplexity: float | None = None
+    kld_mean: float | None = None  # vs FP32 ONNX, per token, on held-out text (scripts/proof/fidelity.py)
+    kld_p99: float | None = None
+    ppl_increase: float | None = None  # ΔPPL vs FP32 ONNX, as a fraction
 
     @property
     def ok(self) -> bool:
@@ -74,12 +75,6 @@ class CompareReport:
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def windows(ids: Sequence[int], size: int = WINDOW_TOKENS, limit: int = MAX_HELDOUT_TOKENS) -> list[list[int]]:
-    """Consecutive windows of at most ``size`` tokens over the first ``limit`` ids (windows shorter than 2 dropped)."""
-    ids = list(ids)[:limit]
-    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 2]
 
 
 def perplexity(result: dict) -> float:
@@ -128,7 +123,8 @@ def markdown_table(report: CompareReport) -> str:
     head = ["precision", "tutorial: size", "tutorial: speed / quality", "size MB", "× FP32", "× HF original",
             "load s", "TTFT ms", "decode tok/s", "peak RSS MB"]
     if q:
-        head += ["eval accuracy", "answers = FP32", "tokens = FP32 ONNX", "tokens = PyTorch", "perplexity"]
+        head += ["eval accuracy", "answers = FP32", "top-1 = FP32 ONNX", "KLD mean / p99", "ΔPPL", "perplexity",
+                 "tokens = PyTorch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.rows:
         ratio, speed, quality = TUTORIAL_CLAIMS.get(r.precision, (None, "", ""))
@@ -143,8 +139,10 @@ def markdown_table(report: CompareReport) -> str:
                      f"{r.load_seconds:.2f}" if r.load_seconds is not None else "–", fmt_median(r.ttft, 1000, 0),
                      fmt_median(r.decode_tps), f"{r.peak_rss_mb:,.0f}" if r.peak_rss_mb else "–"]
             if q:
+                kld = f"{r.kld_mean:.4f} / {r.kld_p99:.3f}" if r.kld_mean is not None else "–"
+                dppl = f"{100 * r.ppl_increase:+.1f} %" if r.ppl_increase is not None else "–"
                 cells += [fmt_pct(r.eval_accuracy), fmt_pct(r.answer_agreement_fp32), fmt_pct(r.token_agreement_fp32),
-                          fmt_pct(r.token_agreement_torch), f"{r.perplexity:.3f}" if r.perplexity else "–"]
+                          kld, dppl, f"{r.perplexity:.3f}" if r.perplexity else "–", fmt_pct(r.token_agreement_torch)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
 from scripts.proof.edge_cases import run_edge_cases
+from scripts.proof.fidelity import fidelity_job
 from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
 from scripts.runtimes.backends import make_backend, render_chat
 from scripts.workers import run_in_worker
@@ -211,7 +212,7 @@ def logits_job(backend, job: dict) -> dict:
 
 
 JOBS: dict[str, Callable[[Any, dict], dict]] = {"bench": bench_job, "answers": answers_job, "soak": soak_job,
-                                                 "edge": _edge_job, "logits": logits_job}
+                                                 "edge": _edge_job, "logits": logits_job, "fidelity": fidelity_job}
 
 
 def run_request(request: dict) -> dict:

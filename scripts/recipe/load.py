@@ -62,6 +62,16 @@ SCHEMA = Obj({
                                 "eval accuracy is within auto_threshold of FP32's"),
         "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
                                 help="--precision auto: minimum eval accuracy relative to FP32"),
+        "fidelity": Obj({
+            "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
+                             help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
+            "min_top1": Field(float, default=0.9, check=in_range(0.0, 1.0),
+                              help="teacher-forced top-1 agreement with FP32 ONNX required"),
+            "max_ppl_increase": Field(float, default=0.08, check=in_range(0.0, 100.0),
+                                      help="perplexity increase over FP32 ONNX allowed, as a fraction (0.08 = 8 %)"),
+            "heldout_tokens": Field(int, default=10240, check=in_range(256, 1_000_000),
+                                    help="tokens of held-out text (Python's pydoc topics) the fidelity is scored on"),
+        }),
         "quantization": Obj({
             "block_size": Field(int, default=32, choices=BLOCK_SIZES),
             "symmetric": Field(bool, default=True),
@@ -127,10 +137,21 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class FidelitySpec:
+    """What a quantized build must keep relative to FP32 ONNX on held-out text (``conversion.fidelity``)."""
+
+    max_kld: float = 0.1
+    min_top1: float = 0.9
+    max_ppl_increase: float = 0.08
+    heldout_tokens: int = 10240
+
+
+@dataclass(frozen=True)
 class Conversion:
     precision: str
     quantization: Quantization
     auto_threshold: float = 0.98
+    fidelity: FidelitySpec = FidelitySpec()
 
 
 @dataclass(frozen=True)
@@ -307,7 +328,8 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
     name = conv["precision"]
     check_precision(name, conv["quantization"]["algorithm"], f"{path}: conversion.precision",
                     f"{path}: conversion.precision: {name!r}")
-    return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"])
+    return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
+                      FidelitySpec(**conv["fidelity"]))
 
 
 def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:

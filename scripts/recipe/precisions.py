@@ -145,11 +145,13 @@ def translate_tutorial_conversion(conversion: Any) -> tuple[Any, list[str]]:
 
 # ----- --precision auto -----------------------------------------------------------------------------------------
 def choose_auto(accuracies: dict[str, float | None], threshold: float,
-                refused: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """The smallest precision whose eval accuracy is ≥ ``threshold`` × FP32's, and why, one line per candidate.
-
-    ``accuracies`` maps precision → eval accuracy (None: not measured/failed); it must hold ``fp32``."""
+                refused: dict[str, str] | None = None,
+                fidelity_misses: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
+    """The smallest precision whose eval accuracy is ≥ ``threshold`` × FP32's and that meets the recipe's fidelity
+    thresholds (``fidelity_misses``: per precision, what it misses — KLD, top-1, ΔPPL vs FP32 ONNX; a precision
+    absent from it was not scored), and why, one line per candidate. ``accuracies`` must hold ``fp32``."""
     refused = refused or {}
+    fidelity_misses = fidelity_misses or {}
     base = accuracies.get("fp32")
     if base is None:
         raise ValueError("choose_auto needs the FP32 eval accuracy as the reference")
@@ -164,11 +166,16 @@ def choose_auto(accuracies: dict[str, float | None], threshold: float,
         if acc is None:
             reasons.append(f"{p}: not measured")
             continue
-        ok = acc >= need - 1e-12
+        misses = fidelity_misses.get(p, [])
+        accurate = acc >= need - 1e-12
+        ok = accurate and not misses
         rel = acc / base if base else 1.0
-        verdict = "within" if ok else "below"
         line = (f"{p}: eval accuracy {100 * acc:.1f} % = {100 * rel:.1f} % of FP32's {100 * base:.1f} %, "
-                f"{verdict} the {100 * threshold:.0f} % threshold")
+                f"{'within' if accurate else 'below'} the {100 * threshold:.0f} % threshold")
+        if misses:
+            line += f"; fidelity to FP32 misses: {', '.join(misses)}"
+        elif p in fidelity_misses:
+            line += "; fidelity to FP32 within the recipe's thresholds"
         if ok and winner is None:
             winner = p
             line += " → chosen (smallest that qualifies)"

@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 
 from scripts.proof.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, markdown_table, perplexity,
-                                          svg_plot, token_agreement, windows)
+                                          svg_plot, token_agreement)
 
 
 # ----- pure -------------------------------------------------------------------------------------------------------
-def test_windows_split_and_drop_stubs():
-    assert windows(list(range(10)), size=4, limit=9) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # [8] is too short to score
-    assert windows([1], size=4) == []
-
-
 def test_perplexity_and_agreement():
     a = {"windows": [{"argmax": [1, 2, 3], "nll": [0.0, math.log(2), math.log(4)]}]}
     b = {"windows": [{"argmax": [1, 9, 3], "nll": [0.0, 0.0, 0.0]}]}
@@ -77,11 +72,10 @@ def compared(tmp_path_factory, tiny_hf_model):
     qa = [{"question": "Hello, how are you today?", "answer": "fine"},
           {"question": "What is the capital of France?", "answer": "Paris"}]
     (root / "qa.jsonl").write_text("".join(json.dumps(x) + "\n" for x in qa))
-    (root / "qa-heldout.txt").write_text("The quick brown fox jumps over the lazy dog. Hello, how are you today? "
-                                         "Foundry Local runs small language models on device.")
     doc = {"model": {"source": str(tiny_hf_model), "family": "chatml"},
            "conversion": {"precision": "int4", "quantization": {"block_size": 16, "symmetric": False,
-                                                                "embeddings": True}},
+                                                                "embeddings": True},
+                          "fidelity": {"heldout_tokens": 1024}},
            "foundry": {"name": "tiny-compare"}, "generation": {"max_length": 256},
            "eval": {"dataset": "qa.jsonl", "max_new_tokens": 8, "min_accuracy": 0.0}}
     (root / "tiny.json").write_text(json.dumps(doc))
@@ -105,8 +99,12 @@ def test_every_cpu_precision_builds_and_answers_through_foundry(compared):
         assert len(row.answers) == 2 and row.eval_accuracy is not None  # answered through Foundry Local
         assert row.perplexity and row.perplexity > 1
         assert 0 <= row.token_agreement_fp32 <= 1 and 0 <= row.token_agreement_torch <= 1
-    assert report.row("fp32").token_agreement_fp32 == 1.0
+    assert report.row("fp32").token_agreement_fp32 == 1.0 and report.row("fp32").kld_mean is None  # the reference
     assert report.row("fp32").token_agreement_torch > 0.9  # the FP32 ONNX build is the PyTorch model
+    for p in ("int8", "int4"):  # scored against FP32 ONNX on held-out text (Python's pydoc topics)
+        row = report.row(p)
+        assert row.kld_mean is not None and 0 <= row.kld_mean <= row.kld_p99 and row.ppl_increase is not None
+    assert report.row("int4").kld_mean >= report.row("int8").kld_mean  # fewer bits, further from FP32
     assert report.row(HF_ROW).ok and report.row(HF_ROW).token_agreement_torch == 1.0
 
 

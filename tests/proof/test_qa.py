@@ -11,7 +11,6 @@ from scripts.proof.qa import QA, exact_match, load_qa, normalise_answer
 from scripts.settings import REPO_ROOT
 
 DATASET = REPO_ROOT / "recipes" / "data" / "qwen-domain.jsonl"
-HELDOUT = REPO_ROOT / "recipes" / "data" / "qwen-domain-heldout.txt"
 
 TINY_QA = [
     {"question": "What colour is the gate?", "answer": "The gate is green."},
@@ -32,7 +31,6 @@ def test_bundled_dataset_is_valid_and_large_enough():
     qa = load_qa(DATASET)
     assert len(qa) >= 64
     assert all(len(x.answer.split()) <= 20 for x in qa)
-    assert HELDOUT.read_text(encoding="utf-8").strip()
 
 
 def test_load_qa_good_file(tmp_path):

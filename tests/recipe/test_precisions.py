@@ -184,3 +184,12 @@ def test_auto_takes_int4_when_it_qualifies_and_fp32_when_nothing_else_does():
     assert choose_auto({"fp32": 0.9, "int8": 0.5, "int4": None}, 0.98)[0] == "fp32"
     with pytest.raises(ValueError):
         choose_auto({"int4": 1.0}, 0.98)
+
+
+def test_choose_auto_also_requires_fidelity_to_fp32():
+    """On a real model exact answers can tie while the distribution drifts: fidelity misses disqualify."""
+    accuracies = {"fp32": 1.0, "int8": 1.0, "int4": 1.0}
+    winner, reasons = choose_auto(accuracies, 0.98, None, {"int4": ["top-1 agreement 71.0 % < 90 %"], "int8": []})
+    assert winner == "int8"
+    assert "int4: eval accuracy 100.0 %" in reasons[0] and "fidelity to FP32 misses: top-1 agreement 71.0 %" in reasons[0]
+    assert "fidelity to FP32 within the recipe's thresholds → chosen" in reasons[1]
