@@ -185,7 +185,8 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
     plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")
-    run_server(plan, console.print)
+    result = run_server(plan, lambda line: console.print(line, soft_wrap=True, markup=False))  # copy-pasteable lines
+    console.print(f"Stopped ({result.get('stopped_by', 'exited')}).")
 
 
 @task

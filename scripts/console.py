@@ -133,4 +133,7 @@ def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
                   f"{result['answer']!r}")
+    console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "
+                  "when a model generates faster than the pieces are read (the tiny demo model), it measures delivery, "
+                  "not the model.")
     console.print(f"The server stopped cleanly ({result['server'].get('stopped_by', '?')}).")

@@ -47,12 +47,13 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
                      fraction_of_bound=fraction_of_bound(result.decode_tps, bpt, bw.gb_per_s))
         backends.append(entry)
     by = {b["backend"]: b for b in backends}
-    if "foundry" in by and "genai" in by:
-        f, g = (by[k]["lengths"][0]["decode_tps"] for k in ("foundry", "genai"))
-        if f and g and f["median"] > 2 * g["median"]:
-            notes.append("Foundry Local streamed this model's tokens in bursts (it generates faster than Python reads "
-                         "the stream): its per-token gaps and decode tok/s measure the reader, not the runtime. Trust "
-                         "its TTFT and the raw GenAI decode figure, which runs the same graph.")
+    g = by["genai"]["lengths"][0]["decode_tps"] if "genai" in by else None
+    bursty = [BACKEND_LABELS[k] for k in ("foundry", "http") if k in by and g and by[k]["lengths"][0]["decode_tps"]
+              and by[k]["lengths"][0]["decode_tps"]["median"] > 2 * g["median"]]
+    if bursty:
+        notes.append(f"{' and '.join(bursty)} streamed this model's tokens in bursts (it generates faster than Python "
+                     "reads the stream): per-token gaps and decode tok/s there measure the reader, not the runtime. "
+                     "Trust the TTFT and the raw GenAI decode figure, which runs the same graph.")
     if "foundry" in by and "http" in by:
         f, h = (by[k]["lengths"][0] for k in ("foundry", "http"))
         if f["ttft"] and h["ttft"]:
