@@ -11,12 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
 import openai
+import psutil
 import pytest
 
 from scripts.errors import ServeError
@@ -279,6 +281,31 @@ def test_server_stops_cleanly_and_frees_its_port(installed, env, tmp_path):
     assert srv.proc.returncode == 0 and result["stopped_by"] == "SIGTERM" and result["port"] == port
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+    assert "Finished server process" in (tmp_path / "s.log").read_text()
+
+
+def test_server_exits_when_the_process_that_started_it_dies(installed, env, tmp_path):
+    """No orphan servers: killing the starter (kill -9: no cleanup runs) stops the server within seconds."""
+    cache, model_dir = installed
+    starter = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from scripts.runtimes import serve as sv
+        srv = sv.ServerProcess(sv.plan_serve(Path({str(cache)!r}), Path({str(model_dir)!r}), {MODEL_ID!r}, port=0),
+                               log_path=Path({str(tmp_path / "s.log")!r}), env={env!r}).start()
+        print(srv.pid, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", starter], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    server_pid = int(proc.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and psutil.pid_exists(server_pid) and \
+            psutil.Process(server_pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
     assert "Finished server process" in (tmp_path / "s.log").read_text()
 
 
