@@ -150,6 +150,45 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None):
               int(max_tokens), system)
 
 
+def _port(value, default: int) -> int:
+    from scripts.errors import ServeError
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ServeError(f"--port must be an integer, got {value!r}.") from None
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
+            "host": "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the endpoint, "
+                    "which has no authentication, to the network)",
+            "port": "port to listen on (default 5272; with --check a free one; 0 picks a free one)",
+            "check": "start the server, ask it the eval questions through the openai client (streamed and not), "
+                     "print accuracy, TTFT and tokens/s over HTTP beside the in-process figures, stop it"})
+@domain_errors
+def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=False):
+    """Serve the installed model as an OpenAI-compatible endpoint (http://HOST:PORT/v1) through Foundry Local."""
+    console, pipeline = _pipeline(model, model_path)
+    if check:
+        from scripts.console import print_serve_check
+        from scripts.errors import QualityError
+        from scripts.proof.serve_check import failure_message, serve_check
+        with console.status("working…") as status:
+            result = serve_check(pipeline, host, _port(port, 0), status.update)
+        print_serve_check(console, result)
+        failure = failure_message(result, pipeline.recipe.eval.min_accuracy)
+        if failure:
+            raise QualityError(failure)
+        return
+    from scripts.runtimes.serve import DEFAULT_PORT, plan_serve, run_server
+    plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id, host,
+                      _port(port, DEFAULT_PORT))
+    console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")
+    result = run_server(plan, lambda line: console.print(line, soft_wrap=True, markup=False))  # copy-pasteable lines
+    console.print(f"Stopped ({result.get('stopped_by', 'exited')}).")
+
+
 @task
 @domain_errors
 def families(c):

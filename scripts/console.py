@@ -110,3 +110,30 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
     elif show_auto:
         console.print("--precision auto: no choice (quality was not measured for this recipe).")
     console.print("Saved " + ", ".join(report.files.values()))
+
+
+def print_serve_check(console: Console, result: dict[str, Any]) -> None:
+    """In-process vs HTTP (streamed, then non-streamed with the client's defaults): accuracy, agreement, speed."""
+    cols = result["columns"]
+    table = Table(title=f"invoke serve --check: {result['model_id']} at {result['base_url']} "
+                        f"({result['questions']} questions; streamed and in-process capped at {result['max_tokens']} "
+                        "tokens)")
+    table.add_column("")
+    for c in cols:
+        table.add_column(c["name"])
+
+    def fmt(x, digits=1):
+        return "–" if x is None else f"{x:.{digits}f}"
+    if any("accuracy_figure" in c for c in cols):
+        table.add_row("eval accuracy", *(c.get("accuracy_figure", "–") for c in cols))
+    table.add_row("same answer as in-process", *(c.get("same_as_in_process", "–") for c in cols))
+    table.add_row("TTFT median ms", *(fmt(c["ttft_ms"]) for c in cols))
+    table.add_row("decode tok/s median", *(fmt(c["decode_tps"]) for c in cols))
+    table.add_row("request s median", *(fmt(c["request_s"], 3) for c in cols))
+    console.print(table)
+    console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
+                  f"{result['answer']!r}")
+    console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "
+                  "when a model generates faster than the pieces are read (the tiny demo model), it measures delivery, "
+                  "not the model.")
+    console.print(f"The server stopped cleanly ({result['server'].get('stopped_by', '?')}).")

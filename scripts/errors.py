@@ -47,6 +47,10 @@ class FoundryError(SlmopsError):
     """The Foundry Local runtime could not list, load or run a model."""
 
 
+class ServeError(SlmopsError):
+    """The OpenAI-compatible server (`invoke serve`) could not start, answer or stop."""
+
+
 class QualityError(SlmopsError):
     """The deployed model does not meet the recipe's quality threshold."""
 

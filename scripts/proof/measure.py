@@ -140,12 +140,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _cpu_seconds() -> float:
-    import psutil
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
-
-
 def bench_job(backend, job: dict) -> dict:
     """For each prompt: ``warmup`` untimed runs, then ``repeats`` timed runs; every run's raw figures."""
     out = []
@@ -153,7 +147,7 @@ def bench_job(backend, job: dict) -> dict:
         for _ in range(job["warmup"]):
             backend.generate(messages, job["new_tokens"])
         runs = []
-        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+        cpu0, wall0 = backend.cpu_seconds(), time.perf_counter()
         for _ in range(job["repeats"]):
             tr = backend.generate(messages, job["new_tokens"])
             rates = rates_from_token_times(tr.start, tr.token_times, tr.prompt_tokens)
@@ -163,7 +157,7 @@ def bench_job(backend, job: dict) -> dict:
                          "total_seconds": (tr.token_times[-1] if tr.token_times else time.perf_counter()) - tr.start})
         wall = time.perf_counter() - wall0
         out.append({"target": target, "runs": runs,
-                    "cpu_percent": 100 * (_cpu_seconds() - cpu0) / wall if wall > 0 else None})
+                    "cpu_percent": 100 * (backend.cpu_seconds() - cpu0) / wall if wall > 0 else None})
     return {"lengths": out}
 
 
@@ -219,6 +213,7 @@ def run_request(request: dict) -> dict:
     """Load the backend once, run each job, report load time and memory (in this process)."""
     backend = make_backend(request["backend"], Path(request["model_dir"]), **(request.get("options") or {}))
     rss_before = rss_bytes()
+    peak = None
     try:
         load_seconds = backend.load()
         rss_loaded = rss_bytes()
@@ -229,10 +224,11 @@ def run_request(request: dict) -> dict:
             t0 = time.perf_counter()
             results.append({"kind": job["kind"], **JOBS[job["kind"]](backend, job),
                             "seconds": time.perf_counter() - t0})
+        peak = backend.peak_rss_bytes()  # a backend whose model lives in another process (http) reports that one's
     finally:
         backend.close()
     return {"backend": request["backend"], "load_seconds": load_seconds, "rss_before_load": rss_before,
-            "rss_after_load": rss_loaded, "peak_rss": peak_rss_bytes(), "jobs": results,
+            "rss_after_load": rss_loaded, "peak_rss": peak or peak_rss_bytes(), "jobs": results,
             "cpu_count": os.cpu_count()}
 
 

@@ -2,7 +2,9 @@
 
 - ``foundry``: the Foundry Local runtime (``foundry-local-sdk``), as the deployed model is used;
 - ``genai``: raw ONNX Runtime GenAI on the same converted folder;
-- ``torch``: the original Hugging Face model in PyTorch (FP32).
+- ``torch``: the original Hugging Face model in PyTorch (FP32);
+- ``http``: the Foundry Local runtime behind ``invoke serve``, streamed through the official ``openai`` client (the
+  server is its own process; its CPU time and peak RSS are the ones reported).
 
 Each backend is used inside its own worker process (``python -m scripts.proof.measure``): Foundry's GenAI
 native library must not share a process with ``onnxruntime_genai``, and each process's peak RSS is then
@@ -24,12 +26,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
-from scripts.runtimes import foundry_sdk
+from scripts.runtimes import foundry_sdk, serve
 from scripts.sources.folder import read_chat_template
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("foundry", "genai", "torch")
+BACKENDS = ("foundry", "genai", "torch", "http")
 
 
 @dataclass
@@ -89,6 +91,16 @@ class Backend:
 
     def close(self) -> None:
         pass
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the process that does the work: this one, unless a backend says otherwise."""
+        import psutil
+        t = psutil.Process().cpu_times()
+        return t.user + t.system
+
+    def peak_rss_bytes(self) -> int | None:
+        """Peak RSS of the process that holds the model, when it is not this one (None: this process's)."""
+        return None
 
     def score(self, ids: Sequence[int]) -> Any:
         """Logits (numpy, ``[len(ids), vocab]``) of one forward pass over ``ids`` (teacher forcing)."""
@@ -234,8 +246,71 @@ class FoundryBackend(Backend):
             self._tmp.cleanup()
 
 
+class HttpBackend(Backend):
+    """Options as :class:`FoundryBackend`. :meth:`load` starts ``invoke serve``'s server on a free loopback port (its
+    load time is the server's whole start: process, runtime, model); :meth:`generate` streams through the ``openai``
+    client, greedy (``temperature`` 0) with ``max_tokens``, timing each content piece as it arrives."""
+
+    name = "http"
+
+    def load(self) -> float:
+        cache_dir = self.options.get("cache_dir")
+        if not cache_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="slmops-measure-cache-")
+            cache_dir = self._tmp.name
+        self.model_id = self.options.get("model_id") or _probe_model_id(self.model_dir)
+        plan = serve.plan_serve(Path(cache_dir), self.model_dir, self.model_id, port=0)
+        self._log = tempfile.NamedTemporaryFile(prefix="slmops-serve-", suffix=".log", delete=False)
+        self._log.close()
+        t0 = time.perf_counter()
+        self.server = serve.ServerProcess(plan, log_path=Path(self._log.name)).start()
+        seconds = time.perf_counter() - t0
+        self.client = serve.openai_client(self.server.base_url)
+        self._peak = None
+        return seconds
+
+    def generate(self, messages, max_new_tokens):
+        a = serve.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens, temperature=0)
+        return Trace(a.start, a.token_times, a.prompt_tokens, a.completion_tokens, a.text)
+
+    def _server(self):
+        import psutil
+        return psutil.Process(self.server.pid)
+
+    def cpu_seconds(self) -> float:
+        t = self._server().cpu_times()
+        return t.user + t.system
+
+    def peak_rss_bytes(self) -> int | None:
+        if self._peak is None and getattr(self, "server", None) is not None and self.server.running():
+            self._peak = vm_hwm_bytes(self.server.pid)
+        return self._peak
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "server", None) is not None:
+                self.peak_rss_bytes()
+                self.server.stop()
+        finally:
+            if getattr(self, "_log", None):
+                Path(self._log.name).unlink(missing_ok=True)
+            if getattr(self, "_tmp", None):
+                self._tmp.cleanup()
+
+
+def vm_hwm_bytes(pid: int) -> int | None:
+    """Peak resident set size of another process (Linux ``/proc/PID/status`` ``VmHWM``), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def make_backend(name: str, model_dir: Path, **options: Any) -> Backend:
-    classes = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend}
+    classes = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend, "http": HttpBackend}
     if name not in classes:
         raise MeasurementError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}.")
     return classes[name](model_dir, **options)

@@ -7,6 +7,7 @@ Loads ``libfoundry_local.so`` (and its GenAI library) into the calling process: 
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "slmops-deploy"
 TASK = "chat-completion"
+LOCAL_ROUTES = "/catalogs/local"  # where Foundry's web service mounts the LOCAL catalog's OpenAI routes
 
 
 def _sdk():
@@ -41,10 +43,13 @@ def _warn_if_genai_loaded() -> None:
                     "library beside it is untested. Use check_model(), which runs a worker process.")
 
 
-def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Path | None = None):
+def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Path | None = None,
+                 web_url: str | None = None):
     """Return the process's ``FoundryLocalManager`` for ``cache_dir`` (the SDK allows one per process).
 
-    A manager for another cache dir is closed first. Never touches the public catalog.
+    A manager for another cache dir (or another ``web_url``) is closed first. ``web_url`` is where
+    :func:`start_web_service` will bind Foundry's own web service (``http://127.0.0.1:0``: any free loopback
+    port). Never touches the public catalog.
     """
     sdk = _sdk()
     _warn_if_genai_loaded()
@@ -52,7 +57,8 @@ def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Pa
     logs, app_data = runtime_dirs(cache_dir, logs_dir, app_data_dir)
     current = sdk.FoundryLocalManager.instance
     if current is not None:
-        if Path(current.config.model_cache_dir or "").resolve() == cache_dir:
+        current_web = current.config.web.urls if current.config.web is not None else None
+        if Path(current.config.model_cache_dir or "").resolve() == cache_dir and web_url in (None, current_web):
             return current
         log.info("Closing the Foundry Local manager for %s", current.config.model_cache_dir)
         current.close()
@@ -65,6 +71,7 @@ def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Pa
         app_data_dir=str(app_data),
         log_level=sdk.LogLevel.WARNING,
         disable_nonessential_telemetry=True,
+        web=sdk.Configuration.WebService(urls=web_url) if web_url else None,
     )
     try:
         sdk.FoundryLocalManager.initialize(config)
@@ -143,6 +150,36 @@ def load_model(model) -> float:
             "folder is a complete ONNX Runtime GenAI model (genai_config.json ids not null, "
             "tokenizer files present).") from exc
     return time.perf_counter() - t0
+
+
+def start_web_service(manager) -> str:
+    """Start Foundry's own OpenAI-style web service; return the base URL of its LOCAL-catalog routes.
+
+    In 2.2.1 the service mounts every route twice: at the root for the public catalog, and under
+    ``/catalogs/local`` for the LOCAL catalog that :func:`ensure_registered` writes to (so
+    ``<returned>/v1/chat/completions``). A model must be loaded in this process before it answers there.
+    """
+    try:
+        manager.start_web_service()
+    except Exception as exc:
+        raise FoundryError(f"Foundry Local's web service did not start: {exc}") from exc
+    if not manager.urls:
+        raise FoundryError("Foundry Local's web service started but reported no URL.")
+    return manager.urls[0].rstrip("/") + LOCAL_ROUTES
+
+
+def preflight_openai(model, body: dict) -> tuple[int, int]:
+    """``(prompt tokens, context limit)`` of an OpenAI chat request body, as the runtime counts them (its chat
+    template and tokenizer; no generation). Thread-safe beside requests being served; ~0.3 ms."""
+    sdk = _sdk()
+    try:
+        with sdk.ChatSession(model) as session, sdk.Request() as request:
+            request.add_item(sdk.TextItem(json.dumps(body), sdk.TextItemType.OPENAI_JSON))
+            result = session.preflight_request(request)
+    except Exception as exc:
+        raise FoundryError(f"Foundry Local could not count the prompt tokens of a request to {model.id}: "
+                           f"{exc}") from exc
+    return result.prompt_tokens, result.context_limit_tokens
 
 
 def _text_of(item, sdk) -> str:

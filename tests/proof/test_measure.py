@@ -39,15 +39,31 @@ def test_length_prompts_hit_their_token_targets(tiny_onnx_model):
         assert abs(n - target) <= 3, (target, n)
 
 
-@pytest.mark.parametrize("backend", ["genai", "foundry"])
-def test_measure_onnx_backends(tiny_onnx_model, tmp_path, backend):
-    options = {"cache_dir": str(tmp_path / "cache")} if backend == "foundry" else None
+@pytest.mark.parametrize("backend", ["genai", "foundry", "http"])
+def test_measure_onnx_backends(tiny_onnx_model, tmp_path, backend, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the runtime's telemetry store follows HOME
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    options = {"cache_dir": str(tmp_path / "cache")} if backend in ("foundry", "http") else None
     r = measure(backend, tiny_onnx_model, TINY, options)
     assert r.backend == backend and r.load_seconds > 0 and r.peak_rss_mb > r.rss_before_load_mb > 0
     assert [x.target for x in r.lengths] == [16, 48]
     for x in r.lengths:
         assert x.ttft.n == TINY.repeats and x.prompt_tokens > 0 and x.new_tokens >= 1
     assert r.size_bytes > 0 and r.to_json()["lengths"][0]["target"] == 16
+
+
+def test_http_row_streams_the_same_greedy_tokens_as_in_process(tiny_onnx_model, tmp_path, monkeypatch):
+    """The bench's HTTP row goes through `invoke serve` (server in its own process, openai client): same prompts,
+    same greedy answers as the in-process runtime, and the server's own peak RSS (not the client's)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    convs = [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "What is the capital of France?"}]]
+    job = {"kind": "answers", "conversations": convs, "max_new_tokens": 12}
+    opts = {"cache_dir": str(tmp_path / "cache")}
+    http, local = (run_worker(b, tiny_onnx_model, [job], opts) for b in ("http", "foundry"))
+    assert [a["text"] for a in http["jobs"][0]["answers"]] == [a["text"] for a in local["jobs"][0]["answers"]]
+    assert [a["tokens"] for a in http["jobs"][0]["answers"]] == [a["tokens"] for a in local["jobs"][0]["answers"]]
+    assert http["peak_rss"] > 2 * http["rss_before_load"]  # the server's (runtime + model), not the thin client's
 
 
 def test_measure_torch_and_answers_soak_jobs(tiny_hf_model, tiny_onnx_model):
