@@ -1,5 +1,6 @@
 """The deployment chain for one recipe, as Make-style steps:
-doctor → model source (demo / synthetic / tiny model, when the recipe names one) → merge-adapter (LoRA) →
+doctor → model source (demo / synthetic / tiny model / GGUF import / download, when the recipe names one) →
+finetune (LoRA, when the recipe asks for one) → merge-adapter (LoRA) →
 convert (Olive, graph check) → package (inference_model.json, generation settings, template check, GenAI smoke
 test) → install (Foundry cache) → check (Foundry runtime: listed, loads, answers the eval set) → bench →
 validate (see :mod:`scripts.proof.run`)."""
@@ -66,6 +67,11 @@ class Paths:
         return self.root / "package"
 
     @property
+    def adapter(self) -> Path:
+        """The LoRA adapter the recipe's ``model.finetune`` trains."""
+        return self.root / "adapter"
+
+    @property
     def merged(self) -> Path:
         """The base model with the recipe's LoRA adapter merged in."""
         return self.root / "merged"
@@ -94,8 +100,15 @@ class Pipeline:
 
     @property
     def model_dir(self) -> Path:
-        """The model that is converted: the base, or the base with ``model.adapter`` merged in."""
-        return self.paths.merged if self.recipe.adapter else self.base_dir
+        """The model that is converted: the base, or the base with the LoRA adapter merged in."""
+        return self.paths.merged if self.adapter_dir else self.base_dir
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        """The adapter merged before conversion: ``model.adapter``, or the one ``model.finetune`` trains."""
+        if self.recipe.adapter:
+            return Path(self.recipe.adapter)
+        return self.paths.adapter if self.recipe.finetune.dataset else None
 
     @property
     def installed_dir(self) -> Path:
@@ -136,15 +149,28 @@ class Pipeline:
         self.announce(f"       {result.pop('summary', source.spec)}")
         return result
 
+    def _finetune(self) -> dict:
+        spec = self.recipe.finetune
+        inspect_model_folder(self.base_dir)
+        if self.status:
+            self.status(f"LoRA fine-tune of {self.base_dir} on {spec.dataset.name} ({spec.epochs} epochs)…")
+        with atomic_dir(self.paths.adapter) as staging:
+            result = run_in_worker("scripts.sources.finetune:train",
+                                   {"base_dir": str(self.base_dir), "dataset": str(spec.dataset),
+                                    "settings": spec.settings(), "out_dir": str(staging)},
+                                   error=ModelSourceError, what=f"fine-tuning {self.base_dir} on {spec.dataset.name}")
+        self.announce(f"       {result.pop('summary')}")
+        return result
+
     def _merge_adapter(self) -> dict:
         inspect_model_folder(self.base_dir)
         if self.status:
-            self.status(f"merging the LoRA adapter {self.recipe.adapter} into {self.base_dir}…")
+            self.status(f"merging the LoRA adapter {self.adapter_dir} into {self.base_dir}…")
         with atomic_dir(self.paths.merged) as staging:
             result = run_in_worker("scripts.sources.lora:merge_job",
-                                   {"base_dir": str(self.base_dir), "adapter_dir": self.recipe.adapter,
+                                   {"base_dir": str(self.base_dir), "adapter_dir": str(self.adapter_dir),
                                     "out_dir": str(staging)},
-                                   error=ModelSourceError, what=f"merging the adapter {self.recipe.adapter}")
+                                   error=ModelSourceError, what=f"merging the adapter {self.adapter_dir}")
         self.announce(f"       merged LoRA adapter (rank {result['rank']}, {', '.join(result['target_modules'] or [])})")
         return result
 
@@ -224,8 +250,12 @@ class Pipeline:
             out.append(Step(kind.step, self._build_source, inputs=r.source.step_inputs(),
                             settings={"source": r.source.spec}, outputs=[self.base_dir],
                             code=[kind.builder.split(":")[0]]))
-        if r.adapter:
-            out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, Path(r.adapter)],
+        if r.finetune.dataset:
+            out.append(Step("finetune", self._finetune, inputs=[self.base_dir, r.finetune.dataset],
+                            settings=r.finetune.settings(), outputs=[self.paths.adapter],
+                            code=["scripts.sources.finetune"]))
+        if self.adapter_dir:
+            out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, self.adapter_dir],
                             outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [
             Step("convert", self._convert, inputs=[self.model_dir], settings=hashed["conversion"],

@@ -55,6 +55,17 @@ SCHEMA = Obj({
         "family": Field(str, default="auto", help="prompt-format family, or 'auto' to detect from config.json"),
         "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
                          "conversion; relative to the recipe"),
+        "finetune": Obj({
+            "dataset": Field(str, default=None, help="JSONL question/answer pairs to LoRA-fine-tune model.source on "
+                             "(a `finetune` step; the adapter is then merged); relative to the recipe"),
+            "rank": Field(int, default=16, check=in_range(1, 512)),
+            "alpha": Field(int, default=32, check=in_range(1, 4096)),
+            "epochs": Field(int, default=8, check=in_range(1, 1000)),
+            "lr": Field(float, default=2e-3, check=in_range(1e-7, 1.0)),
+            "batch_size": Field(int, default=8, check=in_range(1, 1024)),
+            "seed": Field(int, default=0),
+            "threads": Field(int, default=2, check=in_range(1, 256), help="torch threads while training"),
+        }),
     }, required=True),
     "conversion": Obj({
         "precision": Field(str, default="int4", choices=CHOICES,
@@ -134,6 +145,24 @@ class Quantization:
     algorithm: str
     embeddings: bool = False
     lm_head: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """A seeded LoRA fine-tune of ``model.source`` (``model.finetune``); ``dataset`` None means none."""
+
+    dataset: Path | None = None
+    rank: int = 16
+    alpha: int = 32
+    epochs: int = 8
+    lr: float = 2e-3
+    batch_size: int = 8
+    seed: int = 0
+    threads: int = 2
+
+    def settings(self) -> dict[str, Any]:
+        """The training settings (no paths), as the ``finetune`` step hashes and the trainer reads them."""
+        return {k: v for k, v in asdict(self).items() if k != "dataset"}
 
 
 @dataclass(frozen=True)
@@ -229,6 +258,7 @@ class Recipe:
     eval: EvalSpec
     validate: ValidateSpec = ValidateSpec()
     adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
+    finetune: FinetuneSpec = FinetuneSpec()
     notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
 
     def settings_for_hash(self) -> dict[str, Any]:
@@ -304,6 +334,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
         generation=Generation(**data["generation"]),
         eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"]),
         adapter=_resolve_adapter(data["model"]["adapter"], path),
+        finetune=_finetune(data["model"]["finetune"], data["model"]["adapter"], path),
         validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])
                                  if data["validate"]["format_json_keys"] is not None else None}),
         notes=tuple(notes),
@@ -353,6 +384,19 @@ def with_precision(recipe: "Recipe", name: str | None) -> "Recipe":
         return recipe
     check_precision(name, recipe.conversion.quantization.algorithm, "--precision", f"--precision {name}:")
     return replace(recipe, conversion=replace(recipe.conversion, precision=name))
+
+
+def _finetune(spec: dict, adapter: str | None, recipe_file: Path) -> FinetuneSpec:
+    if spec["dataset"] is None:
+        return FinetuneSpec(**{**spec, "dataset": None})
+    if adapter is not None:
+        raise RecipeError(f"{recipe_file}: model.finetune and model.adapter are both set: the fine-tune makes the "
+                          "adapter. Keep one.")
+    dataset = (recipe_file.parent / spec["dataset"]).resolve()
+    if not dataset.is_file():
+        raise RecipeError(f"{recipe_file}: model.finetune.dataset: {dataset} does not exist. Point it at a JSONL file "
+                          "of {\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+    return FinetuneSpec(**{**spec, "dataset": dataset})
 
 
 def _resolve_adapter(adapter: str | None, recipe_file: Path) -> str | None:

