@@ -181,7 +181,8 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
         if failure:
             raise QualityError(failure)
         return
-    from scripts.runtimes.serve import DEFAULT_PORT, plan_serve, run_server
+    from scripts.runtimes.serve import plan_serve, run_server
+    from scripts.runtimes.serve_api import DEFAULT_PORT
     plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")

@@ -12,8 +12,9 @@ from typing import Any, Callable, Sequence
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.qa import QA
 from scripts.runtimes.foundry import check_model
-from scripts.runtimes.serve import (DEFAULT_HOST, ServerProcess, complete_answer, openai_client, plan_serve,
-                                    stream_answer)
+from scripts.runtimes.serve import ServerProcess, plan_serve
+from scripts.runtimes.serve_api import DEFAULT_HOST
+from scripts.runtimes.serve_client import complete_answer, openai_client, stream_answer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
-from scripts.runtimes import foundry_sdk, serve
+from scripts.runtimes import foundry_sdk, serve, serve_client
 from scripts.sources.folder import read_chat_template
 
 log = logging.getLogger(__name__)
@@ -265,12 +265,13 @@ class HttpBackend(Backend):
         t0 = time.perf_counter()
         self.server = serve.ServerProcess(plan, log_path=Path(self._log.name)).start()
         seconds = time.perf_counter() - t0
-        self.client = serve.openai_client(self.server.base_url)
+        self.client = serve_client.openai_client(self.server.base_url)
         self._peak = None
         return seconds
 
     def generate(self, messages, max_new_tokens):
-        a = serve.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens, temperature=0)
+        a = serve_client.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens,
+                                       temperature=0)
         return Trace(a.start, a.token_times, a.prompt_tokens, a.completion_tokens, a.text)
 
     def _server(self):
