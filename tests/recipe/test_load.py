@@ -244,3 +244,12 @@ def test_recipe_generation_value_wins_over_family_default(recipes):
     resolved = load_recipe("r").generation.resolved({"temperature": 0.7, "top_k": 20})
     assert (resolved.temperature, resolved.do_sample, resolved.top_k) == (0.2, True, 20)
     assert resolved.max_length == BUILTIN_GENERATION["max_length"]
+
+
+def test_max_length_defaults_to_the_models_context():
+    """Not 512: a model with an 8k context takes a 2,000-token prompt unless the recipe says otherwise."""
+    from scripts.recipe.load import Generation
+    assert Generation().resolved({}, context_length=8192).max_length == 8192
+    assert Generation(max_length=1024).resolved({}, context_length=8192).max_length == 1024  # the recipe wins
+    assert Generation().resolved({"max_length": 2048}, context_length=8192).max_length == 2048  # then the family
+    assert Generation().resolved({}).max_length == 512  # context unknown: the built-in default
