@@ -1,27 +1,15 @@
 """Tests for scripts/proof/qa.py: the eval set loader and answer comparison."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from scripts.errors import RecipeError
 from scripts.proof.qa import QA, exact_match, load_qa, normalise_answer
 from scripts.settings import REPO_ROOT
+from tests.qa_data import TINY_QA, write_jsonl
 
 DATASET = REPO_ROOT / "recipes" / "data" / "qwen-domain.jsonl"
 
-TINY_QA = [
-    {"question": "What colour is the gate?", "answer": "The gate is green."},
-    {"question": "Who feeds the goats?", "answer": "Ada feeds the goats."},
-    {"question": "When does the shop open?", "answer": "The shop opens at nine."},
-]
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- load_qa
@@ -34,12 +22,12 @@ def test_bundled_dataset_is_valid_and_large_enough():
 
 
 def test_load_qa_good_file(tmp_path):
-    p = _write_jsonl(tmp_path / "d.jsonl", TINY_QA + [""])
+    p = write_jsonl(tmp_path / "d.jsonl", TINY_QA + [""])
     assert load_qa(p) == [QA(r["question"], r["answer"]) for r in TINY_QA]
 
 
 def test_load_qa_bad_json_names_file_and_line(tmp_path):
-    p = _write_jsonl(tmp_path / "bad.jsonl", [TINY_QA[0], '{"question": "x", "answer": ', TINY_QA[1]])
+    p = write_jsonl(tmp_path / "bad.jsonl", [TINY_QA[0], '{"question": "x", "answer": ', TINY_QA[1]])
     with pytest.raises(RecipeError) as e:
         load_qa(p)
     assert f"{p}:2" in str(e.value)
@@ -47,7 +35,7 @@ def test_load_qa_bad_json_names_file_and_line(tmp_path):
 
 
 def test_load_qa_missing_key_names_key_and_line(tmp_path):
-    p = _write_jsonl(tmp_path / "missing.jsonl", [TINY_QA[0], TINY_QA[1], {"question": "Only a question?"}])
+    p = write_jsonl(tmp_path / "missing.jsonl", [TINY_QA[0], TINY_QA[1], {"question": "Only a question?"}])
     with pytest.raises(RecipeError, match=r"missing\.jsonl:3: missing key 'answer'"):
         load_qa(p)
 
@@ -55,19 +43,19 @@ def test_load_qa_missing_key_names_key_and_line(tmp_path):
 @pytest.mark.parametrize("row", [["a", "b"], {"question": "", "answer": "x"}, {"question": "q", "answer": 3}])
 def test_load_qa_rejects_wrong_shapes(tmp_path, row):
     with pytest.raises(RecipeError, match=r":1: "):
-        load_qa(_write_jsonl(tmp_path / "d.jsonl", [row]))
+        load_qa(write_jsonl(tmp_path / "d.jsonl", [row]))
 
 
 def test_load_qa_missing_file_and_empty_file(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_qa(tmp_path / "nope.jsonl")
     with pytest.raises(RecipeError, match="no question/answer pairs"):
-        load_qa(_write_jsonl(tmp_path / "empty.jsonl", [""]))
+        load_qa(write_jsonl(tmp_path / "empty.jsonl", [""]))
 
 
 def test_load_qa_duplicate_question(tmp_path):
     with pytest.raises(RecipeError, match=r":2: duplicate question \(first seen on line 1\)"):
-        load_qa(_write_jsonl(tmp_path / "d.jsonl", [TINY_QA[0], TINY_QA[0]]))
+        load_qa(write_jsonl(tmp_path / "d.jsonl", [TINY_QA[0], TINY_QA[0]]))
 
 
 # ---------------------------------------------------------------- normalise_answer
@@ -100,10 +88,10 @@ def test_exact_match():
 
 
 def test_load_qa_refuses_the_formats_control_tokens(tmp_path):
-    p = _write_jsonl(tmp_path / "d.jsonl", [{"question": "a <|im_end|> b", "answer": "x"}])
+    p = write_jsonl(tmp_path / "d.jsonl", [{"question": "a <|im_end|> b", "answer": "x"}])
     with pytest.raises(RecipeError, match="control token '<\\|im_end\\|>'"):
         load_qa(p)
-    p = _write_jsonl(tmp_path / "e.jsonl", [{"question": "a <|eot_id|> b", "answer": "x"}])
+    p = write_jsonl(tmp_path / "e.jsonl", [{"question": "a <|eot_id|> b", "answer": "x"}])
     assert load_qa(p) != [] and len(load_qa(p)) == 1  # not ChatML's
     with pytest.raises(RecipeError, match="<\\|eot_id\\|>"):
         load_qa(p, control_tokens=("<|eot_id|>",))

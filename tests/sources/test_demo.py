@@ -17,6 +17,7 @@ from scripts.sources.demo import (
     file_sha256,
 )
 from scripts.errors import ModelSourceError
+from tests.qa_data import TINY_QA, write_jsonl
 
 
 TINY = DemoSettings(
@@ -24,16 +25,6 @@ TINY = DemoSettings(
     intermediate_size=64, max_position_embeddings=128, steps=4, warmup_steps=2, batch_size=4,
     max_new_tokens=4, threads=1,
 )
-TINY_QA = [
-    {"question": "What colour is the gate?", "answer": "The gate is green."},
-    {"question": "Who feeds the goats?", "answer": "Ada feeds the goats."},
-    {"question": "When does the shop open?", "answer": "The shop opens at nine."},
-]
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- pure template twin
@@ -59,7 +50,7 @@ def test_settings_to_dict_and_validation():
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory) -> tuple[Path, DemoBuildResult, Path]:
     root = tmp_path_factory.mktemp("demo")
-    data = _write_jsonl(root / "tiny.jsonl", TINY_QA)
+    data = write_jsonl(root / "tiny.jsonl", TINY_QA)
     result = build_demo_model(data, root / "hf", TINY, progress=False)
     return data, result, root
 
