@@ -3,6 +3,7 @@ Olive subprocess on a deliberately broken model; the rest with a fake subprocess
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper
 
 from scripts.convert import olive as olive_convert
 from scripts.errors import ConversionError
+from scripts.settings import REPO_ROOT
 from scripts.convert.olive import explain_failure, olive_config, run_olive
 from scripts.recipe.load import Conversion, Quantization
 
@@ -159,8 +161,11 @@ def test_run_olive_success_returns_output_dir(monkeypatch, tmp_path):
     fake, cfg = fake_run(monkeypatch, tmp_path, log="all good\n")
     seen = []
     assert run_olive(cfg, tmp_path / "work", progress=seen.append) == tmp_path / "out"
-    assert fake.cmd == [sys.executable, "-m", "olive", "run", "--config", str(tmp_path / "work" / "olive_config.json")]
+    # olive's own CLI, started through builder_compat (the pinned builder's expectations of transformers 5 met)
+    assert fake.cmd == [sys.executable, "-m", "scripts.convert.builder_compat", "run", "--config",
+                        str(tmp_path / "work" / "olive_config.json")]
     assert fake.env["HF_HUB_OFFLINE"] == "1" and fake.cwd == tmp_path / "work"
+    assert fake.env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)  # scripts importable from the work dir
     assert json.loads((tmp_path / "work" / "olive_config.json").read_text()) == cfg
     assert (tmp_path / "work" / "olive.log").read_text() == "all good\n"
     # the quantizer renamed logits to logits_Q8: genai_config.json is pointed at the graph's real name
