@@ -5,13 +5,15 @@ test) → install (Foundry cache) → check (Foundry runtime: listed, loads, ans
 validate (see :mod:`scripts.proof.run`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from scripts import settings
 from scripts.convert.genai_smoke import smoke_test
@@ -21,8 +23,10 @@ from scripts.convert.olive import olive_config, run_olive
 from scripts.convert.package import check_template_agreement, load_tokenizer, render_inference_model, with_search
 from scripts.doctor import run_doctor
 from scripts.errors import ModelSourceError, QualityError
+from scripts.faults import checkpoint
 from scripts.families.select import choose_family, refuse_system_prompt, refuse_unconvertible, with_stop_tokens
-from scripts.fileops import atomic_dir, folder_size
+from scripts.fileops import atomic_dir, folder_size, recover_dir
+from scripts.locks import hold
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.measure import get_profile
 from scripts.proof.qa import load_qa
@@ -77,12 +81,54 @@ class Pipeline:
     status: Callable[[str], Any] | None = None  # live one-line progress for long steps
     cache_root: Path = field(default=None)  # type: ignore[assignment]
     root: Path | None = None  # build folder; default build/<recipe> (compare: build/<recipe>/precisions/<p>)
+    wait: bool = True  # a folder locked by another command: wait for it (False: raise BusyError)
 
     def __post_init__(self) -> None:
 
         self.paths = Paths(Path(self.root)) if self.root else Paths.for_recipe(self.recipe)
         self.cache_root = Path(self.cache_root or cache_root())
         self.runner = StepRunner(self.paths.stamps, self.force, self.announce)
+        self._locks: contextlib.ExitStack | None = None
+
+    # ----- locks and recovery (scripts.locks, fileops.recover_dir) ---------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the recipe's build-folder lock (and its built model source's) for the block, after recovering what a
+        killed run left there. The cache target's lock joins them from the install step on (:meth:`run`)."""
+        if self._locks is not None:
+            yield
+            return
+        recipe_root = Paths.for_recipe(self.recipe).root
+        with contextlib.ExitStack() as stack:
+            lock = stack.enter_context(hold(recipe_root, f"building recipe {self.recipe.name}", wait=self.wait,
+                                            announce=self.announce))
+            notes = [n for folder in (self.paths.onnx, self.paths.package, self.paths.merged)
+                     for n in recover_dir(folder)]
+            if lock.stale is not None and (self.paths.olive_work / "cache").is_dir():
+                shutil.rmtree(self.paths.olive_work / "cache")  # a killed Olive run may leave half-written entries
+                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (its run was killed)")
+            if self.recipe.source.info.step:
+                stack.enter_context(hold(self.base_dir, f"building the model source {self.recipe.source.spec}",
+                                         wait=self.wait, announce=self.announce))
+                notes += recover_dir(self.base_dir)
+            for note in notes:
+                self.announce(f"recovered: {note}")
+            self._locks = stack
+            try:
+                checkpoint("pipeline:locked")
+                yield
+            finally:
+                self._locks = None
+
+    @contextlib.contextmanager
+    def cache_locked(self) -> Iterator[None]:
+        """Hold the lock of the installed folder (``<cache>/<publisher>/<name>``) for the block, after finishing or
+        undoing an install that was killed there and removing its leftovers (said so through ``announce``)."""
+        with hold(self.installed_dir, f"installing or loading {self.recipe.foundry.model_id}", wait=self.wait,
+                  announce=self.announce):
+            for note in recover_dir(self.installed_dir):
+                self.announce(f"recovered: {note}")
+            yield
 
     # ----- inputs ---------------------------------------------------------------------------------------
     @property
@@ -111,9 +157,10 @@ class Pipeline:
     def _convert(self) -> dict:
 
         refuse_unconvertible(inspect_model_folder(self.model_dir))
-        with atomic_dir(self.paths.onnx) as staging:
+        with atomic_dir(self.paths.onnx, label="convert") as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)
+            checkpoint("convert:olive-done")
             summary = summarise_graph(staging / "model.onnx")
             verify_quantization(summary, self.recipe.conversion, str(staging / "model.onnx"))
         self.announce(f"       graph: {summary.describe()}")
@@ -125,7 +172,7 @@ class Pipeline:
         kind = source.info
         if self.status:
             self.status(f"{kind.step}: {kind.describe} → {source.folder}…")
-        with atomic_dir(source.folder) as staging:
+        with atomic_dir(source.folder, label="source") as staging:
             if kind.in_process:
                 result = resolve(kind.builder)(source.request(staging))
             else:
@@ -139,7 +186,7 @@ class Pipeline:
         inspect_model_folder(self.base_dir)
         if self.status:
             self.status(f"merging the LoRA adapter {self.recipe.adapter} into {self.base_dir}…")
-        with atomic_dir(self.paths.merged) as staging:
+        with atomic_dir(self.paths.merged, label="merge") as staging:
             result = run_in_worker("scripts.sources.lora:merge_job",
                                    {"base_dir": str(self.base_dir), "adapter_dir": self.recipe.adapter,
                                     "out_dir": str(staging)},
@@ -187,8 +234,9 @@ class Pipeline:
         chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
         if self.status:
             self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
-        result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
-                             max_tokens=self.recipe.eval.max_new_tokens)
+        with self.cache_locked():
+            result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
+                                 max_tokens=self.recipe.eval.max_new_tokens)
         answers = [a.text for a in result.answers]
         summary: dict[str, Any] = {
             "model_id": result.model_id, "listed": result.listed, "registration": result.registration,
@@ -243,12 +291,16 @@ class Pipeline:
         return out
 
     def run(self, until: str | None = None) -> dict[str, Any]:
-        """Run the steps in order (up to and including ``until``); return each step's outcome by name."""
+        """Run the steps in order (up to and including ``until``) under the recipe's lock, and from ``install`` on
+        under the cache target's too; return each step's outcome by name."""
         outcomes = {}
-        for step in self.steps():
-            outcomes[step.name] = self.runner.run(step)
-            if step.name == until:
-                break
+        with self.locked():
+            for step in self.steps():
+                if step.name == "install":
+                    self._locks.enter_context(self.cache_locked())
+                outcomes[step.name] = self.runner.run(step)
+                if step.name == until:
+                    break
         return outcomes
 
 
@@ -265,15 +317,18 @@ class DeploySummary:
 
 
 def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
-           status: Callable[[str], Any] | None = None, proof: str | None = "quick") -> DeploySummary:
+           status: Callable[[str], Any] | None = None, proof: str | None = "quick", wait: bool = True) -> DeploySummary:
     """Run the whole chain for ``recipe`` and summarise the result. ``proof``: the bench/validate profile
-    (``quick`` or ``full``) run after ``check``, or None to skip them."""
-    pipeline = Pipeline(recipe, force=force, announce=announce, status=status)
-    outcomes = pipeline.run()
-    skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
-    proven: dict[str, Any] = {}
-    if proof:
-        proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
-        skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
-    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir,
-                         folder_size(pipeline.installed_dir), outcomes["check"].result or {}, skipped, ran, proven)
+    (``quick`` or ``full``) run after ``check``, or None to skip them. ``wait``: when another command holds the
+    recipe's build folder or the cache target, wait for it (False: raise :class:`~scripts.errors.BusyError`)."""
+    pipeline = Pipeline(recipe, force=force, announce=announce, status=status, wait=wait)
+    with pipeline.locked():
+        outcomes = pipeline.run()
+        skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
+        proven: dict[str, Any] = {}
+        if proof:
+            proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
+            skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
+        size = folder_size(pipeline.installed_dir)
+    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir, size,
+                         outcomes["check"].result or {}, skipped, ran, proven)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from scripts.errors import StepError
+from scripts.faults import checkpoint
 from scripts.fileops import hash_file, hash_json, hash_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class StepRunner:
             self.announce(f"• {step.name}: skipped (inputs unchanged)")
             return StepOutcome(step.name, True, time.perf_counter() - start, self.recorded_result(step))
         self.announce(f"▶ {step.name}")
+        checkpoint(f"step:{step.name}:start")
         result = step.run()
+        checkpoint(f"step:{step.name}:ran")
         write_json_atomic(self._stamp(step), {"fingerprint": fingerprint, "finished": time.time(),
                                               "result": _jsonable(result)})
         seconds = time.perf_counter() - start

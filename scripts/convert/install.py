@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ PACKAGE_GLOBS = ("*.onnx", "*.onnx.data", "genai_config.json", "tokenizer*.json"
                  "generation_config.json")
 INFERENCE_MODEL = "inference_model.json"
 REQUIRED = ("model.onnx", "genai_config.json", INFERENCE_MODEL)
+#: Foundry Local's cache scanner skips a folder holding this file (upstream ``local_model_scanner.cc``): the staging
+#: folder of an install carries it, and so does the old copy before it is removed.
+SCANNER_SKIP = "download.tmp"
 
 
 def package_files(onnx_dir: Path) -> list[Path]:
@@ -42,15 +46,18 @@ def install_dir(cache_root: Path, publisher: str, name: str) -> Path:
 
 
 def install_package(package_dir: Path, cache_root: Path, publisher: str, name: str) -> Path:
-    """Copy ``package_dir`` to ``<cache_root>/<publisher>/<name>/``. The copy is staged beside the target and
-    swapped in by rename, so a half-copied model is never visible and a failed copy leaves the old one."""
+    """Copy ``package_dir`` to ``<cache_root>/<publisher>/<name>/``: staged beside the target (hidden from the cache
+    scanner by :data:`SCANNER_SKIP`), fsynced, then exchanged with the old copy in one atomic rename
+    (:func:`~scripts.fileops.atomic_dir`), so the target is the old or the new model at every instant and a failed
+    copy leaves the old one. Hold the target's lock (:meth:`scripts.pipeline.Pipeline.cache_locked`), which also
+    recovers what a killed install left."""
     missing = [f for f in REQUIRED if not (package_dir / f).is_file()]
     if missing:
         raise InstallError(f"{package_dir} is not a complete package (missing {', '.join(missing)}); "
                            "rerun `invoke deploy --force` to rebuild it.")
     target = install_dir(cache_root, publisher, name)
     try:
-        with atomic_dir(target) as staging:
+        with atomic_dir(target, label="install", hide_marker=SCANNER_SKIP, durable=True) as staging:
             files = sorted(p for p in package_dir.iterdir() if p.is_file())
             # inference_model.json last: a scanner only lists a folder once it is complete.
             for file in sorted(files, key=lambda p: p.name == INFERENCE_MODEL):
@@ -63,18 +70,23 @@ def install_package(package_dir: Path, cache_root: Path, publisher: str, name: s
 
 
 def list_cache(cache_root: Path) -> list[dict[str, str]]:
-    """Models in a Foundry cache folder, as the v1 CLI's `foundry cache ls` sees them: ``<publisher>/<name>/``
-    holding ``genai_config.json`` and an ``inference_model.json`` with a string ``Name``."""
+    """Models in a Foundry cache folder as its cache scanner sees them (upstream ``local_model_scanner.cc``, checked
+    in the Foundry research): every folder at any depth, dot-folders included and symbolic links followed, that holds
+    ``genai_config.json`` and an ``inference_model.json`` with a string ``Name``, except a folder holding
+    :data:`SCANNER_SKIP`. ``publisher`` is the first folder under the root."""
     found = []
-    for model_dir in sorted(cache_root.glob("*/*")):
-        if model_dir.name.startswith(".") or model_dir.parent.name.startswith("."):
+    for folder, subfolders, files in os.walk(cache_root, followlinks=True):
+        subfolders.sort()
+        if SCANNER_SKIP in files:
+            subfolders.clear()
             continue
-        info = model_dir / INFERENCE_MODEL
-        if info.is_file() and (model_dir / "genai_config.json").is_file():
-            try:
-                name = json.loads(info.read_text(encoding="utf-8")).get("Name")
-            except json.JSONDecodeError:
-                continue
-            if isinstance(name, str):
-                found.append({"name": name, "publisher": model_dir.parent.name, "path": str(model_dir)})
+        if INFERENCE_MODEL not in files or "genai_config.json" not in files:
+            continue
+        try:
+            name = json.loads((Path(folder) / INFERENCE_MODEL).read_text(encoding="utf-8")).get("Name")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            continue
+        if isinstance(name, str):
+            parts = Path(folder).relative_to(cache_root).parts
+            found.append({"name": name, "publisher": parts[0] if len(parts) > 1 else "", "path": folder})
     return found

@@ -100,25 +100,29 @@ def test_incomplete_package_is_refused(tmp_path, cache, missing):
 
 
 # ----- list_cache --------------------------------------------------------------------------------------------
-def test_list_cache_finds_installed_models_and_ignores_the_rest(tmp_path, cache):
+def test_list_cache_sees_what_the_foundry_scanner_sees(tmp_path, cache):
+    """Like upstream's scanner: any depth, dot-folders too, symlinks followed; a folder holding download.tmp is
+    skipped (so are its subfolders); a folder needs genai_config.json and a string Name."""
     install_package(make_package(tmp_path / "a", name="alpha"), cache, "slmops", "alpha")
     install_package(make_package(tmp_path / "b", name="beta"), cache, "other", "beta")
-    shutil.copytree(cache / "slmops" / "alpha", cache / "slmops" / ".alpha.staging-1234")  # dot folder
-    shutil.copytree(cache / "slmops" / "alpha", cache / ".hidden" / "alpha")               # dot publisher
-    no_name = cache / "slmops" / "no-name"
-    shutil.copytree(cache / "slmops" / "alpha", no_name)
-    (no_name / "inference_model.json").write_text('{"Name": 3}')
-    broken = cache / "slmops" / "broken"
-    shutil.copytree(cache / "slmops" / "alpha", broken)
-    (broken / "inference_model.json").write_text("{not json")
-    no_genai = cache / "slmops" / "no-genai"
-    shutil.copytree(cache / "slmops" / "alpha", no_genai)
-    (no_genai / "genai_config.json").unlink()
+    alpha = cache / "slmops" / "alpha"
+    shutil.copytree(alpha, cache / "slmops" / ".alpha.staging-12345678")            # a visible leftover
+    hidden_copy = cache / "slmops" / ".alpha.staging-9abcdef0"
+    shutil.copytree(alpha, hidden_copy / "nested")
+    (hidden_copy / install.SCANNER_SKIP).touch()                                     # skipped with its subfolders
+    (cache / "links").mkdir()
+    (cache / "links" / "alpha-link").symlink_to(alpha)                               # followed
+    for bad, change in (("no-name", lambda d: (d / "inference_model.json").write_text('{"Name": 3}')),
+                        ("broken", lambda d: (d / "inference_model.json").write_text("{not json")),
+                        ("no-genai", lambda d: (d / "genai_config.json").unlink())):
+        shutil.copytree(alpha, cache / "slmops" / bad)
+        change(cache / "slmops" / bad)
 
-    found = list_cache(cache)
-    assert found == [
+    assert list_cache(cache) == [
+        {"name": "alpha", "publisher": "links", "path": str(cache / "links" / "alpha-link")},
         {"name": "beta", "publisher": "other", "path": str(cache / "other" / "beta")},
-        {"name": "alpha", "publisher": "slmops", "path": str(cache / "slmops" / "alpha")},
+        {"name": "alpha", "publisher": "slmops", "path": str(cache / "slmops" / ".alpha.staging-12345678")},
+        {"name": "alpha", "publisher": "slmops", "path": str(alpha)},
     ]
 
 
