@@ -146,14 +146,15 @@ def check(c, model="qwen", model_path=None, no_wait=False):
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "max_tokens": "longest reply, in tokens", "system": "optional system prompt"})
+            "max_tokens": "longest reply, in tokens (sized down to what the model's context leaves)",
+            "system": "optional system message (/system changes it during the chat)", "no_wait": NO_WAIT_HELP})
 @domain_errors
-def run(c, model="qwen", model_path=None, max_tokens=256, system=None):
-    """Interactive streaming chat with the installed model through the Foundry Local runtime."""
-    from scripts.runtimes.chat import chat_loop
-    console, pipeline = _pipeline(model, model_path)
-    chat_loop(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
-              int(max_tokens), system)
+def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=False):
+    """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands)."""
+    from scripts.runtimes.chat import run_chat
+    console, pipeline = _pipeline(model, model_path, wait=not no_wait)
+    run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
+             int(max_tokens), system, lock=pipeline.cache_locked)
 
 
 @task
