@@ -24,6 +24,7 @@ from scripts.convert.package import check_template_agreement, load_tokenizer, re
 from scripts.doctor import run_doctor
 from scripts.errors import ModelSourceError, QualityError
 from scripts.faults import checkpoint
+from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import choose_family, refuse_system_prompt, refuse_unconvertible, with_stop_tokens
 from scripts.fileops import atomic_dir, folder_size, recover_dir
 from scripts.locks import hold
@@ -106,7 +107,7 @@ class Pipeline:
                      for n in recover_dir(folder)]
             if lock.stale is not None and (self.paths.olive_work / "cache").is_dir():
                 shutil.rmtree(self.paths.olive_work / "cache")  # a killed Olive run may leave half-written entries
-                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (its run was killed)")
+                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (a run of this recipe was killed)")
             if self.recipe.source.info.step:
                 stack.enter_context(hold(self.base_dir, f"building the model source {self.recipe.source.spec}",
                                          wait=self.wait, announce=self.announce))
@@ -154,9 +155,20 @@ class Pipeline:
         checks = run_doctor()
         return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
 
+    def check_before_converting(self) -> None:
+        """The cheap checks of what would otherwise fail after Olive: the model folder, its architecture (a registered
+        family's, or convertible by the pinned builder), the family and its chat template (unless ``auto-template``,
+        which needs the tokenizer), the system prompt against the family, and the eval set."""
+        source = inspect_model_folder(self.model_dir)
+        refuse_unconvertible(source)
+        if self.recipe.family != AUTO_TEMPLATE:
+            family = choose_family(self.recipe.family, source, str(self.model_dir)).family
+            refuse_system_prompt(family, self.recipe.eval.system_prompt, str(self.model_dir))
+        self.eval_set()
+
     def _convert(self) -> dict:
 
-        refuse_unconvertible(inspect_model_folder(self.model_dir))
+        self.check_before_converting()
         with atomic_dir(self.paths.onnx, label="convert") as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)

@@ -190,3 +190,28 @@ def test_invoke_families_rows_and_notes():
     notes = "\n".join(family_notes())
     assert "✗ Gemma3ForCausalLM: not convertible: " in notes and "rope_local_base_freq" in notes
     assert "--family auto-template" in notes and "--model-path DIR" in notes
+
+
+# ----- what can be deployed at all (checked before Olive runs) ------------------------------------------------------
+def test_builder_architectures_are_read_from_the_pinned_builder():
+    convertible = families.builder_architectures()
+    assert {"Qwen2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM"} <= set(convertible)
+    assert "FooForCausalLM" not in convertible
+
+
+def test_unsupported_architecture_names_it_the_families_and_what_the_builder_builds():
+    problem = families.unsupported_architecture({"architectures": ["FooForCausalLM"], "model_type": "foo"})
+    assert problem.startswith("architecture 'FooForCausalLM' (config.json architectures[0], model_type 'foo') is not "
+                              "supported: no registered family covers it (families: chatml (Qwen2ForCausalLM);")
+    assert "llama3 (LlamaForCausalLM)" in problem and "cannot build it (it builds ChatGLMForConditionalGeneration" in problem
+    assert "Nothing was converted" in problem
+
+
+@pytest.mark.parametrize("config", [{"architectures": ["Qwen2ForCausalLM"]},      # a family's
+                                    {"architectures": ["SmolLM3ForCausalLM"]}])   # builder only: auto-template
+def test_supported_architectures_pass(config):
+    assert families.unsupported_architecture(config) is None
+
+
+def test_a_config_without_architectures_is_refused():
+    assert "config.json names no architecture" in families.unsupported_architecture({"model_type": "qwen2"})
