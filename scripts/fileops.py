@@ -157,14 +157,14 @@ def atomic_dir(final: Path, label: str = "swap", hide_marker: str | None = None,
         if hide_marker:
             (staging / hide_marker).touch()
         yield staging
-        if hide_marker:
-            (staging / hide_marker).unlink()
         if durable:
             fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     checkpoint(f"{label}:staged")
+    if hide_marker:
+        (staging / hide_marker).unlink()
     retired = _swap_into_place(staging, final, final.parent / f".{final.name}.old-{token}", label)
     if durable:
         fsync_dir(final.parent)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 from scripts import settings
 from scripts.convert.genai_smoke import smoke_test
 from scripts.convert.graph_check import summarise_graph, verify_quantization
-from scripts.convert.install import assemble_package, install_dir, install_package
+from scripts.convert.install import assemble_package, check_context, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert.package import check_template_agreement, load_tokenizer, render_inference_model, with_search
 from scripts.doctor import run_doctor
@@ -34,6 +34,7 @@ from scripts.proof.qa import load_qa
 from scripts.proof.run import run_proof
 from scripts.recipe.load import Recipe
 from scripts.runtimes.foundry import cache_root, check_model
+from scripts.runtimes.foundry_api import default_client_note
 from scripts.sources.folder import inspect_model_folder, read_chat_template
 from scripts.steps import Step, StepRunner
 from scripts.workers import resolve, run_in_worker
@@ -107,7 +108,8 @@ class Pipeline:
                      for n in recover_dir(folder)]
             if lock.stale is not None and (self.paths.olive_work / "cache").is_dir():
                 shutil.rmtree(self.paths.olive_work / "cache")  # a killed Olive run may leave half-written entries
-                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (a run of this recipe was killed)")
+                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (a run of this recipe was "
+                             "killed)")
             if self.recipe.source.info.step:
                 stack.enter_context(hold(self.base_dir, f"building the model source {self.recipe.source.spec}",
                                          wait=self.wait, announce=self.announce))
@@ -255,6 +257,7 @@ class Pipeline:
             "load_seconds": result.load_seconds, "generate_seconds": sum(a.seconds for a in result.answers),
             "prompt": chats[0][-1]["content"], "answer": answers[0],
             "first_answer_seconds": result.answers[0].seconds,
+            "context": default_client_note(check_context(self.installed_dir)),
         }
         if qa:
             ev = score(answers, qa)

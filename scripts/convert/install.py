@@ -41,6 +41,26 @@ def assemble_package(onnx_dir: Path, package_dir: Path, genai_config: dict[str, 
     return package_dir
 
 
+def check_context(package_dir: Path) -> int:
+    """The package's ``genai_config.json`` ``model.context_length`` (Foundry Local's limit on prompt + reply), refused
+    when missing (the runtime will not load the model) or larger than the positions the graph was built for
+    (``config.json`` ``max_position_embeddings``: generation would crash past them)."""
+    genai = json.loads((package_dir / "genai_config.json").read_text(encoding="utf-8"))
+    context = (genai.get("model") or {}).get("context_length")
+    if not isinstance(context, int) or context < 1:
+        raise InstallError(f"{package_dir / 'genai_config.json'} has no model.context_length; Foundry Local refuses to "
+                           "load such a model (\"model context_length is 0 or was not set\"). Rebuild it: "
+                           "`invoke deploy --force`.")
+    hf_config = package_dir / "config.json"
+    positions = json.loads(hf_config.read_text(encoding="utf-8")).get("max_position_embeddings") \
+        if hf_config.is_file() else None
+    if isinstance(positions, int) and context > positions:
+        raise InstallError(f"{package_dir / 'genai_config.json'}: model.context_length {context} exceeds the "
+                           f"{positions} positions the graph was built for (config.json max_position_embeddings): "
+                           f"generation would crash past position {positions}. Set it to at most {positions}.")
+    return context
+
+
 def install_dir(cache_root: Path, publisher: str, name: str) -> Path:
     return cache_root / publisher / name
 
@@ -55,6 +75,7 @@ def install_package(package_dir: Path, cache_root: Path, publisher: str, name: s
     if missing:
         raise InstallError(f"{package_dir} is not a complete package (missing {', '.join(missing)}); "
                            "rerun `invoke deploy --force` to rebuild it.")
+    check_context(package_dir)
     target = install_dir(cache_root, publisher, name)
     try:
         with atomic_dir(target, label="install", hide_marker=SCANNER_SKIP, durable=True) as staging:

@@ -23,8 +23,8 @@ from scripts.errors import RecipeError
 RECIPE_KEYS = ("name", "description", "model", "conversion", "foundry", "generation", "eval", "validate")
 #: Olive keys that need no translation: where Olive runs and keeps its files (the chain decides those).
 _NOT_NEEDED = ("systems", "host", "target", "cache_dir", "log_severity_level", "clean_cache", "workflow_id",
-               "output_name", "evaluate_input_model", "packaging_config", "plot_pareto_frontier", "auto_optimizer_config",
-               "search_strategy", "execution_providers")
+               "output_name", "evaluate_input_model", "packaging_config", "plot_pareto_frontier",
+               "auto_optimizer_config", "search_strategy", "execution_providers")
 #: Olive keys about evaluation: the recipe's proof is ``eval.dataset`` through Foundry Local instead.
 _EVALUATION = ("evaluators", "evaluator", "data_configs")
 _TRANSLATED = ("input_model", "passes", "output_dir", "engine")
@@ -126,7 +126,8 @@ def _model(input_model: Any, path: Path, model_path_given: bool, notes: list[str
     elif not (path.parent / model_path).expanduser().exists() and _HUB_ID.match(model_path):
         raise _refuse(path, f"input_model.model_path {model_path!r} is a Hugging Face Hub id, which Olive downloads; "
                             "this tool deploys local folders, offline: download it first (e.g. huggingface-cli "
-                            f"download {model_path} --local-dir DIR) and set model_path to DIR, or pass --model-path DIR")
+                            f"download {model_path} --local-dir DIR) and set model_path to DIR, or pass --model-path "
+                            "DIR")
     else:
         model["source"] = model_path
         notes.append(f"input_model.model_path → model.source = {model_path!r} (relative to {path.name}'s folder)")
@@ -139,7 +140,8 @@ def _model(input_model: Any, path: Path, model_path_given: bool, notes: list[str
 def _builder_pass(passes: Any, path: Path, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(passes, dict) or not passes:
         raise _refuse(path, "it has no passes")
-    builders = {n: p for n, p in passes.items() if isinstance(p, dict) and str(p.get("type", "")).lower() == "modelbuilder"}
+    builders = {n: p for n, p in passes.items()
+                if isinstance(p, dict) and str(p.get("type", "")).lower() == "modelbuilder"}
     others = {n: (p.get("type") if isinstance(p, dict) else p) for n, p in passes.items() if n not in builders}
     if others or len(builders) != 1:
         what = ", ".join(f"{n} ({t})" for n, t in others.items()) or f"{len(builders)} ModelBuilder passes"
@@ -164,8 +166,8 @@ def _name(output_dir: Any, path: Path, notes: list[str]) -> str:
     raw = Path(str(output_dir)).name if output_dir else path.stem
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._")[:64] or "olive-model"
     if output_dir:
-        notes.append(f"output_dir {output_dir!r} → name and foundry.name {name!r} (outputs go to build/{name}/ and the "
-                     "Foundry cache)")
+        notes.append(f"output_dir {output_dir!r} → name and foundry.name {name!r} (outputs go to build/{name}/ and "
+                     "the Foundry cache)")
     else:
         notes.append(f"no output_dir: name and foundry.name {name!r} from the file name")
     return name
