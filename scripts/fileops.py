@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from scripts.faults import checkpoint
+from scripts.faults import checkpoint, exchange_disabled
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
@@ -104,6 +104,8 @@ def exchange(a: Path, b: Path) -> None:
     Linux; Linux < 3.15; filesystems that do not implement it), EXDEV across mounts, ENOENT when one is missing."""
     if sys.platform != "linux":
         raise OSError(errno.ENOSYS, f"RENAME_EXCHANGE is Linux-only ({sys.platform})")
+    if exchange_disabled():
+        raise OSError(errno.EINVAL, "RENAME_EXCHANGE disabled by SLMOPS_TEST_NO_EXCHANGE")
     fn, ctypes = _renameat2()
     if fn is None:
         raise OSError(errno.ENOSYS, "this C library has no renameat2")

@@ -53,8 +53,9 @@ class Holder:
 
     @classmethod
     def me(cls, purpose: str) -> "Holder":
-        argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
-        return cls(os.getpid(), shlex.join(argv), purpose, time.time(), socket.gethostname())
+        program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+        name = program.parent.name if program.name == "__main__.py" else program.name  # python -m invoke → invoke
+        return cls(os.getpid(), shlex.join([name, *sys.argv[1:]]), purpose, time.time(), socket.gethostname())
 
     def alive(self) -> bool:
         if self.host != socket.gethostname():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConversionError
+from scripts.faults import checkpoint
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, PRECISIONS, get_precision
 from scripts.workers import die_with_parent
@@ -148,6 +149,7 @@ def run_olive(config: dict[str, Any], workdir: Path, progress: Any = None) -> Pa
     with log_path.open("w", encoding="utf-8") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                 preexec_fn=die_with_parent())
+        checkpoint("convert:olive-running")
         while proc.poll() is None:
             if progress is not None:
                 progress(f"Olive ({' → '.join(config['passes'])}) running… {time.perf_counter() - start:.0f} s")
