@@ -151,6 +151,9 @@ class Conversation:
                    + f", and the model's context is {exc.context} tokens, leaving less than {MIN_REPLY} for a reply")
             self.say(f"refused: {why}. Shorten it; the conversation goes on.", "yellow")
             return Turn(text, "refused", prompt_tokens=exc.prompt_tokens, note=why)
+        except FoundryError as exc:  # the runtime could not even measure the request
+            self.say(f"error: {exc}\nThe conversation goes on without this message.", "red")
+            return Turn(text, "error", note=str(exc))
         if dropped:
             self.history = messages[:-1]
             self.say(f"(dropped the {dropped} oldest messages to fit the {self.context}-token context)")

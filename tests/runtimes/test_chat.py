@@ -264,3 +264,14 @@ def _line_with(stream, marker: str) -> str:
         if marker in line:
             return line
     raise AssertionError(f"the process ended before printing {marker!r}")
+
+
+def test_a_request_the_runtime_cannot_measure_is_an_error_for_that_turn_only():
+    class Unmeasurable(FakeChat):
+        def count_tokens(self, messages):
+            if messages[-1]["content"] == "odd":
+                raise FoundryError("could not measure a prompt")
+            return words(messages)
+
+    turns, out = drive(Unmeasurable(), ["odd", "fine"])
+    assert [t.status for t in turns] == ["error", "answered"] and "error: could not measure a prompt" in out
