@@ -18,6 +18,8 @@ FORCE_HELP = "rebuild every step even if its inputs did not change"
 PRECISION_HELP = (f"{', '.join(p for p in TABLE_ORDER if not refusal(p))} instead of the recipe's conversion.precision "
                   f"({', '.join(p for p in TABLE_ORDER if refusal(p))} refused on CPU), or auto: the smallest "
                   "precision whose eval accuracy stays within conversion.auto_threshold of FP32's")
+NO_WAIT_HELP = ("when another command is using this recipe's build folder or its installed model, exit with code 75 "
+                "naming it instead of waiting for it")
 FAMILY_HELP = ("prompt-format family instead of the recipe's model.family: a name from `invoke families`, auto "
                "(detect), or auto-template (derive PromptTemplate from the tokenizer's chat template)")
 
@@ -47,25 +49,27 @@ def domain_errors(func):
     return wrapper
 
 
-def _recipe(console, model, model_path=None, family=None, precision=None):
+def _recipe(console, model, model_path=None, family=None, precision=None, wait=True):
     """Load the recipe, apply the --family / --precision overrides and print any translation notes."""
     from scripts.families.select import override_family
+    from scripts.pipeline import Pipeline
     from scripts.recipe.load import load_recipe, with_precision
     from scripts.recipe.precisions import AUTO
     recipe = with_precision(override_family(load_recipe(model, model_path), family), precision)
     _print_notes(console, recipe)
     if recipe.conversion.precision == AUTO:  # measuring the candidates: the proof layer's job
         from scripts.proof.compare import resolve_auto
-        with console.status("choosing the precision…") as status:
+        with console.status("choosing the precision…") as status, \
+                Pipeline(recipe, announce=console.print, wait=wait).locked():
             recipe = resolve_auto(recipe, console.print, status.update)
     return recipe
 
 
-def _pipeline(model, model_path=None, force=False, family=None, precision=None):
+def _pipeline(model, model_path=None, force=False, family=None, precision=None, wait=True):
     from scripts.pipeline import Pipeline
     console = _console()
-    recipe = _recipe(console, model, model_path, family, precision)
-    return console, Pipeline(recipe, force=force, announce=console.print)
+    recipe = _recipe(console, model, model_path, family, precision, wait)
+    return console, Pipeline(recipe, force=force, announce=console.print, wait=wait)
 
 
 def _print_notes(console, recipe):
@@ -88,22 +92,23 @@ def doctor(c):
     run_doctor(_console())
 
 
-@task(help={"force": "retrain even if the dataset and settings did not change"})
+@task(help={"force": "retrain even if the dataset and settings did not change", "no_wait": NO_WAIT_HELP})
 @domain_errors
-def demo_model(c, force=False):
+def demo_model(c, force=False, no_wait=False):
     """Build (train) the bundled fine-tuned demo model, offline and seeded; cached until its inputs change."""
-    console, pipeline = _pipeline("qwen", force=force)
+    console, pipeline = _pipeline("qwen", force=force, wait=not no_wait)
     steps = {s.name: s for s in pipeline.steps()}
-    pipeline.runner.run(steps["demo-model"])
+    with pipeline.locked():
+        pipeline.runner.run(steps["demo-model"])
     console.print(f"Demo model: {pipeline.model_dir}")
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP, "family": FAMILY_HELP,
-            "precision": PRECISION_HELP})
+            "precision": PRECISION_HELP, "no_wait": NO_WAIT_HELP})
 @domain_errors
-def convert(c, model="qwen", model_path=None, force=False, family=None, precision=None):
+def convert(c, model="qwen", model_path=None, force=False, family=None, precision=None, no_wait=False):
     """Convert the recipe's model with Olive and render its Foundry package (no install)."""
-    console, pipeline = _pipeline(model, model_path, force, family, precision)
+    console, pipeline = _pipeline(model, model_path, force, family, precision, not no_wait)
     with console.status("working…") as status:
         pipeline.status = status.update
         pipeline.run(until="package")
@@ -113,26 +118,27 @@ def convert(c, model="qwen", model_path=None, force=False, family=None, precisio
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP,
             "full": "bench and validate with the full profile (more prompt lengths and repeats) instead of quick",
             "skip_proof": "skip bench, validate and the report (for fast iteration)", "family": FAMILY_HELP,
-            "precision": PRECISION_HELP})
+            "precision": PRECISION_HELP, "no_wait": NO_WAIT_HELP})
 @domain_errors
-def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None):
+def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None,
+           no_wait=False):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
     from scripts.pipeline import deploy as run_deploy
     from scripts.console import print_deploy_summary
     console = _console()
-    recipe = _recipe(console, model, model_path, family, precision)
+    recipe = _recipe(console, model, model_path, family, precision, not no_wait)
     with console.status("working…") as status:
         summary = run_deploy(recipe, force=force, announce=console.print, status=status.update,
-                             proof=None if skip_proof else ("full" if full else "quick"))
+                             proof=None if skip_proof else ("full" if full else "quick"), wait=not no_wait)
     print_deploy_summary(console, summary)
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP})
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "no_wait": NO_WAIT_HELP})
 @domain_errors
-def check(c, model="qwen", model_path=None):
+def check(c, model="qwen", model_path=None, no_wait=False):
     """Foundry checks on the installed model: listed, loads, answers (prints answer, load and generation time)."""
     from scripts.console import print_check
-    console, pipeline = _pipeline(model, model_path)
+    console, pipeline = _pipeline(model, model_path, wait=not no_wait)
     with console.status("working…") as status:
         pipeline.status = status.update
         result = pipeline.check()
@@ -140,14 +146,15 @@ def check(c, model="qwen", model_path=None):
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "max_tokens": "longest reply, in tokens", "system": "optional system prompt"})
+            "max_tokens": "longest reply, in tokens (sized down to what the model's context leaves)",
+            "system": "optional system message (/system changes it during the chat)", "no_wait": NO_WAIT_HELP})
 @domain_errors
-def run(c, model="qwen", model_path=None, max_tokens=256, system=None):
-    """Interactive streaming chat with the installed model through the Foundry Local runtime."""
-    from scripts.runtimes.chat import chat_loop
-    console, pipeline = _pipeline(model, model_path)
-    chat_loop(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
-              int(max_tokens), system)
+def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=False):
+    """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands)."""
+    from scripts.runtimes.chat import run_chat
+    console, pipeline = _pipeline(model, model_path, wait=not no_wait)
+    run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
+             int(max_tokens), system, lock=pipeline.cache_locked)
 
 
 def _port(value, default: int) -> int:
@@ -220,36 +227,36 @@ def recipes(c):
 PROFILE_HELP = "measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs) or full (5 lengths, 2 + 5 runs)"
 
 
-def _proof(model, model_path, profile, measure_and_save, printer, name):
+def _proof(model, model_path, profile, measure_and_save, printer, name, wait=True):
     """Run one proof (bench or validate) on the installed model, print it, refresh the report; return the result."""
     from scripts.proof.measure import get_profile
     from scripts.proof.run import proof_dir, write_report
-    console, pipeline = _pipeline(model, model_path)
-    with console.status("working…") as status:
+    console, pipeline = _pipeline(model, model_path, wait=wait)
+    with console.status("working…") as status, pipeline.locked(), pipeline.cache_locked():
         result = measure_and_save(pipeline, get_profile(profile), status.update)
-    printer(console, result)
-    write_report(pipeline)
+        printer(console, result)
+        write_report(pipeline)
     console.print(f"Saved {proof_dir(pipeline) / f'{name}.json'} and {name}.md")
     return result
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "no_wait": NO_WAIT_HELP})
 @domain_errors
-def bench(c, model="qwen", model_path=None, profile="quick"):
+def bench(c, model="qwen", model_path=None, profile="quick", no_wait=False):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.console import print_bench
-    _proof(model, model_path, profile, bench_and_save, print_bench, "bench")
+    _proof(model, model_path, profile, bench_and_save, print_bench, "bench", not no_wait)
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "no_wait": NO_WAIT_HELP})
 @domain_errors
-def validate(c, model="qwen", model_path=None, profile="quick"):
+def validate(c, model="qwen", model_path=None, profile="quick", no_wait=False):
     """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
     from scripts.errors import QualityError
     from scripts.proof.run import failure_message, validate_and_save
     from scripts.console import print_validate
-    report = _proof(model, model_path, profile, validate_and_save, print_validate, "validate")
+    report = _proof(model, model_path, profile, validate_and_save, print_validate, "validate", not no_wait)
     if not report.passed:
         raise QualityError(failure_message(report))
 
@@ -260,23 +267,26 @@ def report(c, model="qwen", model_path=None):
     """Write report.md and a self-contained report.html (plots) from the last bench, validate and compare results."""
     from scripts.proof.run import write_report
     console, pipeline = _pipeline(model, model_path)
-    md, html = write_report(pipeline)
+    with pipeline.locked():
+        md, html = write_report(pipeline)
     console.print(f"Report: {md}\n        {html}")
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
             "precisions": f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)",
-            "precision": "auto: also say which precision --precision auto would deploy, and why"})
+            "precision": "auto: also say which precision --precision auto would deploy, and why",
+            "no_wait": NO_WAIT_HELP})
 @domain_errors
-def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), precision=None):
+def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), precision=None, no_wait=False):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
+    from scripts.pipeline import Pipeline
     from scripts.proof.compare import run_compare
     from scripts.recipe.load import load_recipe
     from scripts.console import print_compare
     console = _console()
     recipe = load_recipe(model, model_path)
     _print_notes(console, recipe)
-    with console.status("working…") as status:
+    with console.status("working…") as status, Pipeline(recipe, announce=console.print, wait=not no_wait).locked():
         report = run_compare(recipe, [p.strip() for p in precisions.split(",") if p.strip()],
                              announce=console.print, status=status.update)
     print_compare(console, report, show_auto=precision == "auto")

@@ -24,6 +24,8 @@ def print_check(console: Console, result: dict[str, Any]) -> None:
                                      f"{result['generate_seconds']:.1f} s for all prompts")
     if "accuracy_figure" in result:
         table.add_row("eval accuracy", result["accuracy_figure"])
+    if result.get("context"):
+        table.add_row("context", result["context"])
     console.print(table)
 
 

@@ -57,3 +57,9 @@ class QualityError(SlmopsError):
 
 class MeasurementError(SlmopsError):
     """A benchmark or validation worker could not load the model or measure it."""
+
+
+class BusyError(SlmopsError):
+    """A folder (a recipe's build folder, a model source, a cache target) is held by another running command."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

@@ -6,32 +6,38 @@ test) → install (Foundry cache) → check (Foundry runtime: listed, loads, ans
 validate (see :mod:`scripts.proof.run`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from scripts import settings
 from scripts.convert.genai_smoke import smoke_test
 from scripts.convert.graph_check import summarise_graph, verify_quantization
-from scripts.convert.install import assemble_package, install_dir, install_package
+from scripts.convert.install import assemble_package, check_context, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert.package import render_inference_model, with_search
 from scripts.doctor import run_doctor
 from scripts.errors import ModelSourceError, QualityError
+from scripts.faults import checkpoint
+from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
                                      with_stop_tokens)
 from scripts.families.templates import check_template_agreement, load_tokenizer
-from scripts.fileops import atomic_dir, folder_size
+from scripts.fileops import atomic_dir, folder_size, recover_dir
+from scripts.locks import hold
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.measure import get_profile
 from scripts.proof.qa import load_qa
 from scripts.proof.run import run_proof
 from scripts.recipe.load import Recipe
 from scripts.runtimes.foundry import cache_root, check_model
+from scripts.runtimes.foundry_api import default_client_note
 from scripts.sources.folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
 from scripts.steps import Step, StepRunner
 from scripts.workers import resolve, run_in_worker
@@ -85,12 +91,55 @@ class Pipeline:
     status: Callable[[str], Any] | None = None  # live one-line progress for long steps
     cache_root: Path = field(default=None)  # type: ignore[assignment]
     root: Path | None = None  # build folder; default build/<recipe> (compare: build/<recipe>/precisions/<p>)
+    wait: bool = True  # a folder locked by another command: wait for it (False: raise BusyError)
 
     def __post_init__(self) -> None:
 
         self.paths = Paths(Path(self.root)) if self.root else Paths.for_recipe(self.recipe)
         self.cache_root = Path(self.cache_root or cache_root())
         self.runner = StepRunner(self.paths.stamps, self.force, self.announce)
+        self._locks: contextlib.ExitStack | None = None
+
+    # ----- locks and recovery (scripts.locks, fileops.recover_dir) ---------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the recipe's build-folder lock (and its built model source's) for the block, after recovering what a
+        killed run left there. The cache target's lock joins them from the install step on (:meth:`run`)."""
+        if self._locks is not None:
+            yield
+            return
+        recipe_root = Paths.for_recipe(self.recipe).root
+        with contextlib.ExitStack() as stack:
+            lock = stack.enter_context(hold(recipe_root, f"building recipe {self.recipe.name}", wait=self.wait,
+                                            announce=self.announce))
+            notes = [n for folder in (self.paths.onnx, self.paths.package, self.paths.adapter, self.paths.merged)
+                     for n in recover_dir(folder)]
+            if lock.stale is not None and (self.paths.olive_work / "cache").is_dir():
+                shutil.rmtree(self.paths.olive_work / "cache")  # a killed Olive run may leave half-written entries
+                notes.append(f"emptied Olive's cache {self.paths.olive_work / 'cache'} (a run of this recipe was "
+                             "killed)")
+            if self.recipe.source.info.step:
+                stack.enter_context(hold(self.base_dir, f"building the model source {self.recipe.source.spec}",
+                                         wait=self.wait, announce=self.announce))
+                notes += recover_dir(self.base_dir)
+            for note in notes:
+                self.announce(f"recovered: {note}")
+            self._locks = stack
+            try:
+                checkpoint("pipeline:locked")
+                yield
+            finally:
+                self._locks = None
+
+    @contextlib.contextmanager
+    def cache_locked(self) -> Iterator[None]:
+        """Hold the lock of the installed folder (``<cache>/<publisher>/<name>``) for the block, after finishing or
+        undoing an install that was killed there and removing its leftovers (said so through ``announce``)."""
+        with hold(self.installed_dir, f"installing or loading {self.recipe.foundry.model_id}", wait=self.wait,
+                  announce=self.announce):
+            for note in recover_dir(self.installed_dir):
+                self.announce(f"recovered: {note}")
+            yield
 
     # ----- inputs ---------------------------------------------------------------------------------------
     @property
@@ -123,12 +172,24 @@ class Pipeline:
         checks = run_doctor()
         return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
 
+    def check_before_converting(self) -> None:
+        """The cheap checks of what would otherwise fail after Olive: the model folder, its architecture (a registered
+        family's, or convertible by the pinned builder), the family and its chat template (unless ``auto-template``,
+        which needs the tokenizer), the system prompt against the family, and the eval set."""
+        source = inspect_model_folder(self.model_dir)
+        refuse_unconvertible(source)
+        if self.recipe.family != AUTO_TEMPLATE:
+            family = choose_family(self.recipe.family, source, str(self.model_dir)).family
+            refuse_system_prompt(family, self.recipe.eval.system_prompt, str(self.model_dir))
+        self.eval_set()
+
     def _convert(self) -> dict:
 
-        refuse_unconvertible(inspect_model_folder(self.model_dir))
-        with atomic_dir(self.paths.onnx) as staging:
+        self.check_before_converting()
+        with atomic_dir(self.paths.onnx, label="convert") as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)
+            checkpoint("convert:olive-done")
             summary = summarise_graph(staging / "model.onnx")
             verify_quantization(summary, self.recipe.conversion, str(staging / "model.onnx"))
         self.announce(f"       graph: {summary.describe()}")
@@ -140,7 +201,7 @@ class Pipeline:
         kind = source.info
         if self.status:
             self.status(f"{kind.step}: {kind.describe} → {source.folder}…")
-        with atomic_dir(source.folder) as staging:
+        with atomic_dir(source.folder, label="source") as staging:
             if kind.in_process:
                 result = resolve(kind.builder)(source.request(staging))
             else:
@@ -154,7 +215,7 @@ class Pipeline:
         inspect_model_folder(self.base_dir)
         if self.status:
             self.status(f"LoRA fine-tune of {self.base_dir} on {spec.dataset.name} ({spec.epochs} epochs)…")
-        with atomic_dir(self.paths.adapter) as staging:
+        with atomic_dir(self.paths.adapter, label="finetune") as staging:
             result = run_in_worker("scripts.sources.finetune:train",
                                    {"base_dir": str(self.base_dir), "dataset": str(spec.dataset),
                                     "settings": spec.settings(), "out_dir": str(staging)},
@@ -166,7 +227,7 @@ class Pipeline:
         inspect_model_folder(self.base_dir)
         if self.status:
             self.status(f"merging the LoRA adapter {self.adapter_dir} into {self.base_dir}…")
-        with atomic_dir(self.paths.merged) as staging:
+        with atomic_dir(self.paths.merged, label="merge") as staging:
             result = run_in_worker("scripts.sources.lora:merge_job",
                                    {"base_dir": str(self.base_dir), "adapter_dir": str(self.adapter_dir),
                                     "out_dir": str(staging)},
@@ -216,14 +277,16 @@ class Pipeline:
         chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
         if self.status:
             self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
-        result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
-                             max_tokens=self.recipe.eval.max_new_tokens)
+        with self.cache_locked():
+            result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
+                                 max_tokens=self.recipe.eval.max_new_tokens)
         answers = [a.text for a in result.answers]
         summary: dict[str, Any] = {
             "model_id": result.model_id, "listed": result.listed, "registration": result.registration,
             "load_seconds": result.load_seconds, "generate_seconds": sum(a.seconds for a in result.answers),
             "prompt": chats[0][-1]["content"], "answer": answers[0],
             "first_answer_seconds": result.answers[0].seconds,
+            "context": default_client_note(check_context(self.installed_dir)),
         }
         if qa:
             ev = score(answers, qa)
@@ -276,12 +339,16 @@ class Pipeline:
         return out
 
     def run(self, until: str | None = None) -> dict[str, Any]:
-        """Run the steps in order (up to and including ``until``); return each step's outcome by name."""
+        """Run the steps in order (up to and including ``until``) under the recipe's lock, and from ``install`` on
+        under the cache target's too; return each step's outcome by name."""
         outcomes = {}
-        for step in self.steps():
-            outcomes[step.name] = self.runner.run(step)
-            if step.name == until:
-                break
+        with self.locked():
+            for step in self.steps():
+                if step.name == "install":
+                    self._locks.enter_context(self.cache_locked())
+                outcomes[step.name] = self.runner.run(step)
+                if step.name == until:
+                    break
         return outcomes
 
 
@@ -298,15 +365,18 @@ class DeploySummary:
 
 
 def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
-           status: Callable[[str], Any] | None = None, proof: str | None = "quick") -> DeploySummary:
+           status: Callable[[str], Any] | None = None, proof: str | None = "quick", wait: bool = True) -> DeploySummary:
     """Run the whole chain for ``recipe`` and summarise the result. ``proof``: the bench/validate profile
-    (``quick`` or ``full``) run after ``check``, or None to skip them."""
-    pipeline = Pipeline(recipe, force=force, announce=announce, status=status)
-    outcomes = pipeline.run()
-    skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
-    proven: dict[str, Any] = {}
-    if proof:
-        proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
-        skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
-    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir,
-                         folder_size(pipeline.installed_dir), outcomes["check"].result or {}, skipped, ran, proven)
+    (``quick`` or ``full``) run after ``check``, or None to skip them. ``wait``: when another command holds the
+    recipe's build folder or the cache target, wait for it (False: raise :class:`~scripts.errors.BusyError`)."""
+    pipeline = Pipeline(recipe, force=force, announce=announce, status=status, wait=wait)
+    with pipeline.locked():
+        outcomes = pipeline.run()
+        skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
+        proven: dict[str, Any] = {}
+        if proof:
+            proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
+            skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
+        size = folder_size(pipeline.installed_dir)
+    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir, size,
+                         outcomes["check"].result or {}, skipped, ran, proven)

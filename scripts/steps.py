@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from scripts.errors import StepError
-from scripts.fileops import hash_file, hash_json, hash_path, write_json_atomic
+from scripts.faults import checkpoint
+from scripts.fileops import hash_file, hash_json, hash_path, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,20 @@ class StepRunner:
             self.announce(f"• {step.name}: skipped (inputs unchanged)")
             return StepOutcome(step.name, True, time.perf_counter() - start, self.recorded_result(step))
         self.announce(f"▶ {step.name}")
-        result = step.run()
+        # No stamp while the step runs: a run killed after replacing its outputs must not leave the old stamp vouching
+        # for them (outputs are checked for existence, not content). A step that raises has left its outputs as they
+        # were (atomic_dir), so its old stamp comes back.
+        stamp = self._stamp(step)
+        previous = stamp.read_text(encoding="utf-8") if stamp.is_file() else None
+        stamp.unlink(missing_ok=True)
+        checkpoint(f"step:{step.name}:start")
+        try:
+            result = step.run()
+        except BaseException:
+            if previous is not None:
+                write_text_atomic(stamp, previous)
+            raise
+        checkpoint(f"step:{step.name}:ran")
         write_json_atomic(self._stamp(step), {"fingerprint": fingerprint, "finished": time.time(),
                                               "result": _jsonable(result)})
         seconds = time.perf_counter() - start

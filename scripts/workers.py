@@ -9,15 +9,19 @@ through :func:`run_in_worker`:
   (a file, ``--output``, or the real stdout: anything native code prints is sent to stderr);
 - exit code 0 on success, 2 on a reported failure;
 - the parent raises every failure (a reported error, a crash, a timeout, a missing result) as the caller's error
-  type, with the child's message and the tail of its log (``child_error_type`` keeps the child's error class name).
+  type, with the child's message and the tail of its log (``child_error_type`` keeps the child's error class name);
+- on Linux a worker dies with its parent (:func:`die_with_parent`): a killed command leaves no worker writing into a
+  folder that the next command recovers.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,29 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # runs in the forked child: no imports, no allocation-heavy work
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Callable[..., int]:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :mod:`subprocess` that has the kernel SIGKILL the child when this process dies (Linux
+    ``PR_SET_PDEATHSIG``; None elsewhere). Start the child from the thread that waits for it: the signal follows the
+    thread that forked."""
+    return functools.partial(_die_with_parent, _prctl(), os.getpid()) if sys.platform == "linux" else None
+
+
 def worker_command(target: str, input_file: Path | None = None, output_file: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "scripts.workers", target]
     if input_file:
@@ -72,7 +99,7 @@ def run_in_worker(target: str, request: dict[str, Any], *, error: type[SlmopsErr
         log.info("Worker %s: %s", target, what)
         try:
             proc = subprocess.run(worker_command(target, req, res), cwd=str(settings.REPO_ROOT), env=worker_env(env),
-                                  capture_output=True, text=True, timeout=timeout)
+                                  capture_output=True, text=True, timeout=timeout, preexec_fn=die_with_parent())
         except subprocess.TimeoutExpired as exc:
             raise error(f"{what[0].upper()}{what[1:]} did not finish within {timeout:.0f} s"
                         f"{'; ' + hint if hint else ''}.\n{tail(exc.stderr)}") from None

@@ -1,13 +1,15 @@
 """Tests for scripts/fileops.py: content hashes, atomic JSON writes, hard links, atomic directory replacement."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import pytest
 
 from scripts import fileops
-from scripts.fileops import atomic_dir, folder_size, hash_json, hash_path, link_or_copy, write_json_atomic
+from scripts.fileops import (atomic_dir, exchange, folder_size, hash_json, hash_path, link_or_copy, recover_dir,
+                             write_json_atomic)
 
 
 def test_file_hash_changes_with_content(tmp_path):
@@ -129,6 +131,98 @@ def test_atomic_dir_failure_without_previous_final(tmp_path):
         with atomic_dir(tmp_path / "out"):
             raise ValueError
     assert list(tmp_path.iterdir()) == []
+
+
+def make_dir(path, **files):
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_exchange_swaps_two_folders_in_place(tmp_path):
+    a, b = make_dir(tmp_path / "a", v="a"), make_dir(tmp_path / "b", v="b")
+    inodes = (a.stat().st_ino, b.stat().st_ino)
+    exchange(a, b)
+    assert ((a / "v").read_text(), (b / "v").read_text()) == ("b", "a")
+    assert (a.stat().st_ino, b.stat().st_ino) == inodes[::-1]
+    with pytest.raises(OSError) as info:
+        exchange(a, tmp_path / "missing")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_atomic_dir_exchanges_with_the_old_folder(tmp_path, monkeypatch):
+    final = make_dir(tmp_path / "out", v="old")
+    calls = []
+    real = fileops.exchange
+    monkeypatch.setattr(fileops, "exchange", lambda a, b: (calls.append((a.name, b.name)), real(a, b)))
+    with atomic_dir(final) as staging:
+        (staging / "v").write_text("new")
+    assert calls == [(staging.name, "out")]
+    assert (final / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOSYS])
+def test_atomic_dir_without_exchange_uses_two_renames(tmp_path, monkeypatch, code):
+    final = make_dir(tmp_path / "out", v="old")
+
+    def unsupported(a, b):
+        raise OSError(code, "no RENAME_EXCHANGE here")
+
+    monkeypatch.setattr(fileops, "exchange", unsupported)
+    with atomic_dir(final) as staging:
+        (staging / "v").write_text("new")
+    assert (final / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_other_exchange_errors_keep_the_old_folder(tmp_path, monkeypatch):
+    final = make_dir(tmp_path / "out", v="old")
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(fileops, "exchange", cross_device)
+    with pytest.raises(OSError):
+        with atomic_dir(final) as staging:
+            (staging / "v").write_text("new")
+    assert (final / "v").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_hide_marker_stays_until_the_swap(tmp_path):
+    final = make_dir(tmp_path / "out", v="old")
+    with atomic_dir(final, hide_marker="download.tmp", durable=True) as staging:
+        assert (staging / "download.tmp").is_file()
+        (staging / "v").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["v"]
+
+
+def test_recover_dir_puts_back_the_old_copy_of_an_interrupted_two_rename_swap(tmp_path):
+    make_dir(tmp_path / ".out.old-0123abcd", v="old")
+    make_dir(tmp_path / ".out.staging-0123abcd", v="new")
+    notes = recover_dir(tmp_path / "out")
+    assert ((tmp_path / "out" / "v").read_text()) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert notes[0] == (f"restored {tmp_path / 'out'} from .out.old-0123abcd (a replacement was killed after moving "
+                        "the old copy aside)")
+    assert notes[1] == f"removed {tmp_path / '.out.staging-0123abcd'} (left by an interrupted run)"
+
+
+def test_recover_dir_removes_leftovers_and_nothing_else(tmp_path):
+    make_dir(tmp_path / "out", v="current")
+    make_dir(tmp_path / ".out.staging-00000001")
+    make_dir(tmp_path / ".out.old-00000002", v="older")
+    keep = [make_dir(tmp_path / ".other.staging-00000003"), make_dir(tmp_path / ".out.staging-not-hex"),
+            tmp_path / ".out.lock"]
+    keep[-1].write_text("")
+    notes = recover_dir(tmp_path / "out")
+    assert len(notes) == 2 and all(n.startswith("removed ") for n in notes)
+    assert (tmp_path / "out" / "v").read_text() == "current"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [k.name for k in keep])
+    assert recover_dir(tmp_path / "out") == []
+    assert recover_dir(tmp_path / "nowhere" / "out") == []
 
 
 def test_folder_size(tmp_path):

@@ -205,6 +205,17 @@ def test_failure_after_success_keeps_old_stamp_but_changed_input_still_reruns(se
     assert not runner.run(step()).skipped
 
 
+def test_no_stamp_exists_while_a_step_runs(setup, tmp_path):
+    """A run killed after replacing its outputs (tests/test_reliability.py) must leave no stamp vouching for them."""
+    runner, step, work, *_ = setup
+    runner.run(step())
+    stamp = tmp_path / "stamps" / "build.json"
+    seen = []
+    runner.force = True
+    runner.run(step(run=lambda: seen.append(stamp.exists())))
+    assert seen == [False] and stamp.is_file()
+
+
 def test_corrupt_stamp_reruns(setup, tmp_path):
     runner, step, work, *_ = setup
     runner.run(step())

@@ -62,3 +62,23 @@ def test_helpers():
     assert tail("a\nb\nc\n", 2) == "b\nc" and tail(b"x\ny", 1) == "y" and tail(None) == ""
     assert worker_command("scripts.a:b")[1:] == ["-m", "scripts.workers", "scripts.a:b"]
     assert worker_env()["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
+
+
+def test_a_worker_dies_with_its_parent():
+    """A killed command must leave no worker (Olive, a model build) writing into folders the next command recovers."""
+    import psutil
+
+    parent = ("import subprocess, sys, os, signal\n"
+              "from scripts.workers import die_with_parent\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE,\n"
+              "                         preexec_fn=die_with_parent())\n"
+              "print(child.pid, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", parent], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9
+    child = psutil.Process(int(proc.stdout.strip()))
+    try:
+        child.wait(timeout=30)  # SIGKILLed by the kernel when its parent died (raises TimeoutExpired otherwise)
+    except psutil.NoSuchProcess:
+        pass  # already gone and reaped
+    assert not child.is_running()

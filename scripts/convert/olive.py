@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from scripts.errors import ConversionError
+from scripts.faults import checkpoint
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, PRECISIONS, get_precision
-from scripts.workers import worker_env
+from scripts.workers import die_with_parent, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def run_olive(config: dict[str, Any], workdir: Path, progress: Any = None) -> Pa
     log.info("Running %s (log: %s)", " ".join(cmd), log_path)
     start = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                                preexec_fn=die_with_parent())
+        checkpoint("convert:olive-running")
         while proc.poll() is None:
             if progress is not None:
                 progress(f"Olive ({' → '.join(config['passes'])}) running… {time.perf_counter() - start:.0f} s")

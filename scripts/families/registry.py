@@ -7,7 +7,9 @@ those files; no code changes.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,6 +117,36 @@ def unconvertible_reason(architecture: str) -> str | None:
         if reason:
             return reason
     return None
+
+
+@lru_cache(maxsize=1)
+def builder_architectures() -> tuple[str, ...]:
+    """The ``architectures[0]`` values the pinned ONNX Runtime GenAI model builder (what Olive's ModelBuilder pass runs)
+    converts, read from its source without importing it; empty when it cannot be found (then nothing is refused)."""
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    builder = Path(spec.origin).parent / "models" / "builder.py" if spec and spec.origin else None
+    if builder is None or not builder.is_file():
+        return ()
+    return tuple(sorted(set(re.findall(r'architectures\[0\]\s*==\s*"(\w+)"', builder.read_text(encoding="utf-8")))))
+
+
+def unsupported_architecture(model_config: dict[str, Any]) -> str | None:
+    """Why a model of this ``config.json`` cannot be deployed at all, before anything is converted: its
+    ``architectures[0]`` is missing, or neither a registered family covers it nor the pinned builder converts it
+    (a builder-convertible architecture without a family can still go through ``--family auto-template``)."""
+    architectures = model_config.get("architectures") or []
+    if not architectures:
+        return ("config.json names no architecture; the converter needs one (e.g. \"architectures\": "
+                "[\"LlamaForCausalLM\"], as model.save_pretrained writes it)")
+    arch = architectures[0]
+    convertible = builder_architectures()
+    if any(arch in f.architectures for f in registry().values()) or not convertible or arch in convertible:
+        return None
+    families = "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in registry().values())
+    return (f"architecture {arch!r} (config.json architectures[0], model_type {model_config.get('model_type')!r}) is "
+            f"not supported: no registered family covers it (families: {families}) and the pinned converter, the "
+            f"ONNX Runtime GenAI model builder behind Olive's ModelBuilder pass, cannot build it (it builds "
+            f"{', '.join(convertible)}). Nothing was converted; deploy a model of one of these architectures")
 
 
 def family_names() -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 from scripts.errors import ConversionError, RecipeError, TemplateError
 from scripts.families import registry as family_registry
 from scripts.families.registry import (AUTO_TEMPLATE, confirm_template, detect_family, Family, family_names,
-                                       get_family, unconvertible_reason)
+                                       get_family, unconvertible_reason, unsupported_architecture)
 from scripts.families.templates import TemplateAnalysis, analyse_model_template
 from scripts.sources.folder import ModelFolder
 
@@ -87,7 +87,11 @@ def prompt_template_for(choice: FamilyChoice, rendered: dict[str, str]) -> dict[
 
 
 def refuse_unconvertible(source: ModelFolder) -> None:
-    """Fail before Olive runs when the pinned toolchain is known not to convert the model's architecture."""
+    """Fail before Olive runs when the model's architecture is neither a registered family's nor one the pinned
+    builder converts, or when the pinned toolchain is known not to convert it."""
+    problem = unsupported_architecture(source.config)
+    if problem:
+        raise ConversionError(f"{source.path}: {problem}.")
     reason = unconvertible_reason(source.architecture)
     if reason:
         raise ConversionError(f"{source.path}: {source.architecture} cannot be converted with the pinned toolchain: "

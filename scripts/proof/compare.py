@@ -64,9 +64,10 @@ def build_precision(recipe: Recipe, precision: str, announce: Announce, status=N
     pipe = precision_pipeline(recipe, precision, announce, status)
     announce(f"{precision}: build → {pipe.paths.root}")
     try:
-        for step in pipe.steps():
-            if step.name in ("convert", "package"):
-                pipe.runner.run(step)
+        with pipe.locked():  # the recipe's lock (held by the caller: re-entered) and recovery of this build folder
+            for step in pipe.steps():
+                if step.name in ("convert", "package"):
+                    pipe.runner.run(step)
     except (ConversionError, GraphCheckError, SlmopsError) as exc:
         announce(f"✗ {precision}: {str(exc).splitlines()[0]}")
         return Row(precision, "failed", str(exc), str(pipe.paths.root)), pipe

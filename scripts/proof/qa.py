@@ -41,6 +41,17 @@ def question_messages(question: str, system: str | None = None) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
+def control_token_problem(text: str, control_tokens: Sequence[str] = CHATML_CONTROL) -> str | None:
+    """Why ``text`` may not be sent as a message: it holds one of the prompt format's control strings, which the
+    tokenizer would turn into a real control token (ending or opening a turn). None when it holds none. The eval
+    loader and ``invoke run`` both refuse such text with this reason."""
+    found = next((t for t in control_tokens if t and t in text), None)
+    if found is None:
+        return None
+    return (f"contains the control token {found!r} of the prompt format; remove it (it would end or open a turn in "
+            "the prompt)")
+
+
 def load_qa(path: Path | str, control_tokens: Sequence[str] = CHATML_CONTROL) -> list[QA]:
     """Read a JSONL file of ``{"question": ..., "answer": ...}`` objects (blank lines are skipped).
 
@@ -74,10 +85,9 @@ def load_qa(path: Path | str, control_tokens: Sequence[str] = CHATML_CONTROL) ->
             if not isinstance(obj[key], str) or not obj[key].strip():
                 raise RecipeError(f"{where}: {key!r} must be a non-empty string")
         q, a = obj["question"].strip(), obj["answer"].strip()
-        found = next((t for t in control_tokens if t in q + a), None)
-        if found:
-            raise RecipeError(f"{where}: text contains the control token {found!r} of the prompt format; remove it "
-                              "(it would end or open a turn in the prompt)")
+        problem = control_token_problem(q + "\n" + a, control_tokens)
+        if problem:
+            raise RecipeError(f"{where}: text {problem}")
         if q in seen:
             raise RecipeError(f"{where}: duplicate question (first seen on line {seen[q]})")
         seen[q] = lineno

@@ -18,6 +18,7 @@ from scripts.errors import RecipeError
 from scripts.families.registry import AUTO_TEMPLATE, family_names
 from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, PRECISIONS, refusal,
                                        translate_tutorial_conversion, TutorialFormError)
+from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
 from scripts.recipe.schema import Field, in_range, Obj, validate
 from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
 
@@ -307,7 +308,11 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     schema = Obj({**SCHEMA.fields, "model": Obj({**SCHEMA.fields["model"].fields,
                                                  "family": Field(str, default="auto", choices=_families())},
                                                 required=True)})
-    doc, notes = _translate_tutorial_form(doc, path)
+    notes: list[str] = []
+    if is_olive_workflow(doc):
+        doc, notes = translate_olive_workflow(doc, path, model_path is not None)
+    doc, tutorial_notes = _translate_tutorial_form(doc, path)
+    notes += tutorial_notes
     data, problems = validate(doc, schema)
     if problems:
         lines = "\n".join(f"  - {p.path}: {p.problem}" for p in problems)

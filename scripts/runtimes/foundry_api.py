@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 REGISTRY_FILE = "foundry.local.modelinfo.json"
 RUNTIME_DIR_NAME = ".slmops-runtime"  # under the model cache dir: logs/ and app-data/
 ROLES = ("system", "user", "assistant", "developer")
+#: Output tokens a Foundry Local SDK 2.2.1 client reserves when it does not say (``ChatSession``, ``ChatClient``, the
+#: web service): a request fits only when ``model.context_length`` ≥ prompt + this.
+SDK_DEFAULT_OUTPUT_TOKENS = 2048
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*:[0-9]+$")
 
 
@@ -147,6 +150,16 @@ def validate_messages(messages: Sequence[dict]) -> None:
     if messages[-1]["role"] not in ("user", "developer"):
         log.warning("Last message has role %r; the model is asked to continue after it anyway.",
                     messages[-1]["role"])
+
+
+def default_client_note(context_length: int) -> str:
+    """What a client calling the model with the SDK's defaults gets, for a model of ``context_length`` tokens."""
+    if context_length <= SDK_DEFAULT_OUTPUT_TOKENS:
+        return (f"{context_length} tokens: a Foundry Local SDK client with default options reserves "
+                f"{SDK_DEFAULT_OUTPUT_TOKENS} output tokens and is refused; pass max_output_tokens (SearchOptions) or "
+                "max_tokens (OpenAI API) ≤ context − prompt (README: Calling the deployed model)")
+    return (f"{context_length} tokens: a client with default options ({SDK_DEFAULT_OUTPUT_TOKENS} output tokens) fits "
+            f"prompts up to {context_length - SDK_DEFAULT_OUTPUT_TOKENS} tokens")
 
 
 def inference_model_name(model_dir: Path) -> str | None:

@@ -285,7 +285,9 @@ def run_check_in_process(cache_dir: Path, model_dir: Path, model_id: str,
 
 class LiveChat:
     """One loaded model kept for an interactive chat: :meth:`stream` answers a whole conversation at a time
-    (each call uses a fresh session; pass the history). Use as a context manager: leaving closes the runtime.
+    (each call uses a fresh session; pass the history), :meth:`count_tokens` and :attr:`context` give the runtime's
+    own token budget (``ChatSession.preflight_request``: its chat template and tokenizer, its context limit, which
+    is ``genai_config.json`` ``model.context_length``). Use as a context manager: leaving closes the runtime.
     Do not use in a process that has imported ``onnxruntime_genai``."""
 
     def __init__(self, cache_dir: Path, model_dir: Path, model_id: str):
@@ -294,6 +296,27 @@ class LiveChat:
         if not self.model.is_loaded:
             load_model(self.model)
         self.genai_config = validate_model_dir(model_dir)
+        self._budget_session = None
+
+    def preflight(self, messages: Sequence[dict]):
+        """The runtime's ``RequestPreflightResult`` for ``messages`` (prompt tokens, context limit)."""
+        sdk = _sdk()
+        if self._budget_session is None:
+            self._budget_session = sdk.ChatSession(self.model)
+        with _build_request(messages, {"max_output_tokens": 1}, sdk) as request:
+            try:
+                return self._budget_session.preflight_request(request)
+            except sdk.FoundryLocalException as exc:
+                raise FoundryError(f"{self.model.id} could not measure a prompt: {exc}") from exc
+
+    def count_tokens(self, messages: Sequence[dict]) -> int:
+        """Prompt tokens of ``messages`` as the runtime will build the prompt (chat template included)."""
+        return self.preflight(messages).prompt_tokens
+
+    @property
+    def context(self) -> int:
+        """The model's context limit in tokens (prompt + reply), as the runtime enforces it."""
+        return self.preflight([{"role": "user", "content": "x"}]).context_limit_tokens
 
     def stream(self, messages: Sequence[dict], max_tokens: int = 256,
                search: dict[str, Any] | None = None) -> Iterator[str]:
@@ -306,6 +329,8 @@ class LiveChat:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._budget_session is not None:
+            self._budget_session.__exit__(None, None, None)
         close_manager()
 
 

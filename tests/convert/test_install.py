@@ -21,7 +21,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def make_package(folder: Path, name: str = "my-model", extra: dict[str, str] | None = None) -> Path:
     folder.mkdir(parents=True)
-    files = {"model.onnx": "graph", "model.onnx.data": "weights", "genai_config.json": '{"search": {}}',
+    files = {"model.onnx": "graph", "model.onnx.data": "weights",
+             "genai_config.json": '{"model": {"context_length": 512}, "search": {}}',
              "tokenizer.json": "{}", "inference_model.json": json.dumps({"Name": name}), **(extra or {})}
     for file, text in files.items():
         (folder / file).write_text(text)
@@ -99,26 +100,49 @@ def test_incomplete_package_is_refused(tmp_path, cache, missing):
     assert not (cache / "slmops").exists()
 
 
+def test_a_package_without_context_length_is_refused(tmp_path, cache):
+    package = make_package(tmp_path / "p", extra={"genai_config.json": '{"model": {}, "search": {}}'})
+    with pytest.raises(InstallError, match=r"has no model.context_length; Foundry Local refuses to load such a model"):
+        install_package(package, cache, "slmops", "m")
+    assert not (cache / "slmops" / "m").exists()
+
+
+def test_a_context_longer_than_the_graphs_positions_is_refused(tmp_path, cache):
+    package = make_package(tmp_path / "p", extra={"genai_config.json": '{"model": {"context_length": 4096}}',
+                                                  "config.json": '{"max_position_embeddings": 512}'})
+    with pytest.raises(InstallError) as info:
+        install_package(package, cache, "slmops", "m")
+    assert ("model.context_length 4096 exceeds the 512 positions the graph was built for (config.json "
+            "max_position_embeddings): generation would crash past position 512") in str(info.value)
+    (package / "genai_config.json").write_text('{"model": {"context_length": 512}}')
+    assert install.check_context(package) == 512
+    install_package(package, cache, "slmops", "m")
+
+
 # ----- list_cache --------------------------------------------------------------------------------------------
-def test_list_cache_finds_installed_models_and_ignores_the_rest(tmp_path, cache):
+def test_list_cache_sees_what_the_foundry_scanner_sees(tmp_path, cache):
+    """Like upstream's scanner: any depth, dot-folders too, symlinks followed; a folder holding download.tmp is
+    skipped (so are its subfolders); a folder needs genai_config.json and a string Name."""
     install_package(make_package(tmp_path / "a", name="alpha"), cache, "slmops", "alpha")
     install_package(make_package(tmp_path / "b", name="beta"), cache, "other", "beta")
-    shutil.copytree(cache / "slmops" / "alpha", cache / "slmops" / ".alpha.staging-1234")  # dot folder
-    shutil.copytree(cache / "slmops" / "alpha", cache / ".hidden" / "alpha")               # dot publisher
-    no_name = cache / "slmops" / "no-name"
-    shutil.copytree(cache / "slmops" / "alpha", no_name)
-    (no_name / "inference_model.json").write_text('{"Name": 3}')
-    broken = cache / "slmops" / "broken"
-    shutil.copytree(cache / "slmops" / "alpha", broken)
-    (broken / "inference_model.json").write_text("{not json")
-    no_genai = cache / "slmops" / "no-genai"
-    shutil.copytree(cache / "slmops" / "alpha", no_genai)
-    (no_genai / "genai_config.json").unlink()
+    alpha = cache / "slmops" / "alpha"
+    shutil.copytree(alpha, cache / "slmops" / ".alpha.staging-12345678")            # a visible leftover
+    hidden_copy = cache / "slmops" / ".alpha.staging-9abcdef0"
+    shutil.copytree(alpha, hidden_copy / "nested")
+    (hidden_copy / install.SCANNER_SKIP).touch()                                     # skipped with its subfolders
+    (cache / "links").mkdir()
+    (cache / "links" / "alpha-link").symlink_to(alpha)                               # followed
+    for bad, change in (("no-name", lambda d: (d / "inference_model.json").write_text('{"Name": 3}')),
+                        ("broken", lambda d: (d / "inference_model.json").write_text("{not json")),
+                        ("no-genai", lambda d: (d / "genai_config.json").unlink())):
+        shutil.copytree(alpha, cache / "slmops" / bad)
+        change(cache / "slmops" / bad)
 
-    found = list_cache(cache)
-    assert found == [
+    assert list_cache(cache) == [
+        {"name": "alpha", "publisher": "links", "path": str(cache / "links" / "alpha-link")},
         {"name": "beta", "publisher": "other", "path": str(cache / "other" / "beta")},
-        {"name": "alpha", "publisher": "slmops", "path": str(cache / "slmops" / "alpha")},
+        {"name": "alpha", "publisher": "slmops", "path": str(cache / "slmops" / ".alpha.staging-12345678")},
+        {"name": "alpha", "publisher": "slmops", "path": str(alpha)},
     ]
 
 
@@ -138,10 +162,12 @@ def test_assemble_package_ships_model_files_and_rendered_configs(tmp_path):
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "merges.txt",
             "chat_template.jinja"} == set(names)
 
-    package = assemble_package(onnx, tmp_path / "package", {"search": {"max_length": 128}}, {"Name": "n"})
+    genai = {"model": {"context_length": 128}, "search": {"max_length": 128}}
+    package = assemble_package(onnx, tmp_path / "package", genai, {"Name": "n"})
     assert sorted(p.name for p in package.iterdir()) == sorted(set(names) | {"inference_model.json"})
-    assert json.loads((package / "genai_config.json").read_text()) == {"search": {"max_length": 128}}
-    assert json.loads((onnx / "genai_config.json").read_text()) == {"search": {}}, "the source is not modified"
+    assert json.loads((package / "genai_config.json").read_text()) == genai
+    assert json.loads((onnx / "genai_config.json").read_text()) == {"model": {"context_length": 512}, "search": {}}, \
+        "the source is not modified"
     assert json.loads((package / "inference_model.json").read_text()) == {"Name": "n"}
     assert (package / "model.onnx.data").stat().st_ino == (onnx / "model.onnx.data").stat().st_ino, "hard-linked"
     install_package(package, tmp_path / "cache", "p", "n")  # a complete package

@@ -126,8 +126,8 @@ class FakeOlive:
     def __init__(self, log: str, code: int, outputs: tuple[str, ...]):
         self.log, self.code, self.outputs, self.cmd = log, code, outputs, None
 
-    def __call__(self, cmd, stdout, stderr, env, cwd):
-        self.cmd, self.env, self.cwd = cmd, env, cwd
+    def __call__(self, cmd, stdout, stderr, env, cwd, preexec_fn=None):
+        self.cmd, self.env, self.cwd, self.preexec_fn = cmd, env, cwd, preexec_fn
         stdout.write(self.log)
         stdout.flush()
         config = json.loads(Path(cmd[-1]).read_text(encoding="utf-8"))
@@ -166,6 +166,7 @@ def test_run_olive_success_returns_output_dir(monkeypatch, tmp_path):
                         str(tmp_path / "work" / "olive_config.json")]
     assert fake.env["HF_HUB_OFFLINE"] == "1" and fake.cwd == tmp_path / "work"
     assert fake.env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)  # scripts importable from the work dir
+    assert fake.preexec_fn is not None, "Olive dies with the command that started it (PR_SET_PDEATHSIG)"
     assert json.loads((tmp_path / "work" / "olive_config.json").read_text()) == cfg
     assert (tmp_path / "work" / "olive.log").read_text() == "all good\n"
     # the quantizer renamed logits to logits_Q8: genai_config.json is pointed at the graph's real name

@@ -200,3 +200,29 @@ def test_an_unconvertible_architecture_is_marked_and_explained(custom_registry):
     assert "✗ Foo2ForCausalLM: not convertible: the builder lacks Foo2" in "\n".join(family_notes())
     assert families.unconvertible_reason("Foo2ForCausalLM") == "the builder lacks Foo2"
     assert families.unconvertible_reason("FooForCausalLM") is None
+
+
+# ----- what can be deployed at all (checked before Olive runs) ------------------------------------------------------
+def test_builder_architectures_are_read_from_the_pinned_builder():
+    convertible = families.builder_architectures()
+    assert {"Qwen2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM"} <= set(convertible)
+    assert "FooForCausalLM" not in convertible
+
+
+def test_unsupported_architecture_names_it_the_families_and_what_the_builder_builds():
+    problem = families.unsupported_architecture({"architectures": ["FooForCausalLM"], "model_type": "foo"})
+    assert problem.startswith("architecture 'FooForCausalLM' (config.json architectures[0], model_type 'foo') is not "
+                              "supported: no registered family covers it (families: chatml (Qwen2ForCausalLM);")
+    assert "llama3 (LlamaForCausalLM)" in problem
+    assert "cannot build it (it builds ChatGLMForConditionalGeneration" in problem
+    assert "Nothing was converted" in problem
+
+
+@pytest.mark.parametrize("config", [{"architectures": ["Qwen2ForCausalLM"]},      # a family's
+                                    {"architectures": ["SmolLM3ForCausalLM"]}])   # builder only: auto-template
+def test_supported_architectures_pass(config):
+    assert families.unsupported_architecture(config) is None
+
+
+def test_a_config_without_architectures_is_refused():
+    assert "config.json names no architecture" in families.unsupported_architecture({"model_type": "qwen2"})
