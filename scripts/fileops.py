@@ -170,29 +170,31 @@ def atomic_dir(final: Path, label: str = "swap", hide_marker: str | None = None,
     retired = _swap_into_place(staging, final, final.parent / f".{final.name}.old-{token}", label)
     if durable:
         fsync_dir(final.parent)
+    if retired is not None and hide_marker:
+        (retired / hide_marker).touch()
+    checkpoint(f"{label}:swapped")
     if retired is not None:
-        if hide_marker:
-            (retired / hide_marker).touch()
-        checkpoint(f"{label}:swapped")
         shutil.rmtree(retired, ignore_errors=True)
-    else:
-        checkpoint(f"{label}:swapped")
 
 
 def _swap_into_place(staging: Path, final: Path, old: Path, label: str) -> Path | None:
-    """Put ``staging`` at ``final``; return the folder now holding the previous copy (None: there was none)."""
-    if not final.exists() and not final.is_symlink():
-        _rename_or_clean(staging, final, staging)
-        return None
+    """Put ``staging`` at ``final``; return the folder now holding the previous copy (None: there was none). On a
+    failure ``final`` is as it was and ``staging`` is removed."""
     try:
-        exchange(staging, final)
-        return staging
-    except OSError as exc:
-        if exc.errno not in _NO_EXCHANGE:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        log.info("No RENAME_EXCHANGE for %s (%s): replacing it with two renames", final, exc)
-    _rename_or_clean(final, old, staging)
+        if not final.exists() and not final.is_symlink():
+            os.rename(staging, final)
+            return None
+        try:
+            exchange(staging, final)
+            return staging
+        except OSError as exc:
+            if exc.errno not in _NO_EXCHANGE:
+                raise
+            log.info("No RENAME_EXCHANGE for %s (%s): replacing it with two renames", final, exc)
+        os.rename(final, old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     checkpoint(f"{label}:old-moved")
     try:
         os.rename(staging, final)
@@ -201,14 +203,6 @@ def _swap_into_place(staging: Path, final: Path, old: Path, label: str) -> Path 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return old
-
-
-def _rename_or_clean(src: Path, dst: Path, staging: Path) -> None:
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def recover_dir(final: Path) -> list[str]:

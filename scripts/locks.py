@@ -1,6 +1,7 @@
 """Locks on the folders a command writes: a recipe's build folder, a built model source, a Foundry cache target.
 
-The lock of folder ``X`` is the file ``.X.lock`` beside it, locked with ``flock(2)`` (``LOCK_EX``). The kernel
+The lock of folder ``X`` is the file ``.X.lock`` beside it (or a file the caller names), locked with ``flock(2)``
+(``LOCK_EX``). The kernel
 releases an ``flock`` when its holder dies, however it dies, so a lock is never held by a dead process: a lock left
 by a killed command is simply free. The file also holds a record of its holder (pid, command line, start time),
 written after locking and erased before unlocking; finding a record when taking a free lock therefore means the
@@ -111,17 +112,18 @@ def _write_fd(fd: int, holder: Holder | None) -> None:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = log.info) -> Iterator[Lock]:
+def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = log.info,
+         lock_file: Path | None = None) -> Iterator[Lock]:
     """Hold the lock of ``folder`` for the ``with`` block. Busy: with ``wait`` say who holds it and wait (Ctrl-C
     stops waiting), else raise :class:`BusyError` naming the holder. ``purpose`` says what the folder is used for
-    (shown to whoever has to wait for us)."""
+    (shown to whoever has to wait for us). ``lock_file``: where the lock lives when not beside the folder."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no flock
         log.warning("No file locking on this platform: concurrent commands on %s are not prevented.", folder)
         yield Lock(Path(folder), lock_path(folder))
         return
-    path = lock_path(folder)
+    path = Path(lock_file) if lock_file else lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
     if key in _held:

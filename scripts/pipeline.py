@@ -37,7 +37,7 @@ from scripts.proof.qa import load_qa
 from scripts.proof.run import run_proof
 from scripts.recipe.load import Recipe
 from scripts.runtimes.foundry import cache_root, check_model
-from scripts.runtimes.foundry_api import default_client_note
+from scripts.runtimes.foundry_api import RUNTIME_DIR_NAME, default_client_note
 from scripts.sources.folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
 from scripts.steps import Step, StepRunner
 from scripts.workers import resolve, run_in_worker
@@ -136,7 +136,7 @@ class Pipeline:
         """Hold the lock of the installed folder (``<cache>/<publisher>/<name>``) for the block, after finishing or
         undoing an install that was killed there and removing its leftovers (said so through ``announce``)."""
         with hold(self.installed_dir, f"installing or loading {self.recipe.foundry.model_id}", wait=self.wait,
-                  announce=self.announce):
+                  announce=self.announce, lock_file=self.installed_lock):
             for note in recover_dir(self.installed_dir):
                 self.announce(f"recovered: {note}")
             yield
@@ -163,6 +163,13 @@ class Pipeline:
     def installed_dir(self) -> Path:
         return install_dir(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name)
 
+    @property
+    def installed_lock(self) -> Path:
+        """The lock file of :attr:`installed_dir`, in the cache's own ``.slmops-runtime/`` folder, so that the
+        publisher folder holds nothing but models."""
+        return (self.cache_root / RUNTIME_DIR_NAME / "locks" / self.recipe.foundry.publisher /
+                f"{self.recipe.foundry.name}.lock")
+
     def eval_set(self):
         dataset = self.recipe.eval.dataset
         return load_qa(dataset) if dataset else []
@@ -172,7 +179,7 @@ class Pipeline:
         checks = run_doctor()
         return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
 
-    def check_before_converting(self) -> None:
+    def _check_before_converting(self) -> None:
         """The cheap checks of what would otherwise fail after Olive: the model folder, its architecture (a registered
         family's, or convertible by the pinned builder), the family and its chat template (unless ``auto-template``,
         which needs the tokenizer), the system prompt against the family, and the eval set."""
@@ -185,7 +192,7 @@ class Pipeline:
 
     def _convert(self) -> dict:
 
-        self.check_before_converting()
+        self._check_before_converting()
         with atomic_dir(self.paths.onnx, label="convert") as staging:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)
@@ -280,13 +287,14 @@ class Pipeline:
         with self.cache_locked():
             result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
                                  max_tokens=self.recipe.eval.max_new_tokens)
+            context = default_client_note(check_context(self.installed_dir))
         answers = [a.text for a in result.answers]
         summary: dict[str, Any] = {
             "model_id": result.model_id, "listed": result.listed, "registration": result.registration,
             "load_seconds": result.load_seconds, "generate_seconds": sum(a.seconds for a in result.answers),
             "prompt": chats[0][-1]["content"], "answer": answers[0],
             "first_answer_seconds": result.answers[0].seconds,
-            "context": default_client_note(check_context(self.installed_dir)),
+            "context": context,
         }
         if qa:
             ev = score(answers, qa)

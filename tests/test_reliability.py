@@ -364,3 +364,43 @@ def test_a_default_sdk_client_is_refused_by_a_512_token_model_and_the_check_says
     assert not default["ok"] and "2048 output" in default["error"]
     assert "exceeds the model's maximum context length of 512 tokens" in default["error"]
     assert sized == {"ok": True, "tokens": 16}
+
+
+LOADED_DURING_INSTALL = r"""
+import json, shutil, sys
+from pathlib import Path
+from scripts.convert.install import install_package
+from scripts.runtimes.foundry_sdk import LiveChat
+cache, package = Path(sys.argv[1]), Path(sys.argv[2])
+target = cache / "slmops" / "tiny-qwen2"
+messages = [{"role": "user", "content": "Hello"}]
+with LiveChat(cache, target, "tiny-qwen2:1") as chat:
+    before = "".join(chat.stream(messages, 8))
+    inode = target.stat().st_ino
+    install_package(package, cache, "slmops", "tiny-qwen2")
+    after = "".join(chat.stream(messages, 8))
+    loaded = chat.model.is_loaded
+    chat.model.unload()
+    chat.model.load()
+    reloaded = "".join(chat.stream(messages, 8))
+print(json.dumps({"swapped": inode != target.stat().st_ino, "same": before == after, "loaded": loaded,
+                  "reloaded": reloaded == before}))
+"""
+
+
+def test_a_model_loaded_while_it_is_reinstalled_keeps_answering_and_reloads(tmp_path, tiny_onnx_model):
+    """The reason for exchanging folders rather than swapping a symlink: a process that has the model loaded (a chat,
+    a server) keeps answering from the files it has open, and unload/load then picks up the new install."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_onnx_model, cache / "slmops" / "tiny-qwen2")
+    package = shutil.copytree(tiny_onnx_model, tmp_path / "package")
+    genai = json.loads((package / "genai_config.json").read_text())
+    genai["search"]["max_length"] = 300
+    (package / "genai_config.json").write_text(json.dumps(genai))
+    env = dict(os.environ, HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "home" / ".cache"))
+    proc = subprocess.run([sys.executable, "-c", LOADED_DURING_INSTALL, str(cache), str(package)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"swapped": True, "same": True, "loaded": True,
+                                                                "reloaded": True}
+    assert json.loads((cache / "slmops" / "tiny-qwen2" / "genai_config.json").read_text())["search"]["max_length"] == 300
