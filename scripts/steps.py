@@ -130,7 +130,13 @@ def _module_file(name: str) -> Path:
 
 
 def _is_module(name: str) -> bool:
+    """Whether ``name`` is a module, without running it: only a package's submodules are looked up (finding
+    ``a.b.c`` would import the module ``a.b`` to ask it)."""
+    parent = name.rpartition(".")[0]
     try:
+        parent_spec = importlib.util.find_spec(parent) if parent else None
+        if parent and (parent_spec is None or parent_spec.submodule_search_locations is None):
+            return False
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False

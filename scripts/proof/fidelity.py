@@ -6,13 +6,12 @@ both (ΔPPL). Scored through ONNX Runtime GenAI on the converted graphs, the gra
 Held-out text: the documentation topics shipped with Python itself (``pydoc_data.topics``, ~465k characters of
 English), available offline everywhere and never copied into the repository.
 
-:func:`fidelity_job` runs inside a measuring worker (:mod:`scripts.proof.measure`, job ``fidelity``); the rest is
-pure.
+The measuring worker (:mod:`scripts.proof.measure`, job ``fidelity``) loads both graphs and calls
+:func:`compare_window` per window; everything here is pure.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_TOKENS = 10240
@@ -77,19 +76,6 @@ def summarise(windows: Sequence[dict[str, list]]) -> Fidelity:
                     top1=float(np.mean(np.concatenate([w["top1"] for w in windows]))),
                     perplexity=float(np.exp(np.mean(np.concatenate([w["nll"] for w in windows])))),
                     perplexity_reference=float(np.exp(np.mean(np.concatenate([w["nll_reference"] for w in windows])))))
-
-
-def fidelity_job(backend, job: dict) -> dict:
-    """Worker job: the loaded (candidate) backend against ``job["reference_dir"]`` loaded alongside it in the same
-    runtime, over ``job["windows"]``. Returns the summary (per-token lists stay in the worker)."""
-    from scripts.runtimes.backends import make_backend
-    reference = make_backend(backend.name, Path(job["reference_dir"]))
-    reference.load()
-    try:
-        per_window = [compare_window(backend.score(ids), reference.score(ids), ids) for ids in job["windows"]]
-    finally:
-        reference.close()
-    return summarise(per_window).to_json()
 
 
 def failures(figures: dict[str, Any], spec) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
 from scripts.proof.edge_cases import run_edge_cases
-from scripts.proof.fidelity import fidelity_job
+from scripts.proof.fidelity import compare_window, summarise as summarise_fidelity
 from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
 from scripts.runtimes.backends import make_backend, render_chat
 from scripts.workers import run_in_worker
@@ -203,6 +203,19 @@ def logits_job(backend, job: dict) -> dict:
         windows.append({"argmax": logits.argmax(axis=-1).astype(int).tolist(),
                         "nll": (-logp[np.arange(len(targets)), targets]).tolist()})
     return {"windows": windows}
+
+
+def fidelity_job(backend, job: dict) -> dict:
+    """The loaded (candidate) backend against ``job["reference_dir"]``, loaded alongside it in the same runtime, over
+    ``job["windows"]`` (teacher-forced): KLD, top-1 agreement and perplexities (:mod:`scripts.proof.fidelity`). The
+    per-token lists stay in the worker; the summary comes back."""
+    reference = make_backend(backend.name, Path(job["reference_dir"]))
+    reference.load()
+    try:
+        per_window = [compare_window(backend.score(ids), reference.score(ids), ids) for ids in job["windows"]]
+    finally:
+        reference.close()
+    return summarise_fidelity(per_window).to_json()
 
 
 JOBS: dict[str, Callable[[Any, dict], dict]] = {"bench": bench_job, "answers": answers_job, "soak": soak_job,

@@ -22,6 +22,7 @@ from typing import Callable
 
 from scripts import settings
 from scripts.errors import RecipeError
+from scripts.sources.pypi import parse_spec  # the same parser the builder uses
 from scripts.families.registry import family_names
 
 DEMO = "demo"
@@ -118,7 +119,6 @@ def _gguf(spec: str, base: Path) -> ModelSource | None:
 def _pypi(spec: str, base: Path) -> ModelSource | None:
     if not spec.startswith("pypi:"):
         return None
-    from scripts.sources.pypi import parse_spec  # the same parser the builder uses
     requirement, member = parse_spec(spec)
     name = requirement.replace("==", "-")
     return ModelSource("pypi", spec, settings.build_dir() / "pypi" / name / Path(member).stem, requirement)
