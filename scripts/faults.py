@@ -26,6 +26,7 @@ The points (``<label>`` is the folder being replaced: ``install``, ``convert``, 
 from __future__ import annotations
 
 import os
+import select
 import signal
 
 KILL_ENV = "SLMOPS_TEST_KILL_AT"
@@ -45,5 +46,22 @@ def checkpoint(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(PAUSE_ENV) == point:
         os.write(2, f"slmops-test: paused at {point} (pid {os.getpid()})\n".encode())
-        with open(os.environ[PAUSE_FIFO_ENV], "rb") as fifo:  # blocks until the test opens the pipe to write
-            fifo.read()
+        _wait_for_release(os.environ[PAUSE_FIFO_ENV])
+
+
+def _wait_for_release(fifo: str) -> None:
+    """Block until a writer has opened ``fifo`` and closed it. Polls in short slices instead of blocking in one system
+    call, so a signal meant for this process (Ctrl-C in a test) is acted on even when the kernel delivered it to
+    another thread (the Foundry runtime's native threads), which would not interrupt a blocking ``open``."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        while True:
+            events = poller.poll(200)  # ms; Python runs pending signal handlers between slices
+            if any(event & select.POLLHUP for _, event in events):
+                return
+            if events:
+                os.read(fd, 4096)
+    finally:
+        os.close(fd)

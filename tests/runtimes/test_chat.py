@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from rich.console import Console
@@ -238,6 +239,8 @@ def test_ctrl_c_stops_a_real_reply_in_invoke_run(sandbox, tiny_hf_model):
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "run", "--model", "tiny", "--max-tokens", "100"],
                             cwd=REPO_ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+    watchdog = threading.Timer(600, proc.kill)  # a hang becomes a failure, never a stuck suite
+    watchdog.start()
     try:
         proc.stdin.write("Hello\n")
         proc.stdin.flush()
@@ -250,6 +253,7 @@ def test_ctrl_c_stops_a_real_reply_in_invoke_run(sandbox, tiny_hf_model):
             pass
         out, err = proc.communicate("/exit\n", timeout=300)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
