@@ -57,3 +57,11 @@ class QualityError(SlmopsError):
 
 class MeasurementError(SlmopsError):
     """A benchmark or validation worker could not load the model or measure it."""
+
+
+class PeerError(MeasurementError):
+    """A measured peer runtime (llama.cpp) is not installed, or could not build or run its copy of the model."""
+
+
+class PeerUnavailableError(PeerError):
+    """The optional peer is not installed; the message says how to install it."""
