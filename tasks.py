@@ -232,13 +232,18 @@ def _proof(model, model_path, profile, measure_and_save, printer, name):
     return result
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
+PEER_HELP = ("also measure a peer runtime on the same weights, prompts and thread count, in the same table with "
+             "ours ÷ peer ratios: llama.cpp (GGUF F32 → Q4_0 and Q4_K_M built from the recipe's Hugging Face "
+             "folder; needs the optional `pip install -r requirements-peer.txt`)")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "peer": PEER_HELP})
 @domain_errors
-def bench(c, model="qwen", model_path=None, profile="quick"):
-    """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
+def bench(c, model="qwen", model_path=None, profile="quick", peer=None):
+    """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.console import print_bench
-    _proof(model, model_path, profile, bench_and_save, print_bench, "bench")
+    _proof(model, model_path, profile, functools.partial(bench_and_save, peer=peer), print_bench, "bench")
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})

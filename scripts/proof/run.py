@@ -21,8 +21,8 @@ def proof_dir(pipeline) -> Path:
     return pipeline.paths.root / "proof"
 
 
-def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> dict:
-    data = run_bench(pipeline, profile, status)
+def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None) -> dict:
+    data = run_bench(pipeline, profile, status, peer)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
