@@ -246,6 +246,26 @@ def bench(c, model="qwen", model_path=None, profile="quick", peer=None):
     _proof(model, model_path, profile, functools.partial(bench_and_save, peer=peer), print_bench, "bench")
 
 
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP,
+            "threads": "intra_op_num_threads variants to compare, comma-separated: default (ONNX Runtime's choice) "
+                       "or a number, e.g. default,1,2",
+            "rounds": "interleaved rounds (each variant measured once per round)",
+            "foundry": "also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)"})
+@domain_errors
+def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="default,1,2", rounds=3, foundry=False):
+    """What ONNX Runtime's intra-op thread count moves on the installed model: interleaved A/B, proof/threads.{json,md}."""
+    from rich.markdown import Markdown
+    from scripts.proof.measure import get_profile
+    from scripts.proof.run import proof_dir, threads_ab_and_save
+    from scripts.proof.threads_ab import parse_variants, threads_markdown
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("working…") as status:
+        data = threads_ab_and_save(pipeline, get_profile(profile), parse_variants(threads), int(rounds),
+                                   ("genai", "foundry") if foundry else ("genai",), status.update)
+    console.print(Markdown(threads_markdown(data)))
+    console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
+
+
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
 @domain_errors
 def validate(c, model="qwen", model_path=None, profile="quick"):

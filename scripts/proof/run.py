@@ -11,6 +11,7 @@ from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
 from scripts.proof.report import write_report as write_report_files
+from scripts.proof.threads_ab import run_threads_ab, threads_markdown
 from scripts.proof.validate import run_validate, validate_markdown
 from scripts.steps import Step
 
@@ -91,3 +92,14 @@ def run_proof(pipeline, profile, status: Callable[[str], Any] = lambda s: None) 
     return {"validate": outcomes["validate"].result, "bench": outcomes["bench"].result,
             "report": str(html), "ran": [n for n, o in outcomes.items() if not o.skipped],
             "skipped": [n for n, o in outcomes.items() if o.skipped]}
+
+
+def threads_ab_and_save(pipeline, profile, variants, rounds: int, backends, status: Callable[[str], Any] = lambda s: None
+                        ) -> dict:
+    """``invoke bench-threads``: :func:`scripts.proof.threads_ab.run_threads_ab` on the installed model, saved as
+    ``proof/threads.{json,md}``."""
+    data = run_threads_ab(pipeline.installed_dir, pipeline.paths.root / "threads-ab", variants, profile, rounds,
+                          backends, status)
+    write_json_atomic(proof_dir(pipeline) / "threads.json", data)
+    write_text_atomic(proof_dir(pipeline) / "threads.md", threads_markdown(data))
+    return data
