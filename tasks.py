@@ -266,6 +266,22 @@ def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="de
     console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
 
 
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
+            "prompt_tokens": "prompt length in tokens (the bench's filler text in the model's chat template)",
+            "new_tokens": "tokens to generate after the prompt (the decode steps profiled)"})
+@domain_errors
+def profile(c, model="qwen", model_path=None, prompt_tokens=128, new_tokens=16):
+    """Per-operator time of one generation in ONNX Runtime's profiler (prefill and decode), proof/profile.{json,md}."""
+    from rich.markdown import Markdown
+    from scripts.proof.run import profile_and_save, proof_dir
+    from scripts.proof.profile import profile_markdown
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("profiling…"):
+        data = profile_and_save(pipeline, int(prompt_tokens), int(new_tokens))
+    console.print(Markdown(profile_markdown(data)))
+    console.print(f"Saved {proof_dir(pipeline) / 'profile.json'} and profile.md")
+
+
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP})
 @domain_errors
 def validate(c, model="qwen", model_path=None, profile="quick"):

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
+from scripts.proof.profile import profile_markdown, run_profile
 from scripts.proof.report import write_report as write_report_files
 from scripts.proof.threads_ab import run_threads_ab, threads_markdown
 from scripts.proof.validate import run_validate, validate_markdown
@@ -102,4 +103,13 @@ def threads_ab_and_save(pipeline, profile, variants, rounds: int, backends, stat
                           backends, status)
     write_json_atomic(proof_dir(pipeline) / "threads.json", data)
     write_text_atomic(proof_dir(pipeline) / "threads.md", threads_markdown(data))
+    return data
+
+
+def profile_and_save(pipeline, prompt_tokens: int, new_tokens: int) -> dict:
+    """``invoke profile``: :func:`scripts.proof.profile.run_profile` on the installed model, saved as
+    ``proof/profile.{json,md}`` (the trace stays in ``build/<recipe>/profile/trace/``)."""
+    data = run_profile(pipeline.installed_dir, pipeline.paths.root / "profile", prompt_tokens, new_tokens)
+    write_json_atomic(proof_dir(pipeline) / "profile.json", data)
+    write_text_atomic(proof_dir(pipeline) / "profile.md", profile_markdown(data))
     return data
