@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from tokenizers import Tokenizer
 
-from scripts.errors import PeerError
-from scripts.proof.measure import measure, Profile, run_worker
-from scripts.runtimes.backends import BACKEND_CLASSES, make_backend
+from scripts.errors import MeasurementError, PeerError
+from scripts.proof.measure import bench_request, measure, Profile, run_worker
+from scripts.runtimes.backends import BACKEND_CLASSES, make_backend, render_chat
 from scripts.runtimes.llamacpp import LlamaCppBackend
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -37,9 +38,11 @@ def test_peer_worker_measures_the_tiny_gguf(tiny_ggufs, tiny_onnx_model, quant):
     r = measure("llama.cpp", paths[quant], TINY, options, prompt_dir=tiny_onnx_model, context=512)
     assert r.backend == "llama.cpp" and r.load_seconds > 0 and r.size_bytes == paths[quant].stat().st_size
     assert [x.target for x in r.lengths] == [16, TINY.max_prompt_tokens]
-    for x in r.lengths:
+    tok = Tokenizer.from_file(str(tiny_onnx_model / "tokenizer.json"))
+    for x, (_, messages) in zip(r.lengths, bench_request(tiny_onnx_model, TINY, 512)["prompts"]):
         assert x.ttft.n == TINY.repeats and x.new_tokens >= 1
-        assert abs(x.prompt_tokens - x.target) <= 3, "llama.cpp's tokenizer counts the prompt as the HF tokenizer does"
+        hf = len(tok.encode(render_chat(tiny_onnx_model, messages), add_special_tokens=False).ids)
+        assert x.prompt_tokens == hf, "llama.cpp's tokenizer counts the same prompt tokens as the HF tokenizer"
 
 
 @needs_llama_cpp
@@ -59,5 +62,5 @@ def test_f32_gguf_answers_as_pytorch_greedy(tiny_ggufs, tiny_hf_model, tiny_onnx
 def test_prompt_beyond_the_context_is_a_clear_error(tiny_ggufs, tiny_onnx_model):
     _, paths, _ = tiny_ggufs
     job = {"kind": "answers", "conversations": [[{"role": "user", "content": "word " * 400}]], "max_new_tokens": 4}
-    with pytest.raises(Exception, match="exceed llama.cpp's context of 128 tokens"):
+    with pytest.raises(MeasurementError, match=r"prompt tokens \+ 4 new tokens exceed llama.cpp's context of \d+ tokens"):
         run_worker("llama.cpp", paths["q4_0"], [job], {"threads": 1, "n_ctx": 128, "chat_dir": str(tiny_onnx_model)})
