@@ -250,9 +250,11 @@ def bench(c, model="qwen", model_path=None, profile="quick", peer=None):
             "threads": "intra_op_num_threads variants to compare, comma-separated: default (ONNX Runtime's choice) "
                        "or a number, e.g. default,1,2",
             "rounds": "interleaved rounds (each variant measured once per round)",
-            "foundry": "also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)"})
+            "foundry": "also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)",
+            "peer": "also measure this peer (llama.cpp) at each thread count, interleaved, with ours ÷ peer ratios"})
 @domain_errors
-def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="default,1,2", rounds=3, foundry=False):
+def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="default,1,2", rounds=3, foundry=False,
+                  peer=None):
     """What ONNX Runtime's intra-op thread count moves on the installed model: interleaved A/B, proof/threads.{json,md}."""
     from rich.markdown import Markdown
     from scripts.proof.measure import get_profile
@@ -261,7 +263,7 @@ def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="de
     console, pipeline = _pipeline(model, model_path)
     with console.status("working…") as status:
         data = threads_ab_and_save(pipeline, get_profile(profile), parse_variants(threads), int(rounds),
-                                   ("genai", "foundry") if foundry else ("genai",), status.update)
+                                   ("genai", "foundry") if foundry else ("genai",), status.update, peer)
     console.print(Markdown(threads_markdown(data)))
     console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
 

@@ -10,6 +10,8 @@ from typing import Any, Callable
 from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
+from scripts.proof.measure import context_limit
+from scripts.proof.peer_bench import get_peer
 from scripts.proof.profile import profile_markdown, run_profile
 from scripts.proof.report import write_report as write_report_files
 from scripts.proof.threads_ab import run_threads_ab, threads_markdown
@@ -95,12 +97,17 @@ def run_proof(pipeline, profile, status: Callable[[str], Any] = lambda s: None) 
             "skipped": [n for n, o in outcomes.items() if o.skipped]}
 
 
-def threads_ab_and_save(pipeline, profile, variants, rounds: int, backends, status: Callable[[str], Any] = lambda s: None
-                        ) -> dict:
-    """``invoke bench-threads``: :func:`scripts.proof.threads_ab.run_threads_ab` on the installed model, saved as
-    ``proof/threads.{json,md}``."""
+def threads_ab_and_save(pipeline, profile, variants, rounds: int, backends, status: Callable[[str], Any] = lambda s: None,
+                        peer: str | None = None) -> dict:
+    """``invoke bench-threads``: :func:`scripts.proof.threads_ab.run_threads_ab` on the installed model (with ``peer``'s
+    runs at each thread count), saved as ``proof/threads.{json,md}``."""
+    runs: list = []
+    if peer:
+        chosen = get_peer(peer)
+        chosen.require()
+        runs, _ = chosen.plan(pipeline, context_limit(pipeline.installed_dir), status)
     data = run_threads_ab(pipeline.installed_dir, pipeline.paths.root / "threads-ab", variants, profile, rounds,
-                          backends, status)
+                          backends, status, runs)
     write_json_atomic(proof_dir(pipeline) / "threads.json", data)
     write_text_atomic(proof_dir(pipeline) / "threads.md", threads_markdown(data))
     return data

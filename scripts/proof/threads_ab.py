@@ -6,6 +6,11 @@ are measured in alternation, round after round, each in its own worker process (
 Foundry Local runtime with ``--foundry``): on shared cores, interleaving spreads the other processes' load over
 every variant instead of over whichever ran last. Per variant and prompt length: the median over rounds of each
 round's median, prefill and decode tokens/s, and the machine's load average around each measurement.
+
+With ``--peer llama.cpp`` the peer's runs (:mod:`scripts.proof.peer_bench`) join every round with the same thread
+count as the variant (physical cores for ``default``), so ours ÷ peer is compared at each thread count under the
+same load: on an oversubscribed machine a multi-threaded runtime whose threads wait for each other at every
+operator (llama.cpp's OpenMP pool) loses far more than one that does not, and only interleaving shows it fairly.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from typing import Any, Callable, Sequence
 from scripts.errors import MeasurementError
 from scripts.fileops import atomic_dir, link_or_copy
 from scripts.proof.measure import context_limit, measure, Profile
+from scripts.proof.peer_bench import PeerRun
 from scripts.proof.stats import summarise
+from scripts.recipe.runtime import physical_cores
 
 DEFAULT = "default"
 
@@ -64,24 +71,31 @@ def _name(threads: int | None) -> str:
 
 
 def run_threads_ab(installed: Path, work: Path, variants: Sequence[int | None], profile: Profile, rounds: int,
-                   backends: Sequence[str] = ("genai",), status: Callable[[str], Any] = lambda s: None) -> dict:
-    """Measure every variant on every backend ``rounds`` times, interleaved; return plain JSON data."""
+                   backends: Sequence[str] = ("genai",), status: Callable[[str], Any] = lambda s: None,
+                   peer_runs: Sequence[PeerRun] = ()) -> dict:
+    """Measure every variant on every backend (and every peer run, at the variant's thread count) ``rounds`` times,
+    interleaved; return plain JSON data."""
     installed = Path(installed)
     folders = {v: mirror(installed, Path(work) / f"threads-{v or DEFAULT}", v) for v in variants}
     context = context_limit(installed)
+    plan = [(b, b, folders, None) for b in backends] + [(p.key, p.backend, p.path, p) for p in peer_runs]
     raw: list[dict] = []
-    total = rounds * len(backends) * len(variants)
+    total = rounds * len(plan) * len(variants)
     for r in range(rounds):
-        for backend in backends:
+        for key, backend, where, peer in plan:
             for v in variants:
-                status(f"bench-threads: round {r + 1}/{rounds}, {backend}, {_name(v)} ({len(raw) + 1}/{total})…")
+                status(f"bench-threads: round {r + 1}/{rounds}, {key}, {_name(v)} ({len(raw) + 1}/{total})…")
+                folder = where[v] if peer is None else where
+                options = None if peer is None else {**peer.options, "threads": v or physical_cores()}
                 before = os.getloadavg()[0]
-                result = measure(backend, folders[v], profile, prompt_dir=installed, context=context)
-                raw.append({"round": r, "backend": backend, "threads": v, "load_before": round(before, 2),
+                result = measure(backend, folder, profile, options, prompt_dir=installed, context=context)
+                raw.append({"round": r, "backend": key, "threads": v, "load_before": round(before, 2),
                             "load_after": round(os.getloadavg()[0], 2),
                             "lengths": [x.to_json() for x in result.lengths]})
     return {"model_dir": str(installed), "profile": profile.to_json(), "rounds": rounds, "cpus": os.cpu_count(),
-            "variants": [_name(v) for v in variants], "summary": summarise_ab(raw), "runs": raw}
+            "variants": [_name(v) for v in variants], "peers": [p.key for p in peer_runs],
+            "summary": summarise_ab(raw), "ratios": ab_ratios(summarise_ab(raw), [p.key for p in peer_runs]),
+            "runs": raw}
 
 
 def summarise_ab(raw: list[dict]) -> list[dict]:
@@ -102,6 +116,24 @@ def summarise_ab(raw: list[dict]) -> list[dict]:
     return out
 
 
+def ab_ratios(summary: list[dict], peers: Sequence[str]) -> list[dict]:
+    """Ours ÷ each peer at the same thread variant and prompt length (prefill and decode tok/s). Pure."""
+    by = {(s["backend"], s["threads"], s["target"]): s for s in summary}
+    out = []
+    for (backend, threads, target), ours in sorted(by.items()):
+        if backend in peers:
+            continue
+        for peer in peers:
+            p = by.get((peer, threads, target))
+            if p:
+                out.append({"ours": backend, "peer": peer, "threads": threads, "target": target,
+                            "prefill": ours["prefill_tps"] / p["prefill_tps"] if ours["prefill_tps"] and
+                            p["prefill_tps"] else None,
+                            "decode": ours["decode_tps"] / p["decode_tps"] if ours["decode_tps"] and
+                            p["decode_tps"] else None})
+    return out
+
+
 def threads_markdown(data: dict) -> str:
     def f(x, d=1):
         return "–" if x is None else f"{x:.{d}f}"
@@ -114,4 +146,11 @@ def threads_markdown(data: dict) -> str:
     for s in sorted(data["summary"], key=lambda s: (s["backend"], s["target"], s["threads"])):
         lines.append(f"| {s['backend']} | {s['threads']} | {s['prompt_tokens']} | {f(s['ttft'] and 1000 * s['ttft'])} | "
                      f"{f(s['prefill_tps'], 0)} | {f(s['decode_tps'])} | {s['load_min']:.1f}–{s['load_max']:.1f} |")
+    if data.get("ratios"):
+        lines += ["", "Ours ÷ the peer at the same thread count (> 1×: ours is faster):", "",
+                  "| ours | peer | threads | prompt target | prefill ratio | decode ratio |", "|---|---|---|---|---|---|"]
+        def x(v):
+            return "–" if v is None else f"{v:.2f}×"
+        lines += [f"| {r['ours']} | {r['peer']} | {r['threads']} | {r['target']} | {x(r['prefill'])} | "
+                  f"{x(r['decode'])} |" for r in data["ratios"]]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,8 @@ import pytest
 
 from scripts.errors import MeasurementError
 from scripts.proof.measure import Profile
-from scripts.proof.threads_ab import mirror, parse_variants, run_threads_ab, summarise_ab, threads_markdown, variant_config
+from scripts.proof.threads_ab import (ab_ratios, mirror, parse_variants, run_threads_ab, summarise_ab, threads_markdown,
+                                      variant_config)
 
 TINY = Profile("tiny", lengths=(16,), max_prompt_tokens=32, new_tokens=4, warmup=0, repeats=2)
 
@@ -62,3 +63,19 @@ def test_real_ab_on_the_tiny_model(tiny_onnx_model, tmp_path):
     assert [r["threads"] for r in data["runs"]] == [None, 1, None, 1], "interleaved"
     assert {s["threads"] for s in data["summary"]} == {"default", "1 threads"}
     assert all(s["rounds"] == 2 and s["decode_tps"] for s in data["summary"])
+
+
+def test_ratios_compare_ours_and_the_peer_at_the_same_thread_count():
+    summary = [{"backend": "genai", "threads": "1 threads", "target": 32, "prefill_tps": 300.0, "decode_tps": 90.0},
+               {"backend": "genai", "threads": "2 threads", "target": 32, "prefill_tps": 500.0, "decode_tps": 60.0},
+               {"backend": "llama.cpp:q4_0", "threads": "1 threads", "target": 32, "prefill_tps": 600.0,
+                "decode_tps": 45.0},
+               {"backend": "llama.cpp:q4_0", "threads": "2 threads", "target": 32, "prefill_tps": 250.0,
+                "decode_tps": None}]
+    ratios = ab_ratios(summary, ["llama.cpp:q4_0"])
+    assert [(r["threads"], r["prefill"], r["decode"]) for r in ratios] == [("1 threads", 0.5, 2.0),
+                                                                           ("2 threads", 2.0, None)]
+    md = threads_markdown({"model_dir": "/m", "rounds": 1, "cpus": 2, "ratios": ratios,
+                           "summary": [{**s, "prompt_tokens": 33, "ttft": 0.1, "load_min": 1.0, "load_max": 2.0}
+                                       for s in summary], "profile": {"name": "quick", "warmup": 1, "repeats": 3}})
+    assert "| genai | llama.cpp:q4_0 | 1 threads | 32 | 0.50× | 2.00× |" in md and "| 2.00× | – |" in md
