@@ -240,13 +240,57 @@ def _proof(model, model_path, profile, measure_and_save, printer, name, wait=Tru
     return result
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "no_wait": NO_WAIT_HELP})
+PEER_HELP = ("also measure a peer runtime on the same weights, prompts and thread count, in the same table with "
+             "ours ÷ peer ratios: llama.cpp (GGUF F32 → Q4_0 and Q4_K_M built from the recipe's Hugging Face "
+             "folder; needs the optional `pip install -r requirements-peer.txt`)")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "peer": PEER_HELP,
+            "no_wait": NO_WAIT_HELP})
 @domain_errors
-def bench(c, model="qwen", model_path=None, profile="quick", no_wait=False):
-    """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch, vs the bandwidth bound."""
+def bench(c, model="qwen", model_path=None, profile="quick", peer=None, no_wait=False):
+    """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.console import print_bench
-    _proof(model, model_path, profile, bench_and_save, print_bench, "bench", not no_wait)
+    _proof(model, model_path, profile, functools.partial(bench_and_save, peer=peer), print_bench, "bench", not no_wait)
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP,
+            "threads": "intra_op_num_threads variants to compare, comma-separated: default (ONNX Runtime's choice) "
+                       "or a number, e.g. default,1,2",
+            "rounds": "interleaved rounds (each variant measured once per round)",
+            "foundry": "also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)",
+            "peer": "also measure this peer (llama.cpp) at each thread count, interleaved, with ours ÷ peer ratios"})
+@domain_errors
+def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="default,1,2", rounds=3, foundry=False,
+                  peer=None):
+    """What ONNX Runtime's intra-op thread count moves on the installed model: interleaved A/B, proof/threads.{json,md}."""
+    from rich.markdown import Markdown
+    from scripts.proof.measure import get_profile
+    from scripts.proof.run import proof_dir, threads_ab_and_save
+    from scripts.proof.threads_ab import parse_variants, threads_markdown
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("working…") as status:
+        data = threads_ab_and_save(pipeline, get_profile(profile), parse_variants(threads), int(rounds),
+                                   ("genai", "foundry") if foundry else ("genai",), status.update, peer)
+    console.print(Markdown(threads_markdown(data)))
+    console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
+            "prompt_tokens": "prompt length in tokens (the bench's filler text in the model's chat template)",
+            "new_tokens": "tokens to generate after the prompt (the decode steps profiled)"})
+@domain_errors
+def profile(c, model="qwen", model_path=None, prompt_tokens=128, new_tokens=16):
+    """Per-operator time of one generation in ONNX Runtime's profiler (prefill and decode), proof/profile.{json,md}."""
+    from rich.markdown import Markdown
+    from scripts.proof.run import profile_and_save, proof_dir
+    from scripts.proof.profile import profile_markdown
+    console, pipeline = _pipeline(model, model_path)
+    with console.status("profiling…"):
+        data = profile_and_save(pipeline, int(prompt_tokens), int(new_tokens))
+    console.print(Markdown(profile_markdown(data)))
+    console.print(f"Saved {proof_dir(pipeline) / 'profile.json'} and profile.md")
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "no_wait": NO_WAIT_HELP})

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scripts.proof.compare_report import markdown_table
+from scripts.proof.peer_bench import peer_markdown
 
 
 def _mb(n: int) -> str:
@@ -65,7 +66,7 @@ def print_bench(console: Console, data: dict) -> None:
     table = Table(title=f"Bench {data['model_id']} (profile {data['profile']['name']}; medians ± half IQR; "
                         f"decode at a {short}-token prompt)")
     for col in ("backend", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/tok p50/p95",
-                "peak RSS MB", "CPU %", "decode / bound"):
+                "peak RSS MB", "CPU %", "decode / bound", "threads", "load avg"):
         table.add_column(col)
     for b in data["backends"]:
         x = b["lengths"][0]
@@ -80,8 +81,14 @@ def print_bench(console: Console, data: dict) -> None:
                       s(x["decode_tps"], 1),
                       f"{tm.get('median', 0):.2f} / {x['token_ms_p95'] or 0:.2f}", f"{b['peak_rss_mb']:.0f}",
                       f"{x['cpu_percent'] or 0:.0f}",
-                      f"{100 * frac:.2f} % of {b['bound_tps']:.0f} tok/s" if frac else "–")
+                      f"{100 * frac:.2f} % of {b['bound_tps']:.0f} tok/s" if frac else "–",
+                      str(b.get("threads") or "default"),
+                      f"{b['load_average']['before'][0]:.1f} → {b['load_average']['after'][0]:.1f}"
+                      if b.get("load_average") else "–")
     console.print(table)
+    if data.get("peer"):
+        from rich.markdown import Markdown
+        console.print(Markdown("\n".join(peer_markdown(data))))
     per_token = ", ".join(f"{b['backend']} {b['bytes_per_token'] / 1e6:.2f} MB" for b in data["backends"])
     console.print(f"Memory read bandwidth {bw['gb_per_s']:.1f} GB/s (±{50 * bw['spread']:.0f}%); bound = bandwidth ÷ "
                   f"weight bytes read per token ({per_token}).")

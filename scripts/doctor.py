@@ -34,6 +34,7 @@ from rich.table import Table
 
 from scripts import settings
 from scripts.errors import EnvironmentCheckError
+from scripts.peers import llamacpp
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def gather_facts(
         except EnvironmentCheckError as exc:
             logger.warning("%s", exc)
             names = []
-        package_names = list(dict.fromkeys([*REQUIRED_PACKAGES, *names]))
+        package_names = list(dict.fromkeys([*REQUIRED_PACKAGES, *names, llamacpp.PACKAGE]))
     if disk_paths is None:
         disk_paths = {
             "build dir": settings.build_dir(),
@@ -372,8 +373,10 @@ def evaluate(
     *,
     min_ram_gib: float = MIN_RAM_GIB,
     min_disk_gib: float = MIN_DISK_GIB,
+    peer_pin: str | None = None,
 ) -> list[Check]:
-    """Turn measured facts and the requirements pins into table rows. Pure: no I/O."""
+    """Turn measured facts and the requirements pins into table rows. Pure: no I/O. ``peer_pin``: the
+    llama-cpp-python pin of ``requirements-peer.txt`` (the optional llama.cpp peer)."""
     pins = {normalize_name(k): v for k, v in pins.items()}
     packages = {normalize_name(k): v for k, v in facts.packages.items()}
     checks = [
@@ -386,6 +389,7 @@ def evaluate(
     checks.append(_check_foundry_cli(facts.foundry_cli_path, facts.platform))
     checks.append(_check_sdk_runtime(facts.sdk_probe, pins))
     checks.append(_check_other_pins(packages, pins))
+    checks.append(_check_peer(packages.get(normalize_name(llamacpp.PACKAGE)), peer_pin))
     return checks
 
 
@@ -575,6 +579,13 @@ def _check_other_pins(packages: Mapping[str, str | None], pins: Mapping[str, str
     return Check(name, f"all {len(others)} match", expected, Status.OK)
 
 
+def _check_peer(installed: str | None, pin: str | None) -> Check:
+    """The optional llama.cpp peer (``invoke bench --peer llama.cpp``): never a failure."""
+    st = llamacpp.peer_status(installed, pin)
+    status = Status.OK if st.matches_pin else (Status.WARN if st.installed else Status.INFO)
+    return Check(f"{llamacpp.NAME} peer ({llamacpp.PACKAGE})", st.found, st.expected, status, st.fix)
+
+
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
@@ -606,7 +617,7 @@ def run_doctor(console: Console | None = None, *, requirements_path: Path | str 
     console = console or Console()
     pins = read_pins(requirements_path)
     facts = gather_facts(requirements_path=requirements_path)
-    checks = evaluate(facts, pins)
+    checks = evaluate(facts, pins, peer_pin=llamacpp.pinned_version())
     console.print(render_table(checks))
     for c in checks:
         logger.debug("doctor: %s | %s | %s | %s", c.name, c.found, c.status.value, c.fix)

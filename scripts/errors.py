@@ -63,3 +63,11 @@ class BusyError(SlmopsError):
     """A folder (a recipe's build folder, a model source, a cache target) is held by another running command."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class PeerError(MeasurementError):
+    """A measured peer runtime (llama.cpp) is not installed, or could not build or run its copy of the model."""
+
+
+class PeerUnavailableError(PeerError):
+    """The optional peer is not installed; the message says how to install it."""

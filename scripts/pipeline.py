@@ -21,7 +21,7 @@ from scripts.convert.genai_smoke import smoke_test
 from scripts.convert.graph_check import summarise_graph, verify_quantization
 from scripts.convert.install import assemble_package, check_context, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
-from scripts.convert.package import render_inference_model, with_search
+from scripts.convert.package import render_inference_model, with_search, with_session_options
 from scripts.doctor import run_doctor
 from scripts.errors import ModelSourceError, QualityError
 from scripts.faults import checkpoint
@@ -261,6 +261,8 @@ class Pipeline:
                                             shipped, choice.default_system)
         genai_config = with_stop_tokens(with_search(genai_config, generation), family.stop_tokens,
                                         self.paths.onnx / "tokenizer.json")
+        session = self.recipe.runtime.session_options()
+        genai_config = with_session_options(genai_config, session)
         extra = {CHAT_TEMPLATE_FILE: choice.chat_template} if choice.chat_template and not read_chat_template(
             self.paths.onnx) else {}
         assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model, extra)
@@ -268,9 +270,10 @@ class Pipeline:
         smoke = smoke_test(self.paths.package, sample)
         cases = "; ".join(f"{c.case}: {len(c.chat_template_tokens)} tokens" for c in compared)
         self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template token by "
-                      f"token ({cases}); GenAI smoke test generated {smoke['tokens']} tokens")
+                      f"token ({cases}); GenAI smoke test generated {smoke['tokens']} tokens with "
+                      f"intra_op_num_threads {session['intra_op_num_threads']} (recipe runtime.intra_op_threads)")
         return {"family": family.name, "verified": [c.case for c in compared],
-                "generation": {k: v for k, v in vars(generation).items()}}
+                "generation": {k: v for k, v in vars(generation).items()}, "session_options": session}
 
     def _install(self) -> dict:
         target = install_package(self.paths.package, self.cache_root, self.recipe.foundry.publisher,
@@ -332,8 +335,8 @@ class Pipeline:
             Step("convert", self._convert, inputs=[self.model_dir], settings=hashed["conversion"],
                  outputs=[self.paths.onnx], code=["scripts.convert.olive", "scripts.convert.graph_check"]),
             Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
-                 settings={k: hashed[k] for k in ("family", "foundry", "generation", "name",
-                                                                  "description")},
+                 settings={**{k: hashed[k] for k in ("family", "foundry", "generation", "name", "description")},
+                           "session_options": r.runtime.session_options()},
                  outputs=[self.paths.package],
                  code=["scripts.convert.package", "scripts.convert.install", "scripts.families.select",
                        "scripts.convert.genai_smoke"]),

@@ -95,3 +95,17 @@ def tiny_onnx_model(tmp_path_factory, tiny_hf_model) -> Path:
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
         assert (out / name).is_file(), f"model builder did not write {name}"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory, tiny_hf_model):
+    """``(folder, {"q4_0": path, "q4_k_m": path}, announcements)``: the tiny model as GGUF files built by the llama.cpp
+    peer (F32 with llama.cpp's converter, then its quantizer). Needs llama-cpp-python (skip the test without it); the
+    converter comes from its sdist (pip download, pip's cache)."""
+    from scripts.peers.gguf_build import build_ggufs
+    from scripts.peers.llamacpp import require_installed
+    out = tmp_path_factory.mktemp("gguf")
+    announced: list[str] = []
+    paths = build_ggufs(tiny_hf_model, out, ["q4_0", "q4_k_m"], require_installed(), 2, announce=announced.append,
+                        downloads=out / "downloads")
+    return out, paths, announced

@@ -275,3 +275,35 @@ def test_run_doctor_raises_listing_failed_rows_with_fixes(monkeypatch):
     assert "transformers" in message and "pip install -r requirements.txt" in message
     assert "FAIL" in out.getvalue()  # the table is printed before raising
     assert len(info.value.checks) == len(evaluate(bad, PINS))
+
+
+# ---------------------------------------------------------------- the optional llama.cpp peer
+
+PEER_ROW = "llama.cpp peer (llama-cpp-python)"
+
+
+def test_peer_not_installed_is_info_with_how_to_get_it():
+    r = row(evaluate(good_facts(), PINS, peer_pin="0.3.36"), PEER_ROW)
+    assert r.status is Status.INFO and r.found == "not installed"
+    assert "0.3.36" in r.expected and "optional" in r.expected
+    assert "pip install -r requirements-peer.txt" in r.fix and "--peer llama.cpp" in r.fix
+    assert "12 minutes" in r.fix, "a user must know the install compiles for a while"
+
+
+def test_peer_installed_at_the_pin_is_ok_and_another_version_warns():
+    assert row(evaluate(with_packages(llama_cpp_python="0.3.36"), PINS, peer_pin="0.3.36"), PEER_ROW).status is Status.OK
+    other = row(evaluate(with_packages(llama_cpp_python="0.3.20"), PINS, peer_pin="0.3.36"), PEER_ROW)
+    assert other.status is Status.WARN and "requirements-peer.txt" in other.fix
+
+
+def test_peer_row_never_fails_the_doctor():
+    checks = evaluate(good_facts(), PINS, peer_pin="0.3.36")
+    assert doctor.failures(checks) == []
+
+
+def test_run_doctor_shows_the_peer_row_with_the_repository_pin(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor, "gather_facts", lambda **_: good_facts())
+    monkeypatch.setattr(doctor, "read_pins", lambda _path: PINS)
+    checks = run_doctor(Console(file=io.StringIO(), width=250))
+    from scripts.peers.llamacpp import pinned_version
+    assert pinned_version() and pinned_version() in row(checks, PEER_ROW).expected

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.fileops import hash_path
+from scripts.recipe.runtime import physical_cores
 
 REPO = Path(__file__).resolve().parent.parent
 INVOKE = [sys.executable, "-m", "invoke"]
@@ -67,8 +68,10 @@ def test_deploy_installs_registers_and_answers(sandbox, first_deploy):
     info = json.loads((installed / "inference_model.json").read_text())
     assert info["Name"] == "tiny-e2e"
     assert "<|im_start|>user\n{Content}<|im_end|>" in info["PromptTemplate"]["prompt"]
-    search = json.loads((installed / "genai_config.json").read_text())["search"]
-    assert search["top_k"] == 7 and search["max_length"] == 256
+    genai_config = json.loads((installed / "genai_config.json").read_text())
+    assert genai_config["search"]["top_k"] == 7 and genai_config["search"]["max_length"] == 256
+    # recipe runtime.intra_op_threads defaults to the physical cores; the check step below loaded and ran it
+    assert genai_config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == physical_cores()
     registry = (sandbox["cache"] / "foundry.local.modelinfo.json").read_text()
     assert "tiny-e2e:1" in registry
     out = first_deploy.stdout
@@ -97,6 +100,23 @@ def test_changed_generation_setting_reruns_only_downstream_steps(sandbox, first_
         assert "convert: skipped (inputs unchanged)" in proc.stdout
         assert "▶ package" in proc.stdout and "▶ install" in proc.stdout
         assert json.loads((sandbox["installed"] / "genai_config.json").read_text())["search"]["top_k"] == 3
+    finally:
+        path.write_text(original)
+
+
+def test_changed_thread_count_repackages_and_still_answers_through_foundry(sandbox, first_deploy):
+    path = sandbox["recipes"] / "tiny.json"
+    original = path.read_text()
+    path.write_text(json.dumps({**json.loads(original), "runtime": {"intra_op_threads": 1}}))
+    try:
+        proc = invoke(sandbox, "deploy", "--model", "tiny")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "convert: skipped (inputs unchanged)" in proc.stdout
+        assert "▶ package" in proc.stdout and "▶ check" in proc.stdout
+        assert "intra_op_num_threads 1" in proc.stdout
+        session = json.loads((sandbox["installed"] / "genai_config.json").read_text())["model"]["decoder"]
+        assert session["session_options"]["intra_op_num_threads"] == 1
+        assert "load time" in proc.stdout, "the check step loaded the model through Foundry Local and it answered"
     finally:
         path.write_text(original)
 

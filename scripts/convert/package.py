@@ -5,6 +5,8 @@
   are checked to render the same tokens (:mod:`scripts.families.templates`).
 - Generation settings are written into ``genai_config.json`` ``search``, the only place either runtime reads
   them (``ModelConfig`` in ``inference_model.json`` is documentation only).
+- The recipe's ``runtime`` settings (intra-op threads) go to ``model.decoder.session_options``, read by ONNX Runtime
+  GenAI inside Foundry Local as well.
 """
 from __future__ import annotations
 
@@ -82,3 +84,12 @@ def with_search(genai_config: dict[str, Any], generation: Generation) -> dict[st
     """A copy of ``genai_config`` whose ``search`` carries the recipe's generation settings."""
     context = genai_config.get("model", {}).get("context_length")
     return {**genai_config, "search": {**genai_config.get("search", {}), **search_options(generation, context)}}
+
+
+def with_session_options(genai_config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``genai_config`` whose ``model.decoder.session_options`` carries ``options`` (the recipe's
+    ``runtime`` block; other session options the builder wrote, e.g. provider options, are kept)."""
+    model = genai_config.get("model", {})
+    decoder = model.get("decoder", {})
+    session = {**decoder.get("session_options", {}), **options}
+    return {**genai_config, "model": {**model, "decoder": {**decoder, "session_options": session}}}

@@ -126,9 +126,25 @@ def safetensors_bytes_per_token(model_dir: Path) -> int:
     return total
 
 
+def gguf_bytes_per_token(path: Path) -> int:
+    """Weight bytes one decode step reads in a GGUF file: every tensor, except that the token embedding contributes
+    one row unless it is also the output layer (no ``output.weight``: tied)."""
+    from gguf import GGUFReader
+    tensors = {t.name: (int(t.n_bytes), int(t.n_elements), [int(d) for d in t.shape]) for t in GGUFReader(path).tensors}
+    tied = "output.weight" not in tensors
+    total = 0
+    for name, (size, _, shape) in tensors.items():
+        rows = shape[-1] if name == "token_embd.weight" and not tied and shape else 1  # GGUF shapes: ne0 first
+        total += size // rows
+    return total
+
+
 def bytes_per_token(model_dir: Path) -> int:
-    """:func:`onnx_bytes_per_token` for an ONNX GenAI folder, else :func:`safetensors_bytes_per_token`."""
+    """:func:`onnx_bytes_per_token` for an ONNX GenAI folder, :func:`gguf_bytes_per_token` for a ``.gguf`` file,
+    else :func:`safetensors_bytes_per_token`."""
     model_dir = Path(model_dir)
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        return gguf_bytes_per_token(model_dir)
     cfg = model_dir / "genai_config.json"
     if cfg.is_file():
         name = json.loads(cfg.read_text(encoding="utf-8"))["model"]["decoder"].get("filename", "model.onnx")

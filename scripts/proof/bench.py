@@ -1,6 +1,8 @@
 """`invoke bench`: the deployed model through the Foundry Local runtime, compared with raw ONNX Runtime GenAI
 on the same folder and with the original PyTorch (FP32) model, each in its own process, with the same
-prompts; plus the machine's memory bandwidth and decode speed as a fraction of the bandwidth bound."""
+prompts; plus the machine's memory bandwidth and decode speed as a fraction of the bandwidth bound. With
+``peer``, a peer runtime (llama.cpp) on the same weights joins the same table (:mod:`scripts.proof.peer_bench`).
+Every backend's entry records its thread count and the machine's load average while it ran."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +12,7 @@ from typing import Any, Callable
 
 from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
 from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
+from scripts.proof.peer_bench import get_peer, peer_markdown, peer_ratios, PeerRun, runtime_threads
 
 log = logging.getLogger(__name__)
 
@@ -21,32 +24,53 @@ def _hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda s: None) -> dict:
-    """Bench every backend available for ``pipeline``'s recipe; return plain JSON data."""
+def _load_average() -> list[float]:
     import os
-    status("bench: measuring memory bandwidth…")
-    bw = measure_bandwidth()
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda s: None,
+              peer: str | None = None) -> dict:
+    """Bench every backend available for ``pipeline``'s recipe (and ``peer``'s runs); return plain JSON data."""
+    import os
+    chosen = get_peer(peer) if peer else None
+    if chosen:
+        chosen.require()  # not installed: say how to get it before measuring anything
     installed, source = pipeline.installed_dir, Path(pipeline.model_dir)
     context = context_limit(installed)
+    peer_runs, peer_info = chosen.plan(pipeline, context, status) if chosen else ([], None)
+    status("bench: measuring memory bandwidth…")
+    load_at_start = _load_average()
+    bw = measure_bandwidth()
     job = bench_request(installed, profile, context)
     foundry = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.recipe.foundry.model_id}
-    plan = [("foundry", installed, foundry), ("http", installed, foundry), ("genai", installed, None)]
+    threads = runtime_threads(installed)
+    plan = [PeerRun(n, n, BACKEND_LABELS[n], installed, o) for n, o in (("foundry", foundry), ("http", foundry),
+                                                                           ("genai", {}))]
     notes = []
     if _hf_folder(source):
-        plan.append(("torch", source, None))
+        plan.append(PeerRun("torch", "torch", BACKEND_LABELS["torch"], source, {}))
     else:
         notes.append(f"PyTorch not measured: {source} is not a Hugging Face folder with safetensors weights.")
+    plan += peer_runs
     backends = []
-    for i, (name, folder, options) in enumerate(plan, 1):
-        status(f"bench: {BACKEND_LABELS[name]} ({i}/{len(plan)}), {len(job['prompts'])} prompt lengths × "
+    for i, run in enumerate(plan, 1):
+        status(f"bench: {run.label} ({i}/{len(plan)}), {len(job['prompts'])} prompt lengths × "
                f"({profile.warmup} warm-up + {profile.repeats} runs)…")
-        result = to_backend_bench(name, folder, run_worker(name, folder, [job], options))
-        bpt = bytes_per_token(folder)
+        before = _load_average()
+        result = to_backend_bench(run.backend, run.path, run_worker(run.backend, run.path, [job], run.options))
+        bpt = bytes_per_token(run.path)
         entry = result.to_json()
-        entry.update(label=BACKEND_LABELS[name], bytes_per_token=bpt, bound_tps=bound_tokens_per_s(bpt, bw.gb_per_s),
-                     fraction_of_bound=fraction_of_bound(result.decode_tps, bpt, bw.gb_per_s))
+        entry.update(key=run.key, label=run.label, peer=run in peer_runs, bytes_per_token=bpt,
+                     bound_tps=bound_tokens_per_s(bpt, bw.gb_per_s),
+                     fraction_of_bound=fraction_of_bound(result.decode_tps, bpt, bw.gb_per_s),
+                     threads=run.options.get("threads") if run in peer_runs else
+                     (threads if run.backend in ("foundry", "http", "genai") else None),
+                     load_average={"before": before, "after": _load_average()})
         backends.append(entry)
-    by = {b["backend"]: b for b in backends}
+    if peer_info:
+        peer_info["ratios"] = peer_ratios(backends)
+    by = {b["backend"]: b for b in backends if not b["peer"]}
     g = by["genai"]["lengths"][0]["decode_tps"] if "genai" in by else None
     bursty = [BACKEND_LABELS[k] for k in ("foundry", "http") if k in by and g and by[k]["lengths"][0]["decode_tps"]
               and by[k]["lengths"][0]["decode_tps"]["median"] > 2 * g["median"]]
@@ -66,9 +90,13 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
                      "model: its fraction of the bound mostly shows per-token overhead.")
     notes.append("2 shared cores: other processes ran during the measurement; compare the medians and mind "
                  "the spread (± half the interquartile range, relative to the median).")
+    if threads is None:
+        notes.append("The deployed genai_config.json sets no intra_op_num_threads: ONNX Runtime chose its own thread "
+                     "count (recipe runtime.intra_op_threads sets it at the package step).")
     return {"recipe": pipeline.recipe.name, "model_id": pipeline.recipe.foundry.model_id, "profile": profile.to_json(),
-            "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "bandwidth": bw.to_json(), "backends": backends, "notes": notes}
+            "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                            "load_average_at_start": load_at_start},
+            "bandwidth": bw.to_json(), "backends": backends, "peer": peer_info, "notes": notes}
 
 
 def _f(x, digits=1, scale=1.0) -> str:
@@ -82,6 +110,10 @@ def _s(summary: dict | None, digits=1, scale=1.0) -> str:
     return f"{summary['median'] * scale:.{digits}f}" + (f" ±{half:.0f}%" if summary["n"] > 1 else "")
 
 
+def _load(avg: dict | None) -> str:
+    return f"{avg['before'][0]:.1f} → {avg['after'][0]:.1f}" if avg else "–"
+
+
 def bench_markdown(data: dict) -> str:
     """Two tables: one line per backend (figures at the shortest prompt), then every prompt length."""
     bw = data["bandwidth"]
@@ -90,8 +122,8 @@ def bench_markdown(data: dict) -> str:
              f"Memory read bandwidth: **{bw['gb_per_s']:.1f} GB/s** (±{100 * bw['spread'] / 2:.0f}%, {bw['method']}). "
              f"Context {data['context']} tokens; {p['warmup']} warm-up + {p['repeats']} timed runs per prompt length, "
              f"up to {p['new_tokens']} new tokens, greedy. Medians ± half the interquartile range.", "",
-             "| backend | weights MB | load s | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 / p95 | peak RSS MB | CPU % | MB read/token | bound tok/s | decode / bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | weights MB | load s | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 / p95 | peak RSS MB | CPU % | MB read/token | bound tok/s | decode / bound | threads | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in data["backends"]:
         x = b["lengths"][0] if b["lengths"] else {}
         tm = x.get("token_ms") or {}
@@ -99,9 +131,12 @@ def bench_markdown(data: dict) -> str:
                      f"{_s(x.get('prefill_tps'), 0)} | {_s(x.get('decode_tps'), 1)} | {_f(tm.get('median'), 2)} / "
                      f"{_f(x.get('token_ms_p95'), 2)} | {b['peak_rss_mb']:.0f} | {_f(x.get('cpu_percent'), 0)} | "
                      f"{b['bytes_per_token'] / 1e6:.2f} | {b['bound_tps']:.0f} | "
-                     f"{_f(b['fraction_of_bound'] and 100 * b['fraction_of_bound'], 1)} % |")
+                     f"{_f(b['fraction_of_bound'] and 100 * b['fraction_of_bound'], 1)} % | {b.get('threads') or 'default'} | "
+                     f"{_load(b.get('load_average'))} |")
     lines += ["", f"First table: shortest prompt ({data['backends'][0]['lengths'][0]['prompt_tokens'] if data['backends'] else '–'} "
-              "tokens). CPU % is process CPU time ÷ wall time (100 % = one core busy).", "",
+              "tokens). CPU % is process CPU time ÷ wall time (100 % = one core busy). Threads: ONNX Runtime intra-op "
+              "threads (default: ONNX Runtime's choice) or the peer's; load avg: the machine's 1-minute load average "
+              f"before → after the backend ran ({data['machine'].get('cpus')} CPUs).", "",
               "| backend | prompt tokens | new tokens | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 | p95 |",
               "|---|---|---|---|---|---|---|---|"]
     for b in data["backends"]:
@@ -110,5 +145,6 @@ def bench_markdown(data: dict) -> str:
             lines.append(f"| {b['label']} | {x['prompt_tokens']} | {x['new_tokens']} | {_s(x['ttft'], 1, 1000)} | "
                          f"{_s(x['prefill_tps'], 0)} | {_s(x['decode_tps'], 1)} | {_f(tm.get('median'), 2)} | "
                          f"{_f(x['token_ms_p95'], 2)} |")
-    lines += [""] + [f"- {n}" for n in data["notes"]]
+    lines += [""] + peer_markdown(data) + ([""] if data.get("peer") else [])
+    lines += [f"- {n}" for n in data["notes"]]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from scripts.errors import MeasurementError, SlmopsError
 from scripts.proof.edge_cases import run_edge_cases
 from scripts.proof.fidelity import compare_window, summarise as summarise_fidelity
 from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
+from scripts.runtimes import llamacpp as _llamacpp  # noqa: F401 (registers the "llama.cpp" peer backend)
 from scripts.runtimes.backends import make_backend, render_chat
 from scripts.workers import run_in_worker
 
@@ -318,7 +319,9 @@ class BackendBench:
 
 
 def weights_size(model_dir: Path) -> int:
-    """Bytes of weight files (ONNX model + external data, or safetensors/bin)."""
+    """Bytes of weight files (ONNX model + external data, or safetensors/bin; a single file such as a GGUF: its size)."""
+    if Path(model_dir).is_file():
+        return Path(model_dir).stat().st_size
     patterns = ("*.onnx", "*.onnx.data", "*.safetensors", "*.bin")
     return sum(p.stat().st_size for pat in patterns for p in Path(model_dir).glob(pat) if p.is_file())
 

@@ -10,7 +10,11 @@ from typing import Any, Callable
 from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
+from scripts.proof.measure import context_limit
+from scripts.proof.peer_bench import get_peer
+from scripts.proof.profile import profile_markdown, run_profile
 from scripts.proof.report import write_report as write_report_files
+from scripts.proof.threads_ab import run_threads_ab, threads_markdown
 from scripts.proof.validate import run_validate, validate_markdown
 from scripts.steps import Step
 
@@ -21,8 +25,8 @@ def proof_dir(pipeline) -> Path:
     return pipeline.paths.root / "proof"
 
 
-def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None) -> dict:
-    data = run_bench(pipeline, profile, status)
+def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None) -> dict:
+    data = run_bench(pipeline, profile, status, peer)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
@@ -91,3 +95,28 @@ def run_proof(pipeline, profile, status: Callable[[str], Any] = lambda s: None) 
     return {"validate": outcomes["validate"].result, "bench": outcomes["bench"].result,
             "report": str(html), "ran": [n for n, o in outcomes.items() if not o.skipped],
             "skipped": [n for n, o in outcomes.items() if o.skipped]}
+
+
+def threads_ab_and_save(pipeline, profile, variants, rounds: int, backends, status: Callable[[str], Any] = lambda s: None,
+                        peer: str | None = None) -> dict:
+    """``invoke bench-threads``: :func:`scripts.proof.threads_ab.run_threads_ab` on the installed model (with ``peer``'s
+    runs at each thread count), saved as ``proof/threads.{json,md}``."""
+    runs: list = []
+    if peer:
+        chosen = get_peer(peer)
+        chosen.require()
+        runs, _ = chosen.plan(pipeline, context_limit(pipeline.installed_dir), status)
+    data = run_threads_ab(pipeline.installed_dir, pipeline.paths.root / "threads-ab", variants, profile, rounds,
+                          backends, status, runs)
+    write_json_atomic(proof_dir(pipeline) / "threads.json", data)
+    write_text_atomic(proof_dir(pipeline) / "threads.md", threads_markdown(data))
+    return data
+
+
+def profile_and_save(pipeline, prompt_tokens: int, new_tokens: int) -> dict:
+    """``invoke profile``: :func:`scripts.proof.profile.run_profile` on the installed model, saved as
+    ``proof/profile.{json,md}`` (the trace stays in ``build/<recipe>/profile/trace/``)."""
+    data = run_profile(pipeline.installed_dir, pipeline.paths.root / "profile", prompt_tokens, new_tokens)
+    write_json_atomic(proof_dir(pipeline) / "profile.json", data)
+    write_text_atomic(proof_dir(pipeline) / "profile.md", profile_markdown(data))
+    return data

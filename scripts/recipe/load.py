@@ -19,6 +19,7 @@ from scripts.families.registry import AUTO_TEMPLATE, family_names
 from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, PRECISIONS, refusal,
                                        translate_tutorial_conversion, TutorialFormError)
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
+from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
 from scripts.recipe.schema import Field, in_range, Obj, validate
 from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
 
@@ -112,6 +113,7 @@ SCHEMA = Obj({
         "top_k": Field(int, default=None, check=in_range(0, 100000)),
         "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0)),
     }),
+    "runtime": RUNTIME_SCHEMA,  # genai_config.json session options (scripts/recipe/runtime.py)
     "eval": Obj({
         "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
         "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
@@ -260,6 +262,7 @@ class Recipe:
     validate: ValidateSpec = ValidateSpec()
     adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
     finetune: FinetuneSpec = FinetuneSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
     notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
 
     def settings_for_hash(self) -> dict[str, Any]:
@@ -342,6 +345,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
         finetune=_finetune(data["model"]["finetune"], data["model"]["adapter"], path),
         validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])
                                  if data["validate"]["format_json_keys"] is not None else None}),
+        runtime=RuntimeSpec(**data["runtime"]),
         notes=tuple(notes),
     )
 

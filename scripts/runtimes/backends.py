@@ -4,7 +4,9 @@
 - ``genai``: raw ONNX Runtime GenAI on the same converted folder;
 - ``torch``: the original Hugging Face model in PyTorch (FP32);
 - ``http``: the Foundry Local runtime behind ``invoke serve``, streamed through the official ``openai`` client (the
-  server is its own process; its CPU time and peak RSS are the ones reported).
+  server is its own process; its CPU time and peak RSS are the ones reported);
+- peers registered from their own modules with :func:`register_backend` (``llama.cpp``:
+  :mod:`scripts.runtimes.llamacpp`).
 
 Each backend is used inside its own worker process (``python -m scripts.proof.measure``): Foundry's GenAI
 native library must not share a process with ``onnxruntime_genai``, and each process's peak RSS is then
@@ -310,8 +312,19 @@ def vm_hwm_bytes(pid: int) -> int | None:
     return None
 
 
+BACKEND_CLASSES: dict[str, type[Backend]] = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend,
+                                             "http": HttpBackend}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` available to :func:`make_backend` under ``cls.name`` (names are unique)."""
+    if cls.name in BACKEND_CLASSES and BACKEND_CLASSES[cls.name] is not cls:
+        raise ValueError(f"backend name {cls.name!r} is registered twice")
+    BACKEND_CLASSES[cls.name] = cls
+    return cls
+
+
 def make_backend(name: str, model_dir: Path, **options: Any) -> Backend:
-    classes = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend, "http": HttpBackend}
-    if name not in classes:
-        raise MeasurementError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}.")
-    return classes[name](model_dir, **options)
+    if name not in BACKEND_CLASSES:
+        raise MeasurementError(f"Unknown backend {name!r}; choose one of: {', '.join(BACKEND_CLASSES)}.")
+    return BACKEND_CLASSES[name](model_dir, **options)

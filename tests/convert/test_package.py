@@ -9,7 +9,8 @@ import pytest
 from scripts import settings
 from scripts.errors import TemplateError
 from scripts.families.registry import Family, get_family
-from scripts.convert.package import PROMPT_KEYS, render_inference_model, search_options, with_search
+from scripts.convert.package import (PROMPT_KEYS, render_inference_model, search_options, with_search,
+                                     with_session_options)
 from scripts.families.templates import PLACEHOLDER
 from scripts.recipe.load import Generation, load_recipe
 
@@ -104,3 +105,20 @@ def test_with_search_refuses_max_length_beyond_context():
 
 def test_search_options_without_known_context_length():
     assert search_options(replace(GEN, max_length=4096), None)["max_length"] == 4096
+
+
+# ----- genai_config.json session options (recipe runtime block) ---------------------------------------------
+def test_session_options_land_under_the_decoder():
+    config = {"model": {"type": "qwen2", "decoder": {"filename": "model.onnx",
+                                                     "session_options": {"log_id": "x", "provider_options": []}}},
+              "search": {"max_length": 64}}
+    out = with_session_options(config, {"intra_op_num_threads": 2})
+    assert out["model"]["decoder"]["session_options"] == {"log_id": "x", "provider_options": [],
+                                                          "intra_op_num_threads": 2}
+    assert out["model"]["decoder"]["filename"] == "model.onnx" and out["search"] == {"max_length": 64}
+    assert "intra_op_num_threads" not in config["model"]["decoder"]["session_options"], "the input is not changed"
+
+
+def test_session_options_without_any_before():
+    out = with_session_options({"model": {"decoder": {}}}, {"intra_op_num_threads": 4})
+    assert out["model"]["decoder"]["session_options"] == {"intra_op_num_threads": 4}

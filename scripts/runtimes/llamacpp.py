@@ -1,0 +1,70 @@
+"""llama.cpp (``llama-cpp-python``) as a measured peer backend: a GGUF file run with the same chat messages, the
+same thread count and the same definitions as the other backends (:mod:`scripts.runtimes.backends`).
+
+- prompt: the chat template of ``chat_dir`` (the deployed folder, so the text is the one Foundry Local renders),
+  tokenized by llama.cpp's own tokenizer from the GGUF (special tokens parsed, no BOS added: a template that wants
+  one writes it);
+- greedy decoding (llama.cpp's greedy sampler), until an end-of-generation token or ``max_new_tokens``;
+- a fresh KV cache for every generation (``reset``), so repeated prompts never reuse a cached prefix: prefill is
+  always the whole prompt, as in ONNX Runtime GenAI;
+- time to first token = prompt processing + the first token, each later token timestamped as it is produced.
+
+Options: ``threads`` (generation and batch threads), ``n_ctx`` (context size), ``chat_dir``, ``n_batch``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from scripts.errors import PeerError
+from scripts.runtimes.backends import Backend, register_backend, render_chat, Trace
+
+DEFAULT_BATCH = 512  # llama.cpp's default logical batch: a prompt up to this length is one forward pass
+
+
+@register_backend
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+
+    def load(self) -> float:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            from scripts.peers.llamacpp import install_hint
+            raise PeerError(f"llama-cpp-python cannot be imported ({exc}): {install_hint()}.") from None
+        if not self.model_dir.is_file():
+            raise PeerError(f"{self.model_dir} is not a GGUF file; the llama.cpp backend loads one .gguf file.")
+        threads = int(self.options.get("threads") or 1)
+        self.chat_dir = Path(self.options.get("chat_dir") or self.model_dir.parent)
+        t0 = time.perf_counter()
+        self.llm = Llama(model_path=str(self.model_dir), n_ctx=int(self.options.get("n_ctx") or 0),
+                         n_batch=int(self.options.get("n_batch") or DEFAULT_BATCH), n_threads=threads,
+                         n_threads_batch=threads, seed=0, verbose=False)
+        return time.perf_counter() - t0
+
+    def generate(self, messages, max_new_tokens):
+        llm = self.llm
+        start = time.perf_counter()
+        ids = llm.tokenize(render_chat(self.chat_dir, messages).encode("utf-8"), add_bos=False, special=True)
+        if len(ids) + max_new_tokens > llm.n_ctx():
+            raise PeerError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed llama.cpp's context of "
+                            f"{llm.n_ctx()} tokens.")
+        llm.reset()
+        times: list[float] = []
+        out: list[int] = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            out.append(int(token))
+            if self._end_of_generation(token) or len(out) >= max_new_tokens:
+                break
+        text = llm.detokenize([t for t in out if not self._end_of_generation(t)]).decode("utf-8", errors="replace")
+        return Trace(start, times, len(ids), len(out), text)
+
+    def _end_of_generation(self, token: int) -> bool:
+        import llama_cpp
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
