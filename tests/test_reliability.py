@@ -161,7 +161,7 @@ def test_a_kill_during_install_leaves_a_whole_model_and_the_next_command_recover
         assert whole(sandbox["installed"]) and installed_max_length(sandbox) == (old if after_kill == "old" else new)
         assert visible(sandbox) == [str(sandbox["installed"])], "leftovers stay hidden from the cache scanner"
 
-    proc = check_recovers_and_answers(sandbox, "taking over the lock of", "which ended without releasing it", *notes)
+    check_recovers_and_answers(sandbox, "taking over the lock of", "which ended without releasing it", *notes)
     assert installed_max_length(sandbox) == (new if after_kill == "new" else old)
 
 

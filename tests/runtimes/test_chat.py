@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -170,7 +169,7 @@ def test_a_too_long_prompt_is_refused_and_the_session_goes_on():
 
 # ----- the real runtime ------------------------------------------------------------------------------------------
 @pytest.fixture
-def sandbox(tmp_path, tiny_onnx_model, monkeypatch):
+def sandbox(tmp_path, tiny_onnx_model):
     """The tiny model installed in a temporary Foundry cache; HOME and caches in tmp (nothing lands in ~)."""
     home = tmp_path / "home"
     home.mkdir()
@@ -183,7 +182,6 @@ def sandbox(tmp_path, tiny_onnx_model, monkeypatch):
 
 DRIVER = r"""
 import io, json, sys
-from pathlib import Path
 from rich.console import Console
 from scripts.proof.edge_cases import control_tokens
 from scripts.runtimes.chat import chat_loop
