@@ -182,6 +182,7 @@ def sandbox(tmp_path, tiny_onnx_model):
 
 DRIVER = r"""
 import io, json, sys
+from pathlib import Path
 from rich.console import Console
 from scripts.proof.edge_cases import control_tokens
 from scripts.runtimes.chat import chat_loop
