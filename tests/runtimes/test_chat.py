@@ -170,7 +170,7 @@ def test_a_too_long_prompt_is_refused_and_the_session_goes_on():
 
 # ----- the real runtime ------------------------------------------------------------------------------------------
 @pytest.fixture
-def sandbox(tmp_path, tiny_onnx_model, monkeypatch):
+def sandbox(tmp_path, tiny_onnx_model):
     """The tiny model installed in a temporary Foundry cache; HOME and caches in tmp (nothing lands in ~)."""
     home = tmp_path / "home"
     home.mkdir()
