@@ -53,7 +53,10 @@ def choose_family(requested: str, source: ModelFolder, where: str, tokenizer: An
             confirm_template(family, None, where)  # raises: nothing to ship
         return FamilyChoice(family, how + f"; the tokenizer has no chat template, so the {family.name} family's "
                             "template is shipped with the model", chat_template=family.reference_chat_template)
-    analysis = analyse_model_template(source.path, tokenizer, source.chat_template)
+    try:
+        analysis = analyse_model_template(source.path, tokenizer, source.chat_template)
+    except TemplateError:  # e.g. Qwen3 rewrites earlier assistant turns: the family's own PromptTemplate is verified
+        return FamilyChoice(family, how)
     if not analysis.default_system:
         return FamilyChoice(family, how)
     how += (f"; the tokenizer's template injects a default system prompt when none is given, carried into "
