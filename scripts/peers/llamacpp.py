@@ -37,11 +37,23 @@ def pinned_version(path: Path | None = None) -> str | None:
     return match.group(1) if match else None
 
 
-def installed_version() -> str | None:
+#: Other packages of requirements-peer.txt the peer cannot work without (llama.cpp's converter imports it).
+ALSO_NEEDED = ("sentencepiece",)
+
+
+def _version(name: str) -> str | None:
     try:
-        return metadata.version(PACKAGE)
+        return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def installed_version() -> str | None:
+    return _version(PACKAGE)
+
+
+def missing_companions() -> list[str]:
+    return [name for name in ALSO_NEEDED if _version(name) is None]
 
 
 def install_hint(pin: str | None = None) -> str:
@@ -57,6 +69,9 @@ def require_installed() -> str:
         raise PeerUnavailableError(f"The {NAME} peer needs the optional package {PACKAGE}, which is not installed in "
                                    f"this environment: {install_hint()}. Then run the bench again; `invoke doctor` "
                                    "shows whether it is there.")
+    if missing := missing_companions():
+        raise PeerUnavailableError(f"The {NAME} peer also needs {', '.join(missing)} (llama.cpp's converter imports it), "
+                                   f"which is not installed: `pip install -r {REQUIREMENTS_FILE}`.")
     return version
 
 

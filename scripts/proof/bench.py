@@ -90,6 +90,8 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
                      "model: its fraction of the bound mostly shows per-token overhead.")
     notes.append("2 shared cores: other processes ran during the measurement; compare the medians and mind "
                  "the spread (± half the interquartile range, relative to the median).")
+    if (note := oversubscription_note(backends, os.cpu_count() or 1, peer)) is not None:
+        notes.append(note)
     if threads is None:
         notes.append("The deployed genai_config.json sets no intra_op_num_threads: ONNX Runtime chose its own thread "
                      "count (recipe runtime.intra_op_threads sets it at the package step).")
@@ -97,6 +99,18 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
             "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                             "load_average_at_start": load_at_start},
             "bandwidth": bw.to_json(), "backends": backends, "peer": peer_info, "notes": notes}
+
+
+def oversubscription_note(backends: list[dict], cpus: int, peer: str | None = None) -> str | None:
+    """A note when the load average around any backend's run exceeded the CPU count (None otherwise). Pure."""
+    busiest = max((x for b in backends for x in (b["load_average"]["before"][0], b["load_average"]["after"][0])),
+                  default=0.0)
+    if busiest <= cpus:
+        return None
+    return (f"The machine was oversubscribed (1-minute load average up to {busiest:.1f} on {cpus} CPUs): "
+            "multi-threaded figures suffer most, and a runtime whose threads wait for each other at every operator "
+            "(llama.cpp's OpenMP pool) more than ONNX Runtime; `invoke bench-threads --threads 1,2"
+            + (f" --peer {peer}" if peer else "") + "` compares thread counts interleaved.")
 
 
 def _f(x, digits=1, scale=1.0) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from scripts.errors import PeerError
+from scripts.peers.llamacpp import install_hint
 from scripts.runtimes.backends import Backend, register_backend, render_chat, Trace
 
 DEFAULT_BATCH = 512  # llama.cpp's default logical batch: a prompt up to this length is one forward pass
@@ -28,18 +29,18 @@ class LlamaCppBackend(Backend):
 
     def load(self) -> float:
         try:
-            from llama_cpp import Llama
+            import llama_cpp
         except ImportError as exc:
-            from scripts.peers.llamacpp import install_hint
             raise PeerError(f"llama-cpp-python cannot be imported ({exc}): {install_hint()}.") from None
         if not self.model_dir.is_file():
             raise PeerError(f"{self.model_dir} is not a GGUF file; the llama.cpp backend loads one .gguf file.")
         threads = int(self.options.get("threads") or 1)
         self.chat_dir = Path(self.options.get("chat_dir") or self.model_dir.parent)
         t0 = time.perf_counter()
-        self.llm = Llama(model_path=str(self.model_dir), n_ctx=int(self.options.get("n_ctx") or 0),
-                         n_batch=int(self.options.get("n_batch") or DEFAULT_BATCH), n_threads=threads,
-                         n_threads_batch=threads, seed=0, verbose=False)
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(self.model_dir), n_ctx=int(self.options.get("n_ctx") or 0),
+                                   n_batch=int(self.options.get("n_batch") or DEFAULT_BATCH), n_threads=threads,
+                                   n_threads_batch=threads, seed=0, verbose=False)
         return time.perf_counter() - t0
 
     def generate(self, messages, max_new_tokens):
@@ -61,8 +62,7 @@ class LlamaCppBackend(Backend):
         return Trace(start, times, len(ids), len(out), text)
 
     def _end_of_generation(self, token: int) -> bool:
-        import llama_cpp
-        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+        return bool(self.lib.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -36,7 +36,15 @@ def test_not_installed_is_a_clear_typed_error(monkeypatch):
 
 def test_installed_version_is_returned(monkeypatch):
     monkeypatch.setattr(llamacpp, "installed_version", lambda: "0.3.36")
+    monkeypatch.setattr(llamacpp, "missing_companions", lambda: [])
     assert require_installed() == "0.3.36"
+
+
+def test_a_missing_companion_package_is_named(monkeypatch):
+    monkeypatch.setattr(llamacpp, "installed_version", lambda: "0.3.36")
+    monkeypatch.setattr(llamacpp, "missing_companions", lambda: ["sentencepiece"])
+    with pytest.raises(PeerUnavailableError, match=r"also needs sentencepiece .*pip install -r requirements-peer.txt"):
+        require_installed()
 
 
 def test_status_rows():

@@ -2,6 +2,7 @@
 count a peer gets, and — unconditionally — the clear message when the optional llama.cpp peer is not installed."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -11,8 +12,9 @@ from invoke import Exit, MockContext
 from scripts.errors import PeerError, PeerUnavailableError
 from scripts.peers import llamacpp
 from scripts.proof import bench as bench_module
-from scripts.proof.bench import bench_markdown, run_bench
-from scripts.proof.measure import PROFILES
+from scripts.proof.bandwidth import Bandwidth
+from scripts.proof.bench import bench_markdown, oversubscription_note, run_bench
+from scripts.proof.measure import Profile, PROFILES
 from scripts.proof.peer_bench import get_peer, peer_markdown, peer_ratios, peer_threads, PEERS, runtime_threads
 
 
@@ -109,3 +111,35 @@ def test_bench_task_without_the_peer_exits_cleanly_with_the_message(monkeypatch,
     assert message.startswith("error: The llama.cpp peer needs the optional package llama-cpp-python")
     assert 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -r requirements-peer.txt' in message
     assert "Traceback" not in message
+
+
+def test_oversubscription_note():
+    def b(before, after):
+        return {"load_average": {"before": [before, 0, 0], "after": [after, 0, 0]}}
+    assert oversubscription_note([b(1.0, 1.9)], 2) is None
+    note = oversubscription_note([b(1.0, 1.9), b(2.4, 5.25)], 2, "llama.cpp")
+    assert "load average up to 5.2 on 2 CPUs" in note and "bench-threads --threads 1,2 --peer llama.cpp" in note
+
+
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (optional peer: pip install -r "
+                    "requirements-peer.txt); CI installs only requirements.txt")
+def test_real_bench_with_the_peer_on_the_tiny_model(tiny_onnx_model, tiny_hf_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMOPS_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(bench_module, "measure_bandwidth", lambda: Bandwidth(10.0, 0.0, 1, 1))
+    pipeline = SimpleNamespace(installed_dir=tiny_onnx_model, model_dir=tiny_hf_model, cache_root=tmp_path / "cache",
+                               recipe=SimpleNamespace(name="tiny", foundry=SimpleNamespace(model_id="tiny-peer:1")),
+                               paths=SimpleNamespace(root=tmp_path / "build" / "tiny"))
+    tiny = Profile("tiny", lengths=(16,), max_prompt_tokens=40, new_tokens=4, warmup=0, repeats=2)
+    data = run_bench(pipeline, tiny, peer="llama.cpp")
+    keys = [b["key"] for b in data["backends"]]
+    assert keys == ["foundry", "http", "genai", "torch", "llama.cpp:q4_0", "llama.cpp:q4_k_m"]
+    peers = [b for b in data["backends"] if b["peer"]]
+    assert all(b["threads"] == data["peer"]["threads"] and b["size_bytes"] > 0 for b in peers)
+    assert all(b["load_average"]["before"] and b["load_average"]["after"] for b in data["backends"])
+    assert {r["peer"] for r in data["peer"]["ratios"]} == {"llama.cpp:q4_0", "llama.cpp:q4_k_m"}
+    assert (tmp_path / "build" / "tiny" / "peer" / "llama.cpp" / "model-q4_0.gguf").is_file()
+    assert "llama.cpp Q4_K_M (peer)" in bench_markdown(data)
