@@ -15,7 +15,7 @@ from onnx import helper
 
 from scripts.errors import GraphCheckError
 from scripts.recipe.load import Conversion
-from scripts.recipe.precisions import get_precision
+from scripts.recipe.precisions import get_precision, layer_kind
 
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
@@ -96,21 +96,29 @@ def verify_quantization(summary: GraphSummary, conversion: Conversion, where: st
         q = conversion.quantization
         if not matmuls:
             problems.append(f"{conversion.precision} was asked but the graph has no MatMulNBits node")
-        checks = (("bits", bits), ("block_size", q.block_size), ("accuracy_level", q.accuracy_level),
-                  ("has_zero_points", not q.symmetric))
-        for attr, wanted in checks:
-            if attr == "accuracy_level" and wanted == 0:
-                wanted_values = (0, None)  # 0 = unset: the attribute may be absent
-            elif attr == "bits" and q.algorithm.startswith("k_quant"):
-                wanted_values = (4, 8)  # k-quant mixes: the LM head and some layers are 8-bit by design
-            else:
-                wanted_values = (wanted,)
-            wrong = [n for n in matmuls if getattr(n, attr) not in wanted_values]
-            if wrong:
-                found = sorted({getattr(n, attr) for n in wrong}, key=str)
-                label = "zero points (asymmetric)" if attr == "has_zero_points" else attr
-                problems.append(f"{label}: asked {wanted}, found {found} in {len(wrong)} of {len(matmuls)} "
-                                f"MatMulNBits nodes (e.g. {wrong[0].name})")
+        eight = set(q.eight_bit) if bits == 4 else set()
+        groups = {"": [n for n in matmuls if layer_kind(n.name) not in eight],
+                  "8-bit groups: ": [n for n in matmuls if layer_kind(n.name) in eight]}
+        for label_prefix, nodes in groups.items():
+            is_eight = bool(label_prefix)
+            checks = (("bits", 8 if is_eight else bits), ("block_size", q.eight_bit_block_size if is_eight else q.block_size),
+                      ("accuracy_level", q.accuracy_level), ("has_zero_points", False if is_eight else not q.symmetric))
+            for attr, wanted in checks:
+                if attr == "accuracy_level" and wanted == 0:
+                    wanted_values = (0, None)  # 0 = unset: the attribute may be absent
+                elif attr == "bits" and q.algorithm.startswith("k_quant"):
+                    wanted_values = (4, 8)  # k-quant mixes: the LM head and some layers are 8-bit by design
+                else:
+                    wanted_values = (wanted,)
+                wrong = [n for n in nodes if getattr(n, attr) not in wanted_values]
+                if wrong:
+                    found = sorted({getattr(n, attr) for n in wrong}, key=str)
+                    label = "zero points (asymmetric)" if attr == "has_zero_points" else attr
+                    problems.append(f"{label_prefix}{label}: asked {wanted}, found {found} in {len(wrong)} of "
+                                    f"{len(nodes)} MatMulNBits nodes (e.g. {wrong[0].name})")
+        missing = sorted(eight - {layer_kind(n.name) for n in matmuls})
+        if missing:
+            problems.append(f"eight_bit: asked {', '.join(missing)} at 8 bits, found no such quantized node")
         problems += _embedding_and_head_problems(summary, q, bits)
     if problems:
         raise GraphCheckError(f"{where}: the converted graph does not match the recipe:\n  - " + "\n  - ".join(problems)

@@ -19,7 +19,7 @@ from typing import Any
 from scripts.errors import ConversionError
 from scripts.faults import checkpoint
 from scripts.recipe.load import Conversion
-from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, PRECISIONS, get_precision
+from scripts.recipe.precisions import EMBED_GATHER, get_precision, LM_HEAD, matmul_names, PRECISIONS
 from scripts.workers import die_with_parent, worker_env
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,12 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
     if precision.refusal:
         raise ConversionError(f"conversion.precision {precision.name!r} refused before building. {precision.refusal}")
     q = conversion.quantization
-    builder: dict[str, Any] = {"type": "ModelBuilder", "precision": precision.builder}
+    mixed = precision.builder_quantizes and bool(q.eight_bit)
+    builder: dict[str, Any] = {"type": "ModelBuilder", "precision": "fp32" if mixed else precision.builder}
     passes: dict[str, Any] = {"builder": builder}
-    if precision.builder_quantizes:
+    if mixed:
+        passes.update(_mixed_passes(q, num_layers(model_dir)))
+    elif precision.builder_quantizes:
         builder.update({
             "int4_block_size": q.block_size,
             "int4_is_symmetric": q.symmetric,
@@ -79,7 +82,7 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
     if precision.rtn == "all":
         exclude = ([] if q.embeddings else [EMBED_GATHER]) + ([] if q.lm_head else [LM_HEAD])
         passes[f"rtn{precision.bits}"] = {**rtn, **({"nodes_to_exclude": exclude} if exclude else {})}
-    elif precision.rtn == "embeddings" and q.embeddings:
+    elif precision.rtn == "embeddings" and q.embeddings and not mixed:
         passes[f"embed{precision.bits}"] = {**rtn, "nodes_to_include": [EMBED_GATHER]}
     if search:
         builder["search"] = search
@@ -94,6 +97,35 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
         "output_dir": str(output_dir),
         "log_severity_level": 1,
     }
+
+
+def num_layers(model_dir: Path) -> int:
+    """Decoder layers of the Hugging Face model (``config.json`` ``num_hidden_layers``, or its ``text_config``'s)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{model_dir}/config.json cannot be read ({exc}); quantization.eight_bit needs the "
+                              "model's layer count.") from None
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise ConversionError(f"{model_dir}/config.json has no num_hidden_layers; quantization.eight_bit needs the "
+                              "model's layer count.")
+    return layers
+
+
+def _mixed_passes(q, layers: int) -> dict[str, Any]:
+    """Mixed INT4 (``quantization.eight_bit``) after an FP32 builder pass: 8-bit symmetric RTN on the listed weight
+    groups, 4-bit RTN (the recipe's block size and symmetry) on every other MatMul, then the embedding table."""
+    common = {"type": "OnnxBlockWiseRtnQuantization", "accuracy_level": q.accuracy_level}
+    kinds = [k for k in q.eight_bit if k != "lm_head" or q.lm_head]
+    passes: dict[str, Any] = {"rtn8": {**common, "bits": 8, "block_size": q.eight_bit_block_size, "is_symmetric": True,
+                                       "nodes_to_include": matmul_names(kinds, layers)}}
+    passes["rtn4"] = {**common, "bits": 4, "block_size": q.block_size, "is_symmetric": q.symmetric,
+                      "nodes_to_exclude": [EMBED_GATHER] + ([] if q.lm_head else [LM_HEAD])}
+    if q.embeddings:
+        passes["embed4"] = {**common, "bits": 4, "block_size": q.block_size, "is_symmetric": q.symmetric,
+                            "nodes_to_include": [EMBED_GATHER]}
+    return passes
 
 
 def reconcile_genai_outputs(output_dir: Path) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 from scripts import settings
 from scripts.errors import RecipeError
 from scripts.families.registry import AUTO_TEMPLATE, family_names
-from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, PRECISIONS, refusal,
+from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, LAYER_KINDS, PRECISIONS, refusal,
                                        translate_tutorial_conversion, TutorialFormError)
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
 from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
@@ -40,6 +40,13 @@ def _regex_check(value: str) -> str | None:
     except re.error as exc:
         return f"{value!r} is not a valid regular expression ({exc})"
     return None
+
+
+def _kinds_check(value: list) -> str | None:
+    unknown = [v for v in value if v not in LAYER_KINDS]
+    if unknown:
+        return f"{unknown[0]!r} is not a weight group; choose from: {', '.join(LAYER_KINDS)}"
+    return None if len(set(value)) == len(value) else "a weight group is listed twice"
 
 
 def _families() -> tuple[str, ...]:
@@ -94,6 +101,11 @@ SCHEMA = Obj({
             "embeddings": Field(bool, default=False,
                                 help="quantize the embedding table too (GatherBlockQuantized, same bits/block size)"),
             "lm_head": Field(bool, default=True, help="quantize the LM head (false keeps it in FP32)"),
+            "eight_bit": Field(list, default=(), item_type=str, check=_kinds_check,
+                               help="int4 only: weight groups kept at 8 bits (mixed INT4, like llama.cpp's Q4_K_M "
+                                    f"keeps some at 6): any of {', '.join(LAYER_KINDS)}"),
+            "eight_bit_block_size": Field(int, default=64, choices=BLOCK_SIZES,
+                                          help="block size of the 8-bit groups (symmetric)"),
         }),
     }),
     "foundry": Obj({
@@ -148,6 +160,11 @@ class Quantization:
     algorithm: str
     embeddings: bool = False
     lm_head: bool = True
+    eight_bit: tuple[str, ...] = ()
+    eight_bit_block_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eight_bit", tuple(self.eight_bit))
 
 
 @dataclass(frozen=True)
@@ -368,6 +385,14 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
     name = conv["precision"]
     check_precision(name, conv["quantization"]["algorithm"], f"{path}: conversion.precision",
                     f"{path}: conversion.precision: {name!r}")
+    quant = conv["quantization"]
+    if quant["eight_bit"] and quant["algorithm"] not in ("default", "rtn"):
+        raise RecipeError(f"{path}: conversion.quantization.eight_bit is built by round-to-nearest per weight group; "
+                          f"it cannot be combined with algorithm {quant['algorithm']!r} (which picks its own 8-bit "
+                          "layers). Remove one of the two.")
+    if quant["eight_bit"] and "lm_head" in quant["eight_bit"] and not quant["lm_head"]:
+        raise RecipeError(f"{path}: conversion.quantization: eight_bit lists \"lm_head\" but lm_head is false (kept "
+                          "in FP32). Remove one of the two.")
     return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
                       FidelitySpec(**conv["fidelity"]))
 

@@ -17,8 +17,9 @@ INT4 model keeps its 151936×896 table in FP32 and is 0.43× its FP32 size, not 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 FP16_ON_CPU = (
     "FP16 is for GPU targets: this deployment runs on CPU, where Olive's ModelBuilder drops an fp16 pass "
@@ -30,6 +31,11 @@ AUTO = "auto"
 EMBED_GATHER = "/model/embed_tokens/Gather"
 LM_HEAD = "/lm_head/MatMul"
 INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
+#: Weight groups an INT4 recipe may keep at 8 bits (``quantization.eight_bit``), as the GenAI builder names them.
+LAYER_KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+#: A builder node name → its kind (``qkv_proj`` also covers unfused ``q_proj``/``k_proj``/``v_proj``).
+_KIND_OF_NODE = re.compile(r"/(?:attn|self_attn)/(qkv_proj|q_proj|k_proj|v_proj|o_proj)/|/mlp/(gate_proj|up_proj|down_proj)/"
+                           r"|^/(lm_head)/")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,29 @@ def get_precision(name: str) -> Precision:
     if name not in PRECISIONS:
         raise KeyError(f"{name!r} is not a precision; choose one of: {', '.join(CHOICES)}")
     return PRECISIONS[name]
+
+
+def layer_kind(node_name: str) -> str | None:
+    """The :data:`LAYER_KINDS` entry a builder MatMul (or its quantized ``…_Q4``/``…_Q8`` node) belongs to."""
+    m = _KIND_OF_NODE.search(node_name)
+    if not m:
+        return None
+    kind = next(g for g in m.groups() if g)
+    return "qkv_proj" if kind in ("q_proj", "k_proj", "v_proj") else kind
+
+
+def matmul_names(kinds: Iterable[str], num_layers: int) -> list[str]:
+    """The builder's float MatMul node names of ``kinds`` over ``num_layers`` decoder layers (what Olive's RTN pass
+    takes as ``nodes_to_include``); both fused and unfused attention projections are named, absent ones are ignored."""
+    names: list[str] = []
+    for kind in kinds:
+        if kind == "lm_head":
+            names.append(LM_HEAD)
+            continue
+        where = "mlp" if kind.endswith(("gate_proj", "up_proj", "down_proj")) else "attn"
+        parts = ("qkv_proj", "q_proj", "k_proj", "v_proj") if kind == "qkv_proj" else (kind,)
+        names += [f"/model/layers.{i}/{where}/{part}/MatMul" for i in range(num_layers) for part in parts]
+    return names
 
 
 def refusal(precision: str) -> str | None:

@@ -118,3 +118,28 @@ def test_asymmetric_graph_matches_asymmetric_recipe():
     verify_quantization(GraphSummary({"MatMulNBits": 1}, nodes, 0), conversion(symmetric=False), "m")
     with pytest.raises(GraphCheckError, match=r"zero points \(asymmetric\): asked False, found \[True\]"):
         verify_quantization(GraphSummary({"MatMulNBits": 1}, nodes, 0), conversion(symmetric=True), "m")
+
+
+def mixed_conversion(eight_bit=("lm_head", "down_proj"), block=32, symmetric=False) -> Conversion:
+    return Conversion("int4", Quantization(block, symmetric, 4, "default", eight_bit=eight_bit, eight_bit_block_size=64))
+
+
+def test_mixed_int4_expects_eight_bit_groups_at_their_own_bits_and_block():
+    nodes = (QuantNode("/model/layers.0/attn/qkv_proj/MatMul_Q4", "MatMulNBits", 4, 32, 4, True),
+             QuantNode("/model/layers.0/mlp/down_proj/MatMul_Q8", "MatMulNBits", 8, 64, 4, False),
+             QuantNode("/lm_head/MatMul_Q8", "MatMulNBits", 8, 64, 4, False))
+    verify_quantization(GraphSummary({"MatMulNBits": 3}, nodes, 0), mixed_conversion(), "m")
+    # a plain INT4 recipe refuses the same graph (its 8-bit nodes were not asked for)
+    with pytest.raises(GraphCheckError, match=r"bits: asked 4, found \[8\] in 2 of 3"):
+        verify_quantization(GraphSummary({"MatMulNBits": 3}, nodes, 0), mixed_conversion(()), "m")
+
+
+def test_mixed_int4_names_a_group_left_at_four_bits_and_a_group_missing():
+    nodes = (QuantNode("/model/layers.0/mlp/down_proj/MatMul_Q4", "MatMulNBits", 4, 32, 4, True),
+             QuantNode("/model/layers.0/mlp/up_proj/MatMul_Q4", "MatMulNBits", 4, 32, 4, True))
+    with pytest.raises(GraphCheckError) as info:
+        verify_quantization(GraphSummary({"MatMulNBits": 2}, nodes, 0), mixed_conversion(), "m")
+    message = str(info.value)
+    assert "8-bit groups: bits: asked 8, found [4] in 1 of 1 MatMulNBits nodes (e.g. /model/layers.0/mlp/down_proj" \
+        in message
+    assert "eight_bit: asked lm_head at 8 bits, found no such quantized node" in message

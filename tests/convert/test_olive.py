@@ -215,3 +215,30 @@ def test_real_olive_run_on_broken_model_raises_with_cause(tiny_hf_model, tmp_pat
     assert "Traceback" in log_path.read_text(encoding="utf-8")
     written = json.loads((tmp_path / "work" / "olive_config.json").read_text(encoding="utf-8"))
     assert written["passes"]["builder"]["int4_block_size"] == 32
+
+
+def test_mixed_int4_renders_rtn_passes_per_weight_group(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    conv = Conversion("int4", Quantization(32, False, 4, "default", embeddings=True,
+                                           eight_bit=("qkv_proj", "lm_head"), eight_bit_block_size=64))
+    passes = olive_config(conv, tmp_path, tmp_path / "out", tmp_path / "cache")["passes"]
+    assert list(passes) == ["builder", "rtn8", "rtn4", "embed4"]  # Olive runs them in this order
+    assert passes["builder"]["precision"] == "fp32" and not [k for k in passes["builder"] if k.startswith("int4_")]
+    assert passes["builder"]["extra_options"] == {"shared_embeddings": False}
+    rtn8 = passes["rtn8"]
+    assert (rtn8["bits"], rtn8["block_size"], rtn8["is_symmetric"]) == (8, 64, True)
+    assert "/model/layers.1/attn/qkv_proj/MatMul" in rtn8["nodes_to_include"]
+    assert "/model/layers.1/attn/q_proj/MatMul" in rtn8["nodes_to_include"]  # unfused attention too
+    assert "/lm_head/MatMul" in rtn8["nodes_to_include"]
+    assert not [n for n in rtn8["nodes_to_include"] if "layers.2" in n or "mlp" in n]
+    rtn4 = passes["rtn4"]
+    assert (rtn4["bits"], rtn4["block_size"], rtn4["is_symmetric"]) == (4, 32, False)
+    assert rtn4["nodes_to_exclude"] == ["/model/embed_tokens/Gather"]
+    assert passes["embed4"]["nodes_to_include"] == ["/model/embed_tokens/Gather"]
+
+
+def test_mixed_int4_without_a_layer_count_is_a_conversion_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
+    conv = Conversion("int4", Quantization(32, True, 4, "default", eight_bit=("lm_head",)))
+    with pytest.raises(ConversionError, match="num_hidden_layers"):
+        olive_config(conv, tmp_path, tmp_path, tmp_path)

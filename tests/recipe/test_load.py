@@ -253,3 +253,24 @@ def test_max_length_defaults_to_the_models_context():
     assert Generation(max_length=1024).resolved({}, context_length=8192).max_length == 1024  # the recipe wins
     assert Generation().resolved({"max_length": 2048}, context_length=8192).max_length == 2048  # then the family
     assert Generation().resolved({}).max_length == 512  # context unknown: the built-in default
+
+
+def test_eight_bit_groups_load_as_a_tuple(recipes):
+    write(recipes, "mixed", {**MINIMAL, "conversion": {"quantization": {"eight_bit": ["lm_head", "down_proj"]}}})
+    q = load_recipe("mixed").conversion.quantization
+    assert q.eight_bit == ("lm_head", "down_proj") and q.eight_bit_block_size == 64
+    write(recipes, "plain", MINIMAL)
+    assert load_recipe("plain").conversion.quantization.eight_bit == ()
+
+
+def test_eight_bit_refuses_unknown_groups_duplicates_and_conflicts(recipes):
+    message = load_error(recipes, {**MINIMAL, "conversion": {"quantization": {"eight_bit": ["lm_head", "mlp"]}}})
+    assert "conversion.quantization.eight_bit: 'mlp' is not a weight group; choose from: qkv_proj, o_proj" in message
+    message = load_error(recipes, {**MINIMAL, "conversion": {"quantization": {"eight_bit": ["o_proj", "o_proj"]}}})
+    assert "listed twice" in message
+    message = load_error(recipes, {**MINIMAL, "conversion": {"quantization": {
+        "eight_bit": ["o_proj"], "algorithm": "k_quant_mixed"}}})
+    assert "cannot be combined with algorithm 'k_quant_mixed'" in message
+    message = load_error(recipes, {**MINIMAL, "conversion": {"quantization": {
+        "eight_bit": ["lm_head"], "lm_head": False}}})
+    assert "eight_bit lists \"lm_head\" but lm_head is false" in message

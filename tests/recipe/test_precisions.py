@@ -193,3 +193,16 @@ def test_choose_auto_also_requires_fidelity_to_fp32():
     assert winner == "int8"
     assert "int4: eval accuracy 100.0 %" in reasons[0] and "fidelity to FP32 misses: top-1 agreement 71.0 %" in reasons[0]
     assert "fidelity to FP32 within the recipe's thresholds → chosen" in reasons[1]
+
+
+def test_layer_kind_reads_builder_node_names():
+    from scripts.recipe.precisions import layer_kind, matmul_names
+    assert layer_kind("/model/layers.3/attn/qkv_proj/MatMul_Q4") == "qkv_proj"
+    assert layer_kind("/model/layers.3/attn/v_proj/MatMul") == "qkv_proj"
+    assert layer_kind("/model/layers.12/mlp/down_proj/MatMulNBits") == "down_proj"
+    assert layer_kind("/lm_head/MatMul_Q8") == "lm_head"
+    assert layer_kind("/model/embed_tokens/Gather_Q4") is None
+    names = matmul_names(["o_proj", "up_proj"], 2)
+    assert names == ["/model/layers.0/attn/o_proj/MatMul", "/model/layers.1/attn/o_proj/MatMul",
+                     "/model/layers.0/mlp/up_proj/MatMul", "/model/layers.1/mlp/up_proj/MatMul"]
+    assert {layer_kind(n) for n in matmul_names(["qkv_proj", "lm_head"], 3)} == {"qkv_proj", "lm_head"}
