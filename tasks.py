@@ -334,3 +334,32 @@ def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), 
         report = run_compare(recipe, [p.strip() for p in precisions.split(",") if p.strip()],
                              announce=console.print, status=status.update)
     print_compare(console, report, show_auto=precision == "auto")
+
+
+@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
+            "candidates": "a JSON list of candidates ({\"name\": ..., <conversion.quantization keys>}); default: the "
+                          "built-in grid (scripts/proof/tune.py GRID)",
+            "max_size_ratio": "largest size allowed, as a fraction of the FP32 ONNX build (default 0.25)",
+            "no_wait": NO_WAIT_HELP})
+@domain_errors
+def tune(c, model="qwen", model_path=None, candidates=None, max_size_ratio="0.25", no_wait=False):
+    """Search INT4 layouts (block size, symmetry, 8-bit weight groups) for the fastest that keeps the recipe's eval
+    accuracy and fidelity thresholds, measured through Foundry Local; prints the winner's recipe keys."""
+    from scripts.pipeline import Pipeline
+    from scripts.proof.tune import load_candidates, run_tune
+    from scripts.recipe.load import load_recipe
+    from scripts.console import print_tune
+    console = _console()
+    recipe = load_recipe(model, model_path)
+    from scripts.errors import RecipeError
+    try:
+        ratio = float(max_size_ratio)
+    except ValueError:
+        ratio = -1.0
+    if not 0 < ratio <= 1:
+        raise RecipeError(f"--max-size-ratio {max_size_ratio!r}: give a fraction of the FP32 size, e.g. 0.25.")
+    grid = load_candidates(candidates)
+    _print_notes(console, recipe)
+    with console.status("working…") as status, Pipeline(recipe, announce=console.print, wait=not no_wait).locked():
+        report = run_tune(recipe, grid, ratio, announce=console.print, status=status.update)
+    print_tune(console, report)

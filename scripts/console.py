@@ -121,6 +121,24 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
     console.print("Saved " + ", ".join(report.files.values()))
 
 
+def print_tune(console: Console, report: dict) -> None:
+    """`invoke tune`: the search table, the winner and its recipe keys."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from scripts.proof.tune import markdown as tune_markdown
+
+    console.print(Markdown(f"### {report['recipe']}: INT4 layouts, measured\n\n" + tune_markdown(report)))
+    if report["winner"]:
+        console.print(f"Winner: [bold]{report['winner']}[/bold]. Recipe keys:")
+        console.print_json(json.dumps(report["recipe_keys"]))
+    else:
+        console.print("[bold]No candidate meets every threshold[/bold]: keep a higher precision (`invoke compare`), "
+                      "or try your own candidates (--candidates FILE).")
+    console.print("Saved " + ", ".join(report["files"].values()))
+
+
 def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     """In-process vs HTTP (streamed, then non-streamed with the client's defaults): accuracy, agreement, speed."""
     cols = result["columns"]
