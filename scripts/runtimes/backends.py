@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from scripts.errors import MeasurementError, SlmopsError
 from scripts.runtimes import foundry_sdk, serve, serve_client
+from scripts.runtimes.heap import one_heap_for_all_threads
 from scripts.sources.folder import read_chat_template
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class GenAIBackend(Backend):
 
     def load(self) -> float:
         import onnxruntime_genai as og
+        one_heap_for_all_threads()  # as for Foundry Local in our processes: same memory behaviour, fair comparison
         t0 = time.perf_counter()
         self.og = og
         self.model = og.Model(str(self.model_dir))
