@@ -50,7 +50,10 @@ GRID: tuple[dict[str, Any], ...] = (
      "eight_bit": ["lm_head", "qkv_proj", "up_proj", "down_proj"]},
     {"name": "mixed-gate4", "block_size": 32, "symmetric": False, "embeddings": True,
      "eight_bit": [k for k in _ALL8 if k != "gate_proj"]},
-    {"name": "mixed-all8-emb4", "block_size": 32, "symmetric": False, "embeddings": True, "eight_bit": _ALL8},
+    {"name": "mixed-o4", "block_size": 32, "symmetric": False, "embeddings": True,
+     "eight_bit": [k for k in _ALL8 if k != "o_proj"]},
+    # every projection at 8 bits: block_size then applies to the 4-bit embedding table only
+    {"name": "mixed-all8-emb4", "block_size": 64, "symmetric": False, "embeddings": True, "eight_bit": _ALL8},
 )
 
 
