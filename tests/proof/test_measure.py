@@ -11,6 +11,8 @@ TINY = Profile("tiny", lengths=(16,), max_prompt_tokens=48, new_tokens=4, warmup
 def test_prompt_lengths_cap_and_near_context():
     assert prompt_lengths(PROFILES["quick"], 512) == [32, 128, 512 - 32 - 16]
     assert prompt_lengths(PROFILES["quick"], 32768) == [32, 128, 512]
+    assert prompt_lengths(PROFILES["scale"], 8192) == [128, 512, 2000]  # the speed issue's scale
+    assert prompt_lengths(PROFILES["scale"], 1024) == [128, 512, 1024 - 128 - 16]
     assert prompt_lengths(PROFILES["full"], 256) == [16, 64, 256 - 64 - 16]
     with pytest.raises(MeasurementError):
         prompt_lengths(PROFILES["full"], 70)
