@@ -28,8 +28,9 @@ from scripts.proof.measure import (_tokenizer, bench_request, context_limit, Pro
 from scripts.proof.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
                                           perplexity, token_agreement, write_outputs)
 from scripts.proof.fidelity import DEFAULT_WINDOW, failures as fidelity_failures, heldout_text, token_windows
-from scripts.recipe.load import Recipe
+from scripts.recipe.load import FinetuneSpec, Recipe
 from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
+from scripts.sources.registry import parse_source
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
@@ -46,7 +47,8 @@ def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, statu
 
 
 def prepare_model(recipe: Recipe, announce: Announce, status=None):
-    """Run the steps that produce the model to convert (demo/synthetic model, adapter merge); return the pipeline."""
+    """Run the steps that produce the model to convert (demo/synthetic model, fine-tune, adapter merge); return the
+    pipeline."""
     main = Pipeline(recipe, announce=announce, status=status)
     for step in main.steps():
         if step.name == "convert":
@@ -54,6 +56,15 @@ def prepare_model(recipe: Recipe, announce: Announce, status=None):
         if step.name != "doctor":
             main.runner.run(step)
     return main
+
+
+def prepared_recipe(recipe: Recipe, main: Pipeline) -> Recipe:
+    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
+    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
+    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
+        return recipe
+    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
+    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
 
 
 def build_precision(recipe: Recipe, precision: str, announce: Announce, status=None) -> tuple[Row, Any]:
@@ -107,13 +118,14 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
             "agreement and perplexity would be noise" if synthetic else "")
     main = prepare_model(recipe, announce, status)
     hf_dir = main.model_dir
+    builds = prepared_recipe(recipe, main)
     qa = main.eval_set() if quality else []
     rows: list[Row] = []
     pipes: dict[str, Any] = {}
     order = [p for p in TABLE_ORDER if p in precisions]
     for i, p in enumerate(order, 1):
         status(f"building {p} ({i}/{len(order)})…")
-        row, pipe = build_precision(recipe, p, announce, status)
+        row, pipe = build_precision(builds, p, announce, status)
         rows.append(row)
         pipes[p] = pipe
     ok = [r for r in rows if r.ok]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from scripts.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
 from scripts.fileops import write_text_atomic
 from scripts.pipeline import Paths, Pipeline
-from scripts.proof.compare import build_precision, heldout_windows, prepare_model
+from scripts.proof.compare import build_precision, heldout_windows, prepare_model, prepared_recipe
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import bench_request, context_limit, Profile, run_worker, to_backend_bench, weights_size
@@ -153,10 +153,11 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         raise RecipeError(f"{recipe.path}: tune judges quality, but {recipe.source} has random weights; tune a model "
                           "with real weights.")
     main = prepare_model(recipe, announce, status)
+    builds = prepared_recipe(recipe, main)
     qa = main.eval_set()
     chats = conversations(qa, recipe.eval.system_prompt) if qa else []
     status("building the FP32 reference…")
-    fp32_row, fp32_pipe = build_precision(recipe, "fp32", announce, status)
+    fp32_row, fp32_pipe = build_precision(builds, "fp32", announce, status)
     if not fp32_row.ok:
         raise ConversionError(f"tune needs the FP32 ONNX build as its reference: {fp32_row.reason}")
     fp32_folder = Path(fp32_row.folder)
@@ -181,7 +182,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         name = cand["name"]
         row = TuneRow(name, {k: v for k, v in cand.items() if k != "name"})
         rows.append(row)
-        variant = replace(recipe, conversion=replace(recipe.conversion, precision="int4",
+        variant = replace(builds, conversion=replace(recipe.conversion, precision="int4",
                                                      quantization=candidate_quantization(recipe.conversion.quantization,
                                                                                          cand)))
         pipe = Pipeline(variant, announce=announce, status=status, root=Paths.for_recipe(recipe).root / "tune" / name)

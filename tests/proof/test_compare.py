@@ -155,3 +155,26 @@ def test_precision_flag_overrides_refuses_fp16_and_rejects_unknown(tmp_path):
         apply_precision(recipe, "int3")
     with pytest.raises(RecipeError, match="set eval.dataset"):
         apply_precision(recipe, "auto")  # no eval set: nothing to compare accuracy on
+
+
+def test_variant_builds_convert_the_prepared_model_and_never_retrain(tmp_path, tiny_hf_model):
+    """A fine-tuning recipe's precision (and tune) builds live in their own roots: they must convert the merged
+    folder the main pipeline made, not look for a merge of their own (the SmolLM2 compare failed that way)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from scripts.proof.compare import prepared_recipe
+    from scripts.recipe.load import parse_recipe
+
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    merged = tmp_path / "build" / "merged"
+    shutil.copytree(tiny_hf_model, merged)
+    doc = {"model": {"source": str(tiny_hf_model), "family": "chatml", "finetune": {"dataset": "qa.jsonl"}},
+           "foundry": {"name": "tiny-ft"}}
+    recipe = parse_recipe(doc, tmp_path / "ft.json")
+    variant = prepared_recipe(recipe, SimpleNamespace(model_dir=merged, base_dir=Path(tiny_hf_model)))
+    assert variant.source.folder == merged and variant.finetune.dataset is None and variant.adapter is None
+    assert (variant.name, variant.conversion, variant.foundry) == (recipe.name, recipe.conversion, recipe.foundry)
+    plain = parse_recipe({**doc, "model": {"source": str(tiny_hf_model), "family": "chatml"}}, tmp_path / "p.json")
+    same = SimpleNamespace(model_dir=Path(tiny_hf_model), base_dir=Path(tiny_hf_model))
+    assert prepared_recipe(plain, same) is plain
