@@ -1,6 +1,7 @@
 """Printing of results for the terminal (rich)."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
@@ -8,6 +9,7 @@ from rich.table import Table
 
 from scripts.proof.compare_report import markdown_table
 from scripts.proof.peer_bench import peer_markdown
+from scripts.proof.tune import markdown as tune_markdown
 
 
 def _mb(n: int) -> str:
@@ -123,11 +125,7 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
 
 def print_tune(console: Console, report: dict) -> None:
     """`invoke tune`: the search table, the winner and its recipe keys."""
-    import json
-
     from rich.markdown import Markdown
-
-    from scripts.proof.tune import markdown as tune_markdown
 
     console.print(Markdown(f"### {report['recipe']}: INT4 layouts, measured\n\n" + tune_markdown(report)))
     if report["winner"]:
