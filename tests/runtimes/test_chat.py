@@ -21,6 +21,7 @@ from scripts.errors import FoundryError
 from scripts.faults import PAUSE_ENV, PAUSE_FIFO_ENV
 from scripts.runtimes.chat import MIN_REPLY, PromptTooLong, chat_loop, fit_conversation, reply_floor
 from scripts.settings import REPO_ROOT
+from tests.signals import ctrl_c_reaches_it
 
 CONTROLS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -238,7 +239,7 @@ def test_ctrl_c_stops_a_real_reply_in_invoke_run(sandbox, tiny_hf_model):
     env = dict(sandbox["env"], SLMOPS_RECIPES_DIR=str(recipes), **{PAUSE_ENV: "chat:reply", PAUSE_FIFO_ENV: str(fifo)})
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "run", "--model", "tiny", "--max-tokens", "100"],
                             cwd=REPO_ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=ctrl_c_reaches_it)
     watchdog = threading.Timer(600, proc.kill)  # a hang becomes a failure, never a stuck suite
     watchdog.start()
     try:

@@ -28,6 +28,7 @@ from scripts.runtimes import foundry as fr
 from scripts.runtimes import serve as sv
 from scripts.runtimes.serve_client import openai_client
 from scripts.settings import REPO_ROOT
+from tests.signals import ctrl_c_reaches_it
 
 MODEL_ID = "tiny-qwen2:1"
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -268,7 +269,8 @@ def test_invoke_serve_foreground_stops_on_ctrl_c(installed, env, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "serve", "--model", "qwen", "--port", str(free)],
                             cwd=REPO_ROOT, env={**os.environ, **env, "SLMOPS_FOUNDRY_CACHE": str(tmp_path / "cache"),
                                                 "SLMOPS_BUILD_DIR": str(tmp_path / "build")},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_reaches_it)
     try:
         lines = []
         deadline = time.monotonic() + 120
