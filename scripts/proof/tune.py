@@ -29,7 +29,7 @@ from scripts.proof.compare import build_precision, heldout_windows, prepare_mode
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import bench_request, context_limit, Profile, run_worker, to_backend_bench, weights_size
-from scripts.recipe.load import Quantization, Recipe
+from scripts.recipe.load import default_quantization, Quantization, Recipe
 from scripts.steps import Step
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,11 @@ class TuneRow:
         return self.ttft_ms + 1000 * ANSWER_TOKENS / self.decode_tps
 
 
-def candidate_quantization(base: Quantization, candidate: dict[str, Any]) -> Quantization:
-    """``base`` (the recipe's keys) with a candidate's keys; unknown keys are a :class:`RecipeError`."""
+def candidate_quantization(candidate: dict[str, Any]) -> Quantization:
+    """A candidate's layout: its keys over the schema defaults — never the recipe's own keys, so a candidate means the
+    same layout whatever the recipe says (a recipe with ``eight_bit`` must not turn plain INT4 candidates mixed).
+    Unknown keys are a :class:`RecipeError`."""
+    base = default_quantization()
     keys = {k: v for k, v in candidate.items() if k != "name"}
     unknown = sorted(set(keys) - set(asdict(base)))
     if unknown:
@@ -183,8 +186,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         row = TuneRow(name, {k: v for k, v in cand.items() if k != "name"})
         rows.append(row)
         variant = replace(builds, conversion=replace(recipe.conversion, precision="int4",
-                                                     quantization=candidate_quantization(recipe.conversion.quantization,
-                                                                                         cand)))
+                                                     quantization=candidate_quantization(cand)))
         pipe = Pipeline(variant, announce=announce, status=status, root=Paths.for_recipe(recipe).root / "tune" / name)
         announce(f"{name} ({i}/{len(candidates)}): build → {pipe.paths.root}")
         try:
@@ -208,7 +210,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
                        "decode_tps": reference["decode_tps"]},
               "rows": [{**asdict(r), "answer_ms": r.answer_ms} for r in rows],
               "winner": winner.name if winner else None,
-              "recipe_keys": winner_keys(recipe, winner) if winner else None}
+              "recipe_keys": winner_keys(winner) if winner else None}
     out = main.paths.root / "proof"
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "tune.json", json.dumps(report, indent=2) + "\n")
@@ -217,9 +219,9 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
     return report
 
 
-def winner_keys(recipe: Recipe, winner: TuneRow) -> dict[str, Any]:
+def winner_keys(winner: TuneRow) -> dict[str, Any]:
     """The ``conversion`` block to paste into the recipe for the winner."""
-    q = asdict(candidate_quantization(recipe.conversion.quantization, {"name": winner.name, **winner.quantization}))
+    q = asdict(candidate_quantization({"name": winner.name, **winner.quantization}))
     q["eight_bit"] = list(q["eight_bit"])
     return {"conversion": {"precision": "int4", "quantization": q}}
 

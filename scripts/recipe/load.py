@@ -167,6 +167,12 @@ class Quantization:
         object.__setattr__(self, "eight_bit", tuple(self.eight_bit))
 
 
+def default_quantization() -> Quantization:
+    """``conversion.quantization`` with every key at its schema default (what a recipe that sets none gets)."""
+    fields = SCHEMA.fields["conversion"].fields["quantization"].fields
+    return Quantization(**{key: field.default for key, field in fields.items()})
+
+
 @dataclass(frozen=True)
 class FinetuneSpec:
     """A seeded LoRA fine-tune of ``model.source`` (``model.finetune``); ``dataset`` None means none."""

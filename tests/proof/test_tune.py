@@ -11,7 +11,6 @@ from scripts.proof.tune import (candidate_quantization, GRID, judge, load_candid
                                 winner_keys)
 from scripts.recipe.load import FidelitySpec, Quantization
 
-BASE = Quantization(32, True, 4, "default", embeddings=True)
 GOOD = {"kld_mean": 0.02, "kld_p99": 0.1, "top1": 0.93, "ppl_increase": 0.02}
 
 
@@ -22,14 +21,14 @@ def row(name, ttft, tps, fidelity=GOOD, acc=0.99, ratio=0.2, **q):
 
 def test_grid_candidates_are_valid_quantizations():
     for cand in GRID:
-        q = candidate_quantization(BASE, cand)
+        q = candidate_quantization(cand)
         assert q.eight_bit == tuple(cand.get("eight_bit", ()))
     assert len({c["name"] for c in GRID}) == len(GRID)
 
 
 def test_unknown_candidate_key_is_refused():
     with pytest.raises(RecipeError, match="'blocksize' is not a quantization key"):
-        candidate_quantization(BASE, {"name": "x", "blocksize": 64})
+        candidate_quantization({"name": "x", "blocksize": 64})
 
 
 def test_candidates_file(tmp_path):
@@ -80,6 +79,15 @@ def test_markdown_table_and_winner_keys():
     assert "| quick | lm_head | 120.0 (0.200) | 99.0 % | 0.0200 | 0.100 | 93.0 % | +2.0 % | 20 | 150 | 447 | **winner** |" \
         in text
     assert "failed: no graph" in text
-    keys = winner_keys(type("R", (), {"conversion": type("C", (), {"quantization": BASE})()})(), winner)
+    keys = winner_keys(winner)
     assert keys["conversion"]["quantization"]["eight_bit"] == ["lm_head"]
     assert keys["conversion"]["precision"] == "int4"
+
+
+def test_a_candidate_is_the_same_layout_whatever_the_recipe_says():
+    """Candidates start from the schema defaults, not the recipe's keys: a recipe that keeps groups at 8 bits must not
+    turn the plain INT4 candidates into mixed ones."""
+    plain = candidate_quantization(GRID[0])
+    assert plain.eight_bit == () and plain.algorithm == "default" and plain.lm_head
+    assert (plain.block_size, plain.symmetric, plain.embeddings) == (32, True, True)
+    assert candidate_quantization({"name": "bare"}) == Quantization(32, True, 4, "default")
