@@ -101,8 +101,10 @@ def verify_quantization(summary: GraphSummary, conversion: Conversion, where: st
                   "8-bit groups: ": [n for n in matmuls if layer_kind(n.name) in eight]}
         for label_prefix, nodes in groups.items():
             is_eight = bool(label_prefix)
-            checks = (("bits", 8 if is_eight else bits), ("block_size", q.eight_bit_block_size if is_eight else q.block_size),
-                      ("accuracy_level", q.accuracy_level), ("has_zero_points", False if is_eight else not q.symmetric))
+            checks = (("bits", 8 if is_eight else bits),
+                      ("block_size", q.eight_bit_block_size if is_eight else q.block_size),
+                      ("accuracy_level", q.accuracy_level),
+                      ("has_zero_points", False if is_eight else not q.symmetric))
             for attr, wanted in checks:
                 if attr == "accuracy_level" and wanted == 0:
                     wanted_values = (0, None)  # 0 = unset: the attribute may be absent

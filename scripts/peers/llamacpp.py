@@ -70,8 +70,8 @@ def require_installed() -> str:
                                    f"this environment: {install_hint()}. Then run the bench again; `invoke doctor` "
                                    "shows whether it is there.")
     if missing := missing_companions():
-        raise PeerUnavailableError(f"The {NAME} peer also needs {', '.join(missing)} (llama.cpp's converter imports it), "
-                                   f"which is not installed: `pip install -r {REQUIREMENTS_FILE}`.")
+        raise PeerUnavailableError(f"The {NAME} peer also needs {', '.join(missing)} (llama.cpp's converter imports "
+                                   f"it), which is not installed: `pip install -r {REQUIREMENTS_FILE}`.")
     return version
 
 

@@ -233,8 +233,8 @@ def _f(value, fmt: str, scale: float = 1.0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The search as a table: one row per candidate, FP32 first."""
     fp32 = report["fp32"]
-    lines = ["| candidate | 8-bit groups | size MB (× FP32) | eval acc | mean KLD | p99 KLD | top-1 | ΔPPL | TTFT ms | "
-             "decode tok/s | answer ms | verdict |", "|" + "---|" * 12,
+    lines = ["| candidate | 8-bit groups | size MB (× FP32) | eval acc | mean KLD | p99 KLD | top-1 | ΔPPL | "
+             "TTFT ms | decode tok/s | answer ms | verdict |", "|" + "---|" * 12,
              f"| fp32 (reference) | – | {_f(fp32['bytes'], '.1f', 1e-6)} (1.00) | "
              f"{_f(fp32['eval_accuracy'], '.1f', 100)} % | 0 | 0 | 100 % | 0 | {_f(fp32['ttft_ms'], '.0f')} | "
              f"{_f(fp32['decode_tps'], '.0f')} | – | reference |"]
@@ -248,9 +248,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {', '.join(r['quantization'].get('eight_bit', [])) or '–'} | "
             f"{_f(r['bytes'], '.1f', 1e-6)} ({_f(r['size_ratio'], '.3f')}) | {_f(r['eval_accuracy'], '.1f', 100)} % | "
-            f"{_f(fid.get('kld_mean'), '.4f')} | {_f(fid.get('kld_p99'), '.3f')} | {_f(fid.get('top1'), '.1f', 100)} % | "
-            f"{_f(fid.get('ppl_increase'), '+.1f', 100)} % | {_f(r['ttft_ms'], '.0f')} | {_f(r['decode_tps'], '.0f')} | "
-            f"{_f(r['answer_ms'], '.0f')} | {verdict} |")
+            f"{_f(fid.get('kld_mean'), '.4f')} | {_f(fid.get('kld_p99'), '.3f')} | "
+            f"{_f(fid.get('top1'), '.1f', 100)} % | {_f(fid.get('ppl_increase'), '+.1f', 100)} % | "
+            f"{_f(r['ttft_ms'], '.0f')} | {_f(r['decode_tps'], '.0f')} | {_f(r['answer_ms'], '.0f')} | {verdict} |")
     spec = report["fidelity_spec"]
     lines.append(f"\nQualifies: eval accuracy ≥ {100 * report['threshold']:.0f} % of FP32's (through Foundry Local), "
                  f"mean KLD ≤ {spec['max_kld']}, top-1 ≥ {100 * spec['min_top1']:.0f} %, ΔPPL ≤ "

@@ -34,8 +34,8 @@ INT4_ALGORITHMS = ("default", "rtn", "k_quant_mixed", "k_quant_last")
 #: Weight groups an INT4 recipe may keep at 8 bits (``quantization.eight_bit``), as the GenAI builder names them.
 LAYER_KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 #: A builder node name → its kind (``qkv_proj`` also covers unfused ``q_proj``/``k_proj``/``v_proj``).
-_KIND_OF_NODE = re.compile(r"/(?:attn|self_attn)/(qkv_proj|q_proj|k_proj|v_proj|o_proj)/|/mlp/(gate_proj|up_proj|down_proj)/"
-                           r"|^/(lm_head)/")
+_KIND_OF_NODE = re.compile(r"/(?:attn|self_attn)/(qkv_proj|q_proj|k_proj|v_proj|o_proj)/"
+                           r"|/mlp/(gate_proj|up_proj|down_proj)/|^/(lm_head)/")
 
 
 @dataclass(frozen=True)
