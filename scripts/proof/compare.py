@@ -39,11 +39,25 @@ Announce = Callable[[str], None]
 COMPARE_PROFILE = Profile("compare", lengths=(128,), max_prompt_tokens=128, new_tokens=32, warmup=1, repeats=3)
 
 
+def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce, status=None) -> Pipeline:
+    """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/``."""
+    return Pipeline(replace(recipe, conversion=conversion), announce=announce, status=status,
+                    root=Paths.for_recipe(recipe).root / folder)
+
+
 def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):
     """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/``."""
-    variant = replace(recipe, conversion=replace(recipe.conversion, precision=precision))
-    return Pipeline(variant, announce=announce, status=status,
-                    root=Paths.for_recipe(recipe).root / "precisions" / precision)
+    return variant_pipeline(recipe, replace(recipe.conversion, precision=precision), f"precisions/{precision}",
+                            announce, status)
+
+
+def build_package(pipe: Pipeline) -> None:
+    """Convert and package ``pipe``'s model (cached steps, graph-checked, smoke-tested) under its lock: the recipe's
+    (held by the caller: re-entered) and recovery of its build folder. Raises what the steps raise."""
+    with pipe.locked():
+        for step in pipe.steps():
+            if step.name in ("convert", "package"):
+                pipe.runner.run(step)
 
 
 def prepare_model(recipe: Recipe, announce: Announce, status=None):
@@ -75,10 +89,7 @@ def build_precision(recipe: Recipe, precision: str, announce: Announce, status=N
     pipe = precision_pipeline(recipe, precision, announce, status)
     announce(f"{precision}: build → {pipe.paths.root}")
     try:
-        with pipe.locked():  # the recipe's lock (held by the caller: re-entered) and recovery of this build folder
-            for step in pipe.steps():
-                if step.name in ("convert", "package"):
-                    pipe.runner.run(step)
+        build_package(pipe)
     except (ConversionError, GraphCheckError, SlmopsError) as exc:
         announce(f"✗ {precision}: {str(exc).splitlines()[0]}")
         return Row(precision, "failed", str(exc), str(pipe.paths.root)), pipe

@@ -24,8 +24,9 @@ from typing import Any, Callable, Sequence
 
 from scripts.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
 from scripts.fileops import write_text_atomic
-from scripts.pipeline import Paths, Pipeline
-from scripts.proof.compare import build_precision, heldout_windows, prepare_model, prepared_recipe
+from scripts.pipeline import Pipeline
+from scripts.proof.compare import (build_package, build_precision, heldout_windows, prepare_model, prepared_recipe,
+                                   variant_pipeline)
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import bench_request, context_limit, Profile, run_worker, to_backend_bench, weights_size
@@ -185,15 +186,11 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         name = cand["name"]
         row = TuneRow(name, {k: v for k, v in cand.items() if k != "name"})
         rows.append(row)
-        variant = replace(builds, conversion=replace(recipe.conversion, precision="int4",
-                                                     quantization=candidate_quantization(cand)))
-        pipe = Pipeline(variant, announce=announce, status=status, root=Paths.for_recipe(recipe).root / "tune" / name)
+        conversion = replace(recipe.conversion, precision="int4", quantization=candidate_quantization(cand))
+        pipe = variant_pipeline(builds, conversion, f"tune/{name}", announce, status)
         announce(f"{name} ({i}/{len(candidates)}): build → {pipe.paths.root}")
         try:
-            with pipe.locked():
-                for step in pipe.steps():
-                    if step.name in ("convert", "package"):
-                        pipe.runner.run(step)
+            build_package(pipe)
             figures = measured(pipe, pipe.paths.package, name)
         except (ConversionError, GraphCheckError, MeasurementError, SlmopsError) as exc:
             row.status, row.reason = "failed", str(exc).splitlines()[0]
