@@ -38,6 +38,7 @@ class GraphSummary:
     initializer_bytes: dict[str, int] = field(default_factory=dict)  # by element type (FLOAT, UINT8, …)
     float_matmul_names: tuple[str, ...] = ()
     float_gathers: int = 0  # Gather nodes reading a float initializer table (an unquantized embedding)
+    last_token_logits: bool | None = None  # logits output for the last position only (None: no logits output)
 
     def describe(self) -> str:
         if not self.quant_nodes:
@@ -80,7 +81,18 @@ def summarise_graph(model_onnx: Path) -> GraphSummary:
     float_gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits
                         and inits[n.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                         and len(inits[n.input[0]].dims) == 2)
-    return GraphSummary(dict(counts), tuple(nodes), counts.get("MatMul", 0), dict(by_type), float_matmuls, float_gathers)
+    return GraphSummary(dict(counts), tuple(nodes), counts.get("MatMul", 0), dict(by_type), float_matmuls, float_gathers,
+                        _last_token_logits(model.graph))
+
+
+def _last_token_logits(graph) -> bool | None:
+    """Whether the logits output ``[batch, positions, vocab]`` has a fixed positions dimension of 1 (the builder's
+    ``prune_lm_head``); None when the graph has no logits output (a quantization pass may rename it ``logits_Q4``)."""
+    for out in graph.output:
+        if out.name.startswith("logits"):
+            dims = out.type.tensor_type.shape.dim
+            return len(dims) == 3 and dims[1].dim_value == 1
+    return None
 
 
 def verify_quantization(summary: GraphSummary, conversion: Conversion, where: str) -> None:
@@ -122,6 +134,10 @@ def verify_quantization(summary: GraphSummary, conversion: Conversion, where: st
         if missing:
             problems.append(f"eight_bit: asked {', '.join(missing)} at 8 bits, found no such quantized node")
         problems += _embedding_and_head_problems(summary, q, bits)
+    if summary.last_token_logits is not None and summary.last_token_logits != conversion.prune_lm_head:
+        problems.append("prune_lm_head: asked " + ("logits for the last position only, found them for every position"
+                                                  if conversion.prune_lm_head else
+                                                  "logits for every position, found them for the last one only"))
     if problems:
         raise GraphCheckError(f"{where}: the converted graph does not match the recipe:\n  - " + "\n  - ".join(problems)
                               + "\nOlive accepted an option it did not apply. Check conversion.quantization in the "

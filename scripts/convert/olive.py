@@ -73,10 +73,12 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
             builder["int4_algo_config"] = q.algorithm
         if not q.lm_head:
             builder["int4_nodes_to_exclude"] = [LM_HEAD]
+    # Logits for the last position only: prefill then runs the LM head once, not once per prompt token.
+    builder["extra_options"] = {"prune_lm_head": conversion.prune_lm_head}
     if precision.bits:
         # Embedding and LM head as separate tables: a tied fp32 embedding would otherwise survive (as the input of a
         # Transpose) next to its quantized LM-head copy. Deterministic across builder versions.
-        builder["extra_options"] = {"shared_embeddings": False}
+        builder["extra_options"]["shared_embeddings"] = False
     rtn: dict[str, Any] = {"type": "OnnxBlockWiseRtnQuantization", "bits": precision.bits or 4,
                            "block_size": q.block_size, "is_symmetric": q.symmetric, "accuracy_level": q.accuracy_level}
     if precision.rtn == "all":

@@ -82,6 +82,10 @@ SCHEMA = Obj({
                                 "eval accuracy is within auto_threshold of FP32's"),
         "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
                                 help="--precision auto: minimum eval accuracy relative to FP32"),
+        "prune_lm_head": Field(bool, default=True,
+                               help="compute logits for the last prompt position only (ModelBuilder prune_lm_head): "
+                                    "prefill skips the LM head for every other position (-25 to -30 % prompt time "
+                                    "at 0.5B); teacher-forced scoring then steps token by token"),
         "fidelity": Obj({
             "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
                              help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
@@ -207,6 +211,7 @@ class Conversion:
     quantization: Quantization
     auto_threshold: float = 0.98
     fidelity: FidelitySpec = FidelitySpec()
+    prune_lm_head: bool = True  # logits for the last position only (ModelBuilder ``prune_lm_head``)
 
 
 @dataclass(frozen=True)
@@ -400,7 +405,7 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
         raise RecipeError(f"{path}: conversion.quantization: eight_bit lists \"lm_head\" but lm_head is false (kept "
                           "in FP32). Remove one of the two.")
     return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
-                      FidelitySpec(**conv["fidelity"]))
+                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"])
 
 
 def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:

@@ -112,6 +112,7 @@ class Backend:
 
 class GenAIBackend(Backend):
     name = "genai"
+    last_position_only: bool | None = None  # the graph's logits cover the last position only (found by score)
 
     def load(self) -> float:
         import onnxruntime_genai as og
@@ -139,17 +140,31 @@ class GenAIBackend(Backend):
         return Trace(start, times, len(ids), len(out), self.tokenizer.decode(out))
 
     def score(self, ids):
+        """All positions' logits. A graph built with ``prune_lm_head`` returns the last position's only: then the
+        ids go in one at a time (the decode path, as generation runs it), one row per step."""
+        if not self.last_position_only:
+            logits = self._logits([list(ids)])
+            self.last_position_only = len(ids) > 1 and logits.shape[0] == 1
+            if not self.last_position_only:
+                return logits
+        return self._logits([[int(t)] for t in ids])
+
+    def _logits(self, chunks: list[list[int]]):
+        """Append each chunk of ids in turn to one generator; the logits rows each append returns, stacked."""
+        import numpy as np
         # The graph's logits output may have been renamed by a quantization pass (genai_config says which);
         # asking GenAI for a name the graph lacks crashes the process.
         cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
         name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + 1)
+        params.set_search_options(max_length=sum(map(len, chunks)) + 1)
         gen = self.og.Generator(self.model, params)
-        gen.append_tokens(list(ids))
-        logits = gen.get_output(name)[0]
+        rows = []
+        for chunk in chunks:
+            gen.append_tokens(chunk)
+            rows.append(gen.get_output(name)[0])
         del gen
-        return logits
+        return np.concatenate(rows)
 
 
 class TorchBackend(Backend):

@@ -13,7 +13,8 @@ from scripts.recipe.load import Conversion, Quantization
 
 
 def conversion(precision="int4", block_size=32, symmetric=True, accuracy_level=4) -> Conversion:
-    return Conversion(precision, Quantization(block_size, symmetric, accuracy_level, "default"))
+    # the fixture's graph is the builder's default: logits for every position (no prune_lm_head)
+    return Conversion(precision, Quantization(block_size, symmetric, accuracy_level, "default"), prune_lm_head=False)
 
 
 @pytest.fixture(scope="module")

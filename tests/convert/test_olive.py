@@ -224,7 +224,7 @@ def test_mixed_int4_renders_rtn_passes_per_weight_group(tmp_path):
     passes = olive_config(conv, tmp_path, tmp_path / "out", tmp_path / "cache")["passes"]
     assert list(passes) == ["builder", "rtn8", "rtn4", "embed4"]  # Olive runs them in this order
     assert passes["builder"]["precision"] == "fp32" and not [k for k in passes["builder"] if k.startswith("int4_")]
-    assert passes["builder"]["extra_options"] == {"shared_embeddings": False}
+    assert passes["builder"]["extra_options"] == {"prune_lm_head": True, "shared_embeddings": False}
     rtn8 = passes["rtn8"]
     assert (rtn8["bits"], rtn8["block_size"], rtn8["is_symmetric"]) == (8, 64, True)
     assert "/model/layers.1/attn/qkv_proj/MatMul" in rtn8["nodes_to_include"]

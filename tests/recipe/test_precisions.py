@@ -94,7 +94,7 @@ def test_int8_is_fp32_builder_then_8bit_rtn_pass(tmp_path):
     passes = olive_config(conv("int8", block=64, sym=False, acc=1), tmp_path, tmp_path, tmp_path)["passes"]
     assert list(passes) == ["builder", "rtn8"]
     assert passes["builder"] == {"type": "ModelBuilder", "precision": "fp32",
-                                 "extra_options": {"shared_embeddings": False}}
+                                 "extra_options": {"prune_lm_head": True, "shared_embeddings": False}}
     assert passes["rtn8"] == {"type": "OnnxBlockWiseRtnQuantization", "bits": 8, "block_size": 64,
                               "is_symmetric": False, "accuracy_level": 1, "nodes_to_exclude": [EMBED_GATHER]}
     with_emb = olive_config(conv("int8", emb=True), tmp_path, tmp_path, tmp_path)["passes"]["rtn8"]

@@ -1,0 +1,49 @@
+"""A graph built with ``prune_lm_head`` (logits for the last position only) still scores every position through
+GenAI (:meth:`scripts.runtimes.backends.GenAIBackend.score` steps token by token), with the same figures as the full
+graph, and the graph check tells the two layouts apart."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from scripts.convert.graph_check import summarise_graph, verify_quantization
+from scripts.errors import GraphCheckError
+from scripts.proof.measure import run_worker
+from scripts.recipe.load import Conversion, Quantization
+from tests.conftest import _isolated_env, _run
+
+
+def _build(root, hf, prune: bool):
+    out = root / ("pruned" if prune else "full")
+    _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-o", str(out), "-p", "fp32",
+          "-e", "cpu", "-c", str(root / "cache"), "--extra_options", f"prune_lm_head={str(prune).lower()}"],
+         _isolated_env(root / "home"), "Converting the tiny model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, tiny_hf_model):
+    root = tmp_path_factory.mktemp("prune")
+    return {prune: _build(root, tiny_hf_model, prune) for prune in (False, True)}
+
+
+def test_graph_check_tells_last_position_logits_from_all(graphs):
+    full, pruned = (summarise_graph(graphs[p] / "model.onnx") for p in (False, True))
+    assert (full.last_token_logits, pruned.last_token_logits) == (False, True)
+    verify_quantization(pruned, Conversion("fp32", Quantization(32, True, 4, "default")), "m")
+    with pytest.raises(GraphCheckError, match="prune_lm_head: asked logits for the last position only"):
+        verify_quantization(full, Conversion("fp32", Quantization(32, True, 4, "default")), "m")
+    with pytest.raises(GraphCheckError, match="asked logits for every position"):
+        verify_quantization(pruned, Conversion("fp32", Quantization(32, True, 4, "default"), prune_lm_head=False), "m")
+
+
+def test_pruned_graph_scores_every_position_like_the_full_graph(graphs):
+    windows = [list(range(5, 45)), list(range(100, 131))]
+    job = {"kind": "logits", "windows": windows}
+    full, pruned = (run_worker("genai", graphs[p], [job])["jobs"][0]["windows"] for p in (False, True))
+    for f, p, ids in zip(full, pruned, windows):
+        assert len(p["argmax"]) == len(f["argmax"]) == len(ids) - 1
+        assert p["argmax"] == f["argmax"]
+        np.testing.assert_allclose(p["nll"], f["nll"], rtol=1e-3, atol=1e-4)
