@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from scripts.convert.lm_head_prune import last_token_logits
 from scripts.errors import GraphCheckError
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import get_precision, layer_kind
@@ -82,17 +83,8 @@ def summarise_graph(model_onnx: Path) -> GraphSummary:
                         and inits[n.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                         and len(inits[n.input[0]].dims) == 2)
     return GraphSummary(dict(counts), tuple(nodes), counts.get("MatMul", 0), dict(by_type), float_matmuls, float_gathers,
-                        _last_token_logits(model.graph))
+                        last_token_logits(model.graph))
 
-
-def _last_token_logits(graph) -> bool | None:
-    """Whether the logits output ``[batch, positions, vocab]`` has a fixed positions dimension of 1 (the builder's
-    ``prune_lm_head``); None when the graph has no logits output (a quantization pass may rename it ``logits_Q4``)."""
-    for out in graph.output:
-        if out.name.startswith("logits"):
-            dims = out.type.tensor_type.shape.dim
-            return len(dims) == 3 and dims[1].dim_value == 1
-    return None
 
 
 def verify_quantization(summary: GraphSummary, conversion: Conversion, where: str) -> None:

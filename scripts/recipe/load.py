@@ -85,7 +85,7 @@ SCHEMA = Obj({
         "prune_lm_head": Field(bool, default=True,
                                help="compute logits for the last prompt position only (ModelBuilder prune_lm_head): "
                                     "prefill skips the LM head for every other position (-25 to -30 % prompt time "
-                                    "at 0.5B); teacher-forced scoring then steps token by token"),
+                                    "at 0.5B); fidelity scoring loads a copy returning every position's logits"),
         "fidelity": Obj({
             "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
                              help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),

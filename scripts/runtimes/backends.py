@@ -112,7 +112,8 @@ class Backend:
 
 class GenAIBackend(Backend):
     name = "genai"
-    last_position_only: bool | None = None  # the graph's logits cover the last position only (found by score)
+    _scorer = None  # the model score() runs (see _scoring_model)
+    _scorer_dir = None
 
     def load(self) -> float:
         import onnxruntime_genai as og
@@ -140,31 +141,39 @@ class GenAIBackend(Backend):
         return Trace(start, times, len(ids), len(out), self.tokenizer.decode(out))
 
     def score(self, ids):
-        """All positions' logits. A graph built with ``prune_lm_head`` returns the last position's only: then the
-        ids go in one at a time (the decode path, as generation runs it), one row per step."""
-        if not self.last_position_only:
-            logits = self._logits([list(ids)])
-            self.last_position_only = len(ids) > 1 and logits.shape[0] == 1
-            if not self.last_position_only:
-                return logits
-        return self._logits([[int(t)] for t in ids])
-
-    def _logits(self, chunks: list[list[int]]):
-        """Append each chunk of ids in turn to one generator; the logits rows each append returns, stacked."""
-        import numpy as np
         # The graph's logits output may have been renamed by a quantization pass (genai_config says which);
         # asking GenAI for a name the graph lacks crashes the process.
         cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
         name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=sum(map(len, chunks)) + 1)
-        gen = self.og.Generator(self.model, params)
-        rows = []
-        for chunk in chunks:
-            gen.append_tokens(chunk)
-            rows.append(gen.get_output(name)[0])
+        model = self._scoring_model()
+        params = self.og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        gen = self.og.Generator(model, params)
+        gen.append_tokens(list(ids))
+        logits = gen.get_output(name)[0]
         del gen
-        return np.concatenate(rows)
+        return logits
+
+    def _scoring_model(self):
+        """The loaded model, or — when its graph returns the last position's logits only (``prune_lm_head``) — the
+        same weights with every position's logits, built once in a temporary folder and loaded beside it."""
+        if self._scorer is None:
+            import onnx
+            from scripts.convert.lm_head_prune import full_logits_copy, last_token_logits
+            graph = onnx.load(str(self.model_dir / "model.onnx"), load_external_data=False).graph
+            if not last_token_logits(graph):
+                self._scorer = self.model
+            else:
+                self._scorer_dir = tempfile.TemporaryDirectory(prefix="slmops-full-logits-")
+                self._scorer = self.og.Model(str(full_logits_copy(self.model_dir, Path(self._scorer_dir.name))))
+        return self._scorer
+
+    def close(self) -> None:
+        self._scorer = None
+        if self._scorer_dir is not None:
+            self._scorer_dir.cleanup()
+            self._scorer_dir = None
+        super().close()
 
 
 class TorchBackend(Backend):

@@ -1,6 +1,6 @@
 """A graph built with ``prune_lm_head`` (logits for the last position only) still scores every position through
-GenAI (:meth:`scripts.runtimes.backends.GenAIBackend.score` steps token by token), with the same figures as the full
-graph, and the graph check tells the two layouts apart."""
+GenAI (:meth:`scripts.runtimes.backends.GenAIBackend.score` loads :func:`full_logits_copy` of it), with the same
+figures as the full graph, and the graph check tells the two layouts apart."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from scripts.convert.graph_check import summarise_graph, verify_quantization
-from scripts.errors import GraphCheckError
+from scripts.convert.lm_head_prune import full_logits_copy
+from scripts.errors import GraphCheckError, MeasurementError
 from scripts.proof.measure import run_worker
 from scripts.recipe.load import Conversion, Quantization
 from tests.conftest import _isolated_env, _run
@@ -47,3 +48,12 @@ def test_pruned_graph_scores_every_position_like_the_full_graph(graphs):
         assert len(p["argmax"]) == len(f["argmax"]) == len(ids) - 1
         assert p["argmax"] == f["argmax"]
         np.testing.assert_allclose(p["nll"], f["nll"], rtol=1e-3, atol=1e-4)
+
+
+def test_full_logits_copy_removes_the_selection_and_links_the_rest(graphs, tmp_path):
+    copy = full_logits_copy(graphs[True], tmp_path / "copy")
+    assert summarise_graph(copy / "model.onnx").last_token_logits is False
+    assert summarise_graph(graphs[True] / "model.onnx").last_token_logits is True  # the original is untouched
+    assert (copy / "model.onnx.data").stat().st_ino == (graphs[True] / "model.onnx.data").stat().st_ino
+    with pytest.raises(MeasurementError, match="Gather\\(axis 1, index -1\\)"):
+        full_logits_copy(graphs[False], tmp_path / "not-pruned")
