@@ -8,14 +8,13 @@ copied) and the same kernels, logits for every position.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
 from scripts.errors import MeasurementError
+from scripts.fileops import link_or_copy
 
 
 def last_token_logits(graph: onnx.GraphProto) -> bool | None:
@@ -62,11 +61,8 @@ def full_logits_copy(model_dir: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     _unprune(model.graph)
-    for path in model_dir.iterdir():
+    for path in model_dir.iterdir():  # hard links: ONNX Runtime refuses external data behind a symlink
         if path.is_file() and path.name != "model.onnx" and not (dest / path.name).exists():
-            try:  # a hard link: ONNX Runtime refuses external data behind a symlink that leaves the folder
-                os.link(path, dest / path.name)
-            except OSError:  # another file system
-                shutil.copy2(path, dest / path.name)
+            link_or_copy(path, dest / path.name)
     onnx.save(model, str(dest / "model.onnx"))
     return dest

@@ -38,12 +38,16 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
         chosen.require()  # not installed: say how to get it before measuring anything
     installed, source = pipeline.installed_dir, Path(pipeline.model_dir)
     context = context_limit(installed)
+    foundry = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.recipe.foundry.model_id}
+    if profile.exact_new_tokens:  # Foundry Local reads the minimum length from the folder only
+        installed = fixed_length_copy(installed, pipeline.paths.root / "bench" / "fixed-length")
+        foundry = {"cache_dir": str(pipeline.paths.root / "bench" / "foundry-cache"),
+                   "model_id": f"{pipeline.recipe.foundry.name}-fixed-length:{pipeline.recipe.foundry.version}"}
     peer_runs, peer_info = chosen.plan(pipeline, context, status) if chosen else ([], None)
     status("bench: measuring memory bandwidth…")
     load_at_start = _load_average()
     bw = measure_bandwidth()
     job = bench_request(installed, profile, context)
-    foundry = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.recipe.foundry.model_id}
     threads = runtime_threads(installed)
     plan = [PeerRun(n, n, BACKEND_LABELS[n], installed, o) for n, o in (("foundry", foundry), ("http", foundry),
                                                                            ("genai", {}))]
@@ -101,6 +105,25 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
             "bandwidth": bw.to_json(), "backends": backends, "peer": peer_info, "notes": notes}
 
 
+def fixed_length_copy(model_dir: Path, dest: Path) -> Path:
+    """``dest`` (replaced): ``model_dir``'s files hard-linked, its ``genai_config.json`` with ``search.min_length`` =
+    ``max_length``, so that Foundry Local and GenAI generate exactly the tokens asked (end of text suppressed) — the
+    bench's decode figures are then over the same number of tokens in every runtime, whatever the model would say."""
+    import json
+    import shutil
+    from scripts.fileops import link_or_copy, write_json_atomic
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for path in Path(model_dir).iterdir():
+        if path.is_file() and path.name != "genai_config.json":
+            link_or_copy(path, dest / path.name)
+    config = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))
+    config["search"]["min_length"] = config["search"]["max_length"]
+    write_json_atomic(dest / "genai_config.json", config)
+    return dest
+
+
 def oversubscription_note(backends: list[dict], cpus: int, peer: str | None = None) -> str | None:
     """A note when the load average around any backend's run exceeded the CPU count (None otherwise). Pure."""
     busiest = max((x for b in backends for x in (b["load_average"]["before"][0], b["load_average"]["after"][0])),
@@ -128,6 +151,14 @@ def _load(avg: dict | None) -> str:
     return f"{avg['before'][0]:.1f} → {avg['after'][0]:.1f}" if avg else "–"
 
 
+def _new_tokens(profile: dict) -> str:
+    if profile.get("exact_new_tokens"):
+        return (f"exactly {profile['new_tokens']} new tokens per run (end of text suppressed: Foundry Local and GenAI "
+                "run a hard-linked copy of the installed folder whose genai_config.json sets search.min_length = "
+                "max_length; llama.cpp and PyTorch suppress it per request)")
+    return f"up to {profile['new_tokens']} new tokens (a reply may end sooner)"
+
+
 def bench_markdown(data: dict) -> str:
     """Two tables: one line per backend (figures at the shortest prompt), then every prompt length."""
     bw = data["bandwidth"]
@@ -135,7 +166,7 @@ def bench_markdown(data: dict) -> str:
     lines = [f"# Bench: {data['model_id']} (recipe {data['recipe']}, profile {p['name']})", "",
              f"Memory read bandwidth: **{bw['gb_per_s']:.1f} GB/s** (±{100 * bw['spread'] / 2:.0f}%, {bw['method']}). "
              f"Context {data['context']} tokens; {p['warmup']} warm-up + {p['repeats']} timed runs per prompt length, "
-             f"up to {p['new_tokens']} new tokens, greedy. Medians ± half the interquartile range.", "",
+             f"{_new_tokens(p)}, greedy. Medians ± half the interquartile range.", "",
              "| backend | weights MB | load s | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 / p95 | peak RSS MB | CPU % | MB read/token | bound tok/s | decode / bound | threads | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in data["backends"]:

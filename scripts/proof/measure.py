@@ -50,6 +50,7 @@ class Profile:
     new_tokens: int
     warmup: int
     repeats: int
+    exact_new_tokens: bool = False  # every run generates new_tokens (end of text suppressed), in every runtime
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,7 +61,8 @@ PROFILES: dict[str, Profile] = {
     "full": Profile("full", lengths=(16, 64, 256, 1024), max_prompt_tokens=2048, new_tokens=64, warmup=2,
                     repeats=5),
     # the speed issue's scale: prompts of 128, 512 and 2,000 tokens, 128 new tokens
-    "scale": Profile("scale", lengths=(128, 512), max_prompt_tokens=2000, new_tokens=128, warmup=1, repeats=3),
+    "scale": Profile("scale", lengths=(128, 512), max_prompt_tokens=2000, new_tokens=128, warmup=1, repeats=3,
+                     exact_new_tokens=True),
 }
 
 
@@ -146,13 +148,14 @@ def peak_rss_bytes() -> int:
 def bench_job(backend, job: dict) -> dict:
     """For each prompt: ``warmup`` untimed runs, then ``repeats`` timed runs; every run's raw figures."""
     out = []
+    exact = bool(job.get("exact"))
     for target, messages in job["prompts"]:
         for _ in range(job["warmup"]):
-            backend.generate(messages, job["new_tokens"])
+            backend.generate(messages, job["new_tokens"], exact=exact)
         runs = []
         cpu0, wall0 = backend.cpu_seconds(), time.perf_counter()
         for _ in range(job["repeats"]):
-            tr = backend.generate(messages, job["new_tokens"])
+            tr = backend.generate(messages, job["new_tokens"], exact=exact)
             rates = rates_from_token_times(tr.start, tr.token_times, tr.prompt_tokens)
             if tr.new_tokens > len(tr.token_times) > 1:  # streamed pieces may merge tokens: use the count
                 rates["decode_tps"] = (tr.new_tokens - 1) / (tr.token_times[-1] - tr.token_times[0])
@@ -332,7 +335,7 @@ def bench_request(model_dir: Path, profile: Profile, context: int | None = None)
     """The ``bench`` job for ``model_dir``'s tokenizer and context."""
     lengths = prompt_lengths(profile, context or context_limit(model_dir))
     return {"kind": "bench", "prompts": length_prompts(model_dir, lengths), "new_tokens": profile.new_tokens,
-            "warmup": profile.warmup, "repeats": profile.repeats}
+            "warmup": profile.warmup, "repeats": profile.repeats, "exact": profile.exact_new_tokens}
 
 
 def to_backend_bench(backend: str, model_dir: Path, result: dict) -> BackendBench:

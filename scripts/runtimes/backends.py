@@ -89,7 +89,9 @@ class Backend:
     def load(self) -> float:
         raise NotImplementedError
 
-    def generate(self, messages: Sequence[dict], max_new_tokens: int) -> Trace:
+    def generate(self, messages: Sequence[dict], max_new_tokens: int, exact: bool = False) -> Trace:
+        """Greedy reply, up to ``max_new_tokens``; ``exact``: exactly that many (end of text suppressed), for speed
+        figures over a fixed number of tokens whatever the model would say."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -124,12 +126,13 @@ class GenAIBackend(Backend):
         self.tokenizer = og.Tokenizer(self.model)
         return time.perf_counter() - t0
 
-    def generate(self, messages, max_new_tokens):
+    def generate(self, messages, max_new_tokens, exact=False):
         og = self.og
         start = time.perf_counter()
         ids = self.tokenizer.encode(render_chat(self.model_dir, messages))
         params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+        params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens,
+                                  **({"min_length": len(ids) + max_new_tokens} if exact else {}))
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         times, out = [], []
@@ -189,7 +192,7 @@ class TorchBackend(Backend):
         self.model.eval()
         return time.perf_counter() - t0
 
-    def generate(self, messages, max_new_tokens):
+    def generate(self, messages, max_new_tokens, exact=False):
         from transformers.generation.streamers import BaseStreamer
 
         times: list[float] = []
@@ -212,7 +215,8 @@ class TorchBackend(Backend):
         gc = self.model.generation_config
         with self.torch.inference_mode():
             out = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=Clock(),
-                                      eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id)
+                                      eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id,
+                                      min_new_tokens=max_new_tokens if exact else None)
         new = out[0, ids["input_ids"].shape[1]:]
         return Trace(start, times, int(ids["input_ids"].shape[1]), int(new.shape[0]),
                      self.tokenizer.decode(new, skip_special_tokens=True))
@@ -220,6 +224,16 @@ class TorchBackend(Backend):
     def score(self, ids):
         with self.torch.inference_mode():
             return self.model(self.torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def require_fixed_length(genai_config: dict, model_dir: Path, exact: bool) -> None:
+    """Foundry Local takes no per-request minimum length: an exact-length reply needs the folder's own
+    ``search.min_length`` at ``max_length`` (:func:`scripts.proof.bench.fixed_length_copy`)."""
+    search = genai_config.get("search") or {}
+    if exact and (search.get("min_length") or 0) < (search.get("max_length") or 1):
+        raise MeasurementError(f"{model_dir}: Foundry Local cannot be asked for an exact number of new tokens per "
+                               "request; measure a copy whose genai_config.json search.min_length equals max_length "
+                               "(scripts.proof.bench.fixed_length_copy).")
 
 
 def _probe_model_id(model_dir: Path) -> str:
@@ -252,7 +266,8 @@ class FoundryBackend(Backend):
             return {"max_output_tokens": max_new_tokens, "do_sample": False}
         return self.fr.search_options_from_genai_config(self.genai_config, max_new_tokens)
 
-    def generate(self, messages, max_new_tokens, raw: bool = False):
+    def generate(self, messages, max_new_tokens, exact=False, raw: bool = False):
+        require_fixed_length(self.genai_config, self.model_dir, exact)
         start = time.perf_counter()
         times, parts, usage = [], [], None
         for kind, value in self.fr.stream_reply(self.model, messages, self.search(max_new_tokens, raw)):
@@ -297,7 +312,9 @@ class HttpBackend(Backend):
         self._peak = None
         return seconds
 
-    def generate(self, messages, max_new_tokens):
+    def generate(self, messages, max_new_tokens, exact=False):
+        require_fixed_length(json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8")),
+                             self.model_dir, exact)
         a = serve_client.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens,
                                        temperature=0)
         return Trace(a.start, a.token_times, a.prompt_tokens, a.completion_tokens, a.text)

@@ -43,7 +43,7 @@ class LlamaCppBackend(Backend):
                                    n_threads_batch=threads, seed=0, verbose=False)
         return time.perf_counter() - t0
 
-    def generate(self, messages, max_new_tokens):
+    def generate(self, messages, max_new_tokens, exact=False):
         llm = self.llm
         start = time.perf_counter()
         ids = llm.tokenize(render_chat(self.chat_dir, messages).encode("utf-8"), add_bos=False, special=True)
@@ -53,13 +53,21 @@ class LlamaCppBackend(Backend):
         llm.reset()
         times: list[float] = []
         out: list[int] = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True,
+                                  logits_processor=[self._suppress_end] if exact else None):
             times.append(time.perf_counter())
             out.append(int(token))
             if self._end_of_generation(token) or len(out) >= max_new_tokens:
                 break
         text = llm.detokenize([t for t in out if not self._end_of_generation(t)]).decode("utf-8", errors="replace")
         return Trace(start, times, len(ids), len(out), text)
+
+    def _suppress_end(self, _ids, scores):
+        """Logits processor: no end-of-generation token can win (an exact-length reply, as GenAI's min_length)."""
+        if getattr(self, "_end_ids", None) is None:
+            self._end_ids = [t for t in range(self.llm.n_vocab()) if self._end_of_generation(t)]
+        scores[self._end_ids] = -float("inf")
+        return scores
 
     def _end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.llm._model.vocab, token))

@@ -86,3 +86,46 @@ def test_worker_failure_is_a_clear_measurement_error(tmp_path):
         run_worker("foundry", tmp_path, [])
     with pytest.raises(MeasurementError, match="Unknown backend 'tensorrt'"):
         run_worker("tensorrt", tmp_path, [])
+
+
+def _ends_at_once(tiny_onnx_model, dest):
+    """A hard-linked copy of the tiny model whose end-of-text id is the token it answers first: every reply ends after
+    one token unless the end of text is suppressed."""
+    import json
+    from tokenizers import Tokenizer
+    from scripts.fileops import link_or_copy
+    from scripts.runtimes.backends import render_chat
+    job = bench_request(tiny_onnx_model, TINY)
+    messages = job["prompts"][0][1]
+    ids = Tokenizer.from_file(str(tiny_onnx_model / "tokenizer.json")).encode(
+        render_chat(tiny_onnx_model, messages), add_special_tokens=False).ids
+    first = run_worker("genai", tiny_onnx_model, [{"kind": "logits", "windows": [ids + [0]]}])
+    first = first["jobs"][0]["windows"][0]["argmax"][-1]
+    dest.mkdir()
+    for path in tiny_onnx_model.iterdir():
+        if path.name != "genai_config.json":
+            link_or_copy(path, dest / path.name)
+    config = json.loads((tiny_onnx_model / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = first
+    (dest / "genai_config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_exact_new_tokens_suppresses_the_end_of_text_in_genai_and_foundry(tiny_onnx_model, tmp_path, monkeypatch):
+    """`bench --profile scale` decode figures are over the asked number of tokens in every runtime: GenAI per request
+    (min_length), Foundry Local from the folder (bench.fixed_length_copy), which refuses an exact request otherwise."""
+    from dataclasses import replace
+    from scripts.proof.bench import fixed_length_copy
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    short = _ends_at_once(tiny_onnx_model, tmp_path / "short")
+    exact = replace(TINY, warmup=0, repeats=1, exact_new_tokens=True)
+    assert measure("genai", short, replace(exact, exact_new_tokens=False)).lengths[0].new_tokens == 1
+    assert measure("genai", short, exact).lengths[0].new_tokens == TINY.new_tokens
+    opts = {"cache_dir": str(tmp_path / "cache")}
+    assert measure("foundry", short, replace(exact, exact_new_tokens=False), opts).lengths[0].new_tokens <= 1
+    with pytest.raises(MeasurementError, match="search.min_length equals max_length"):
+        measure("foundry", short, exact, opts)
+    fixed = fixed_length_copy(short, tmp_path / "fixed")
+    assert (fixed / "model.onnx").stat().st_ino == (short / "model.onnx").stat().st_ino
+    assert measure("foundry", fixed, exact, opts).lengths[0].new_tokens == TINY.new_tokens
