@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from scripts import settings
 from scripts.convert.genai_smoke import smoke_test
+from scripts.convert.attention_scale import fold_attention_scale
 from scripts.convert.graph_check import summarise_graph, verify_quantization
 from scripts.convert.install import assemble_package, check_context, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
@@ -197,10 +198,12 @@ class Pipeline:
             config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
             run_olive(config, self.paths.olive_work, progress=self.status)
             checkpoint("convert:olive-done")
+            folded, _ = fold_attention_scale(staging) if self.recipe.conversion.fold_attention_scale else (0, [])
             summary = summarise_graph(staging / "model.onnx")
             verify_quantization(summary, self.recipe.conversion, str(staging / "model.onnx"))
-        self.announce(f"       graph: {summary.describe()}")
-        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx)}
+        self.announce(f"       graph: {summary.describe()}" + (f"; attention scale folded into the query ({folded} "
+                                                                 "layers)" if folded else ""))
+        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx), "attention_scale_folded": folded}
 
     def _build_source(self) -> dict:
         """Make the Hugging Face folder of a built source kind (demo, synthetic, tiny, GGUF), staged atomically."""

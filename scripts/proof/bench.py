@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import platform
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
 from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
-from scripts.proof.peer_bench import get_peer, peer_markdown, peer_ratios, PeerRun, runtime_threads
+from scripts.proof.peer_bench import deployed_rows, get_peer, peer_markdown, peer_ratios, PeerRun, runtime_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def _load_average() -> list[float]:
 
 
 def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda s: None,
-              peer: str | None = None) -> dict:
-    """Bench every backend available for ``pipeline``'s recipe (and ``peer``'s runs); return plain JSON data."""
+              peer: str | None = None, extra: Sequence[PeerRun] = ()) -> dict:
+    """Bench every backend available for ``pipeline``'s recipe (``extra`` runs after raw GenAI, e.g.
+    :func:`scripts.proof.run.fp32_run`; then ``peer``'s runs); return plain JSON data."""
     import os
     chosen = get_peer(peer) if peer else None
     if chosen:
@@ -50,7 +51,7 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
     job = bench_request(installed, profile, context)
     threads = runtime_threads(installed)
     plan = [PeerRun(n, n, BACKEND_LABELS[n], installed, o) for n, o in (("foundry", foundry), ("http", foundry),
-                                                                           ("genai", {}))]
+                                                                           ("genai", {}))] + list(extra)
     notes = []
     if _hf_folder(source):
         plan.append(PeerRun("torch", "torch", BACKEND_LABELS["torch"], source, {}))
@@ -74,7 +75,7 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
         backends.append(entry)
     if peer_info:
         peer_info["ratios"] = peer_ratios(backends)
-    by = {b["backend"]: b for b in backends if not b["peer"]}
+    by = deployed_rows(backends)
     g = by["genai"]["lengths"][0]["decode_tps"] if "genai" in by else None
     bursty = [BACKEND_LABELS[k] for k in ("foundry", "http") if k in by and g and by[k]["lengths"][0]["decode_tps"]
               and by[k]["lengths"][0]["decode_tps"]["median"] > 2 * g["median"]]

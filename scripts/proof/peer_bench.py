@@ -100,9 +100,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def deployed_rows(backends: list[dict]) -> dict[str, dict]:
+    """The bench entries that run the deployed model, by backend (not a peer's, not an extra build such as FP32's,
+    whose key is not its backend name). Pure."""
+    return {b["backend"]: b for b in backends if not b.get("peer") and b.get("key", b["backend"]) == b["backend"]}
+
+
 def peer_ratios(backends: list[dict]) -> list[dict]:
     """Ours ÷ each peer run, per prompt length (matched by target length). Pure: works on bench JSON entries."""
-    by = {b["backend"]: b for b in backends if not b.get("peer")}
+    by = deployed_rows(backends)
     out = []
     for peer in (b for b in backends if b.get("peer")):
         for ours in (by[k] for k in OURS if k in by):

@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from scripts.errors import QualityError
+from scripts.errors import MeasurementError, QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
 from scripts.proof.measure import context_limit
-from scripts.proof.peer_bench import get_peer
+from scripts.proof.peer_bench import get_peer, PeerRun
 from scripts.proof.profile import profile_markdown, run_profile
 from scripts.proof.report import write_report as write_report_files
 from scripts.proof.threads_ab import run_threads_ab, threads_markdown
@@ -25,11 +25,24 @@ def proof_dir(pipeline) -> Path:
     return pipeline.paths.root / "proof"
 
 
-def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None) -> dict:
-    data = run_bench(pipeline, profile, status, peer)
+def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None,
+                   fp32: bool = False) -> dict:
+    data = run_bench(pipeline, profile, status, peer, [fp32_run(pipeline, status)] if fp32 else [])
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
+
+
+def fp32_run(pipeline, status: Callable[[str], Any] = lambda s: None) -> PeerRun:
+    """The same model's FP32 ONNX build (built, or reused, where ``invoke compare`` builds it:
+    ``build/<recipe>/precisions/fp32/``) as a raw GenAI bench run, for "INT4 TTFT below FP32 ONNX's at every length"."""
+    from scripts.proof.compare import build_precision, prepare_model, prepared_recipe
+    recipe = prepared_recipe(pipeline.recipe, prepare_model(pipeline.recipe, log.info, status))
+    status("bench: building (or reusing) the FP32 ONNX build…")
+    row, _ = build_precision(recipe, "fp32", log.info, status)
+    if row.status != "ok":
+        raise MeasurementError(f"The FP32 ONNX build the bench compares with could not be built: {row.reason}")
+    return PeerRun("genai:fp32", "genai", "ONNX Runtime GenAI FP32 (raw, same model)", Path(row.folder), {})
 
 
 def validate_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None):

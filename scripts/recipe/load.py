@@ -86,6 +86,11 @@ SCHEMA = Obj({
                                help="compute logits for the last prompt position only (ModelBuilder prune_lm_head): "
                                     "prefill skips the LM head for every other position (-25 to -30 % prompt time "
                                     "at 0.5B); fidelity scoring loads a copy returning every position's logits"),
+        "fold_attention_scale": Field(bool, default=True,
+                                      help="multiply the query projection by the attention scale and set "
+                                           "GroupQueryAttention's scale to 1, where that is exact (a power of two): "
+                                           "ONNX Runtime's CPU kernel then skips packing the key cache per head "
+                                           "and token (decode at long context)"),
         "fidelity": Obj({
             "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
                              help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
@@ -212,6 +217,7 @@ class Conversion:
     auto_threshold: float = 0.98
     fidelity: FidelitySpec = FidelitySpec()
     prune_lm_head: bool = True  # logits for the last position only (ModelBuilder ``prune_lm_head``)
+    fold_attention_scale: bool = True  # scripts/convert/attention_scale.py
 
 
 @dataclass(frozen=True)
@@ -405,7 +411,7 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
         raise RecipeError(f"{path}: conversion.quantization: eight_bit lists \"lm_head\" but lm_head is false (kept "
                           "in FP32). Remove one of the two.")
     return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
-                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"])
+                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"], conv["fold_attention_scale"])
 
 
 def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:

@@ -15,7 +15,7 @@ from scripts.proof import bench as bench_module
 from scripts.proof.bandwidth import Bandwidth
 from scripts.proof.bench import bench_markdown, oversubscription_note, run_bench
 from scripts.proof.measure import Profile, PROFILES
-from scripts.proof.peer_bench import get_peer, peer_markdown, peer_ratios, peer_threads, PEERS, runtime_threads
+from scripts.proof.peer_bench import deployed_rows, get_peer, peer_markdown, peer_ratios, peer_threads, PEERS, runtime_threads
 
 
 def _summary(m: float) -> dict:
@@ -43,6 +43,15 @@ def test_ratios_are_ours_over_the_peer_per_length():
     assert first["prefill"] == pytest.approx(0.5) and first["decode"] == pytest.approx(1.5)
     assert first["ttft"] == pytest.approx(2.0) and first["prompt_tokens"] == [32, 33]
     assert all(r["ours"] != "torch" for r in ratios), "PyTorch FP32 is not what we ship"
+
+
+def test_an_extra_build_on_the_same_backend_is_not_the_deployed_row():
+    """`bench --fp32` adds the FP32 ONNX build through raw GenAI: ratios to the peer stay those of the deployed graph."""
+    fp32 = _entry("genai:fp32", "genai", False, 100, 20, 0.9)
+    with_fp32 = BACKENDS[:2] + [fp32] + BACKENDS[2:]
+    assert deployed_rows(with_fp32)["genai"]["key"] == "genai"
+    assert set(deployed_rows(with_fp32)) == {"foundry", "genai", "torch"}
+    assert peer_ratios(with_fp32) == peer_ratios(BACKENDS)
 
 
 def test_missing_figures_give_no_ratio():
