@@ -249,14 +249,16 @@ PEER_HELP = ("also measure a peer runtime on the same weights, prompts and threa
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "peer": PEER_HELP,
             "fp32": "also measure the same model's FP32 ONNX build through raw GenAI (built, or reused, where "
                     "`invoke compare` builds it: build/<recipe>/precisions/fp32/)",
+            "rounds": "measure every backend this many times, interleaved (each once per round), and pool the runs: "
+                      "on shared cores a load change then hits every backend alike (default 1)",
             "no_wait": NO_WAIT_HELP})
 @domain_errors
-def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=False, no_wait=False):
+def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=False, rounds=1, no_wait=False):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.console import print_bench
-    _proof(model, model_path, profile, functools.partial(bench_and_save, peer=peer, fp32=fp32), print_bench, "bench",
-           not no_wait)
+    measure = functools.partial(bench_and_save, peer=peer, fp32=fp32, rounds=int(rounds))
+    _proof(model, model_path, profile, measure, print_bench, "bench", not no_wait)
 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP,

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from scripts.errors import MeasurementError
 from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
 from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
 from scripts.proof.peer_bench import deployed_rows, get_peer, peer_markdown, peer_ratios, PeerRun, runtime_threads
@@ -30,9 +31,12 @@ def _load_average() -> list[float]:
 
 
 def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda s: None,
-              peer: str | None = None, extra: Sequence[PeerRun] = ()) -> dict:
+              peer: str | None = None, extra: Sequence[PeerRun] = (), rounds: int = 1) -> dict:
     """Bench every backend available for ``pipeline``'s recipe (``extra`` runs after raw GenAI, e.g.
-    :func:`scripts.proof.run.fp32_run`; then ``peer``'s runs); return plain JSON data."""
+    :func:`scripts.proof.run.fp32_run`; then ``peer``'s runs), ``rounds`` times interleaved, each backend's runs pooled;
+    return plain JSON data."""
+    if rounds < 1:
+        raise MeasurementError(f"--rounds must be 1 or more (got {rounds}).")
     import os
     chosen = get_peer(peer) if peer else None
     if chosen:
@@ -58,12 +62,18 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
     else:
         notes.append(f"PyTorch not measured: {source} is not a Hugging Face folder with safetensors weights.")
     plan += peer_runs
+    raw: dict[str, list[dict]] = {run.key: [] for run in plan}
+    loads: dict[str, list[list[float]]] = {run.key: [] for run in plan}
+    for r in range(rounds):  # interleaved: every backend once per round, so a load change hits them all alike
+        for i, run in enumerate(plan, 1):
+            status(f"bench: round {r + 1}/{rounds}, {run.label} ({i}/{len(plan)}), {len(job['prompts'])} prompt "
+                   f"lengths × ({profile.warmup} warm-up + {profile.repeats} runs)…")
+            loads[run.key].append(_load_average())
+            raw[run.key].append(run_worker(run.backend, run.path, [job], run.options))
+            loads[run.key].append(_load_average())
     backends = []
-    for i, run in enumerate(plan, 1):
-        status(f"bench: {run.label} ({i}/{len(plan)}), {len(job['prompts'])} prompt lengths × "
-               f"({profile.warmup} warm-up + {profile.repeats} runs)…")
-        before = _load_average()
-        result = to_backend_bench(run.backend, run.path, run_worker(run.backend, run.path, [job], run.options))
+    for run in plan:
+        result = to_backend_bench(run.backend, run.path, pool_rounds(raw[run.key]))
         bpt = bytes_per_token(run.path)
         entry = result.to_json()
         entry.update(key=run.key, label=run.label, peer=run in peer_runs, bytes_per_token=bpt,
@@ -71,7 +81,8 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
                      fraction_of_bound=fraction_of_bound(result.decode_tps, bpt, bw.gb_per_s),
                      threads=run.options.get("threads") if run in peer_runs else
                      (threads if run.backend in ("foundry", "http", "genai") else None),
-                     load_average={"before": before, "after": _load_average()})
+                     load_average={"before": loads[run.key][0], "after": loads[run.key][-1],
+                                   "max": max(x[0] for x in loads[run.key])}, rounds=rounds)
         backends.append(entry)
     if peer_info:
         peer_info["ratios"] = peer_ratios(backends)
@@ -101,9 +112,25 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
         notes.append("The deployed genai_config.json sets no intra_op_num_threads: ONNX Runtime chose its own thread "
                      "count (recipe runtime.intra_op_threads sets it at the package step).")
     return {"recipe": pipeline.recipe.name, "model_id": pipeline.recipe.foundry.model_id, "profile": profile.to_json(),
+            "rounds": rounds,
             "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                             "load_average_at_start": load_at_start},
             "bandwidth": bw.to_json(), "backends": backends, "peer": peer_info, "notes": notes}
+
+
+def pool_rounds(results: list[dict]) -> dict:
+    """One worker result from several rounds of the same bench job: every timed run of every round per prompt length
+    (medians are then over all of them), the median load time, the highest peak RSS, the mean CPU %. Pure."""
+    first = results[0]
+    bench = [next(j for j in r["jobs"] if j["kind"] == "bench") for r in results]
+    lengths = []
+    for i, x in enumerate(bench[0]["lengths"]):
+        cpus = [b["lengths"][i]["cpu_percent"] for b in bench if b["lengths"][i].get("cpu_percent") is not None]
+        lengths.append({"target": x["target"], "runs": [run for b in bench for run in b["lengths"][i]["runs"]],
+                        "cpu_percent": sum(cpus) / len(cpus) if cpus else None})
+    loads = sorted(r["load_seconds"] for r in results)
+    return {**first, "load_seconds": loads[len(loads) // 2], "peak_rss": max(r["peak_rss"] for r in results),
+            "jobs": [{"kind": "bench", "lengths": lengths}]}
 
 
 def fixed_length_copy(model_dir: Path, dest: Path) -> Path:
@@ -127,8 +154,8 @@ def fixed_length_copy(model_dir: Path, dest: Path) -> Path:
 
 def oversubscription_note(backends: list[dict], cpus: int, peer: str | None = None) -> str | None:
     """A note when the load average around any backend's run exceeded the CPU count (None otherwise). Pure."""
-    busiest = max((x for b in backends for x in (b["load_average"]["before"][0], b["load_average"]["after"][0])),
-                  default=0.0)
+    busiest = max((x for b in backends for x in (b["load_average"]["before"][0], b["load_average"]["after"][0],
+                                                 b["load_average"].get("max", 0.0))), default=0.0)
     if busiest <= cpus:
         return None
     return (f"The machine was oversubscribed (1-minute load average up to {busiest:.1f} on {cpus} CPUs): "
@@ -167,7 +194,9 @@ def bench_markdown(data: dict) -> str:
     lines = [f"# Bench: {data['model_id']} (recipe {data['recipe']}, profile {p['name']})", "",
              f"Memory read bandwidth: **{bw['gb_per_s']:.1f} GB/s** (±{100 * bw['spread'] / 2:.0f}%, {bw['method']}). "
              f"Context {data['context']} tokens; {p['warmup']} warm-up + {p['repeats']} timed runs per prompt length, "
-             f"{_new_tokens(p)}, greedy. Medians ± half the interquartile range.", "",
+             f"{_new_tokens(p)}, greedy. Medians ± half the interquartile range"
+             + (f", over {data['rounds']} interleaved rounds (every backend once per round, its runs pooled)."
+                if data.get("rounds", 1) > 1 else "."), "",
              "| backend | weights MB | load s | TTFT ms | prefill tok/s | decode tok/s | ms/token p50 / p95 | peak RSS MB | CPU % | MB read/token | bound tok/s | decode / bound | threads | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in data["backends"]:

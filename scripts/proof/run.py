@@ -26,8 +26,8 @@ def proof_dir(pipeline) -> Path:
 
 
 def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None,
-                   fp32: bool = False) -> dict:
-    data = run_bench(pipeline, profile, status, peer, [fp32_run(pipeline, status)] if fp32 else [])
+                   fp32: bool = False, rounds: int = 1) -> dict:
+    data = run_bench(pipeline, profile, status, peer, [fp32_run(pipeline, status)] if fp32 else [], rounds)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data

@@ -152,3 +152,21 @@ def test_real_bench_with_the_peer_on_the_tiny_model(tiny_onnx_model, tiny_hf_mod
     assert {r["peer"] for r in data["peer"]["ratios"]} == {"llama.cpp:q4_0", "llama.cpp:q4_k_m"}
     assert (tmp_path / "build" / "tiny" / "peer" / "llama.cpp" / "model-q4_0.gguf").is_file()
     assert "llama.cpp Q4_K_M (peer)" in bench_markdown(data)
+
+
+def _round(load: float, ttfts: list[float], cpu: float, peak: int) -> dict:
+    runs = [{"ttft": t, "prefill_tps": 100 / t, "decode_tps": 10.0, "token_latencies": [0.1], "prompt_tokens": 100,
+             "new_tokens": 4, "total_seconds": t + 0.3} for t in ttfts]
+    return {"backend": "genai", "load_seconds": load, "rss_before_load": 1, "rss_after_load": 2, "peak_rss": peak,
+            "cpu_count": 2, "jobs": [{"kind": "bench", "lengths": [{"target": 100, "runs": runs, "cpu_percent": cpu}]}]}
+
+
+def test_rounds_pool_every_run():
+    """`bench --rounds N`: each backend's runs of every round count alike (median over all of them)."""
+    pooled = bench_module.pool_rounds([_round(1.0, [0.1, 0.2], 150, 10), _round(3.0, [0.9, 1.0], 190, 30),
+                                       _round(2.0, [0.3], 170, 20)])
+    length = pooled["jobs"][0]["lengths"][0]
+    assert [r["ttft"] for r in length["runs"]] == [0.1, 0.2, 0.9, 1.0, 0.3]
+    assert length["cpu_percent"] == pytest.approx(170) and pooled["load_seconds"] == 2.0 and pooled["peak_rss"] == 30
+    summary = bench_module.to_backend_bench("genai", ".", pooled).lengths[0]
+    assert summary.ttft.median == pytest.approx(0.3) and summary.ttft.n == 5
