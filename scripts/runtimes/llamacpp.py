@@ -69,10 +69,25 @@ class LlamaCppBackend(Backend):
         scores[self._end_ids] = -float("inf")
         return scores
 
+    def score(self, ids):
+        """Logits of every position of ``ids`` (teacher forcing), for fidelity to the F32 GGUF: a second context on the
+        same file that keeps all logits (``logits_all``), made once and sized to the longest window seen."""
+        import numpy as np
+        if getattr(self, "_scorer", None) is None or self._scorer.n_ctx() < len(ids):
+            if getattr(self, "_scorer", None) is not None:
+                self._scorer.close()
+            threads = int(self.options.get("threads") or 1)
+            self._scorer = self.lib.Llama(model_path=str(self.model_dir), n_ctx=max(len(ids), 512),
+                                          n_batch=max(len(ids), 512), n_threads=threads, n_threads_batch=threads,
+                                          logits_all=True, seed=0, verbose=False)
+        self._scorer.reset()
+        self._scorer.eval(list(ids))
+        return np.array(self._scorer.scores[:len(ids)], dtype=np.float32)
+
     def _end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            llm.close()
+        for llm in (getattr(self, "llm", None), getattr(self, "_scorer", None)):
+            if llm is not None:
+                llm.close()

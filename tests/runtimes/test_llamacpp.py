@@ -64,3 +64,28 @@ def test_prompt_beyond_the_context_is_a_clear_error(tiny_ggufs, tiny_onnx_model)
     job = {"kind": "answers", "conversations": [[{"role": "user", "content": "word " * 400}]], "max_new_tokens": 4}
     with pytest.raises(MeasurementError, match=r"prompt tokens \+ 4 new tokens exceed llama.cpp's context of \d+ tokens"):
         run_worker("llama.cpp", paths["q4_0"], [job], {"threads": 1, "n_ctx": 128, "chat_dir": str(tiny_onnx_model)})
+
+
+@needs_llama_cpp
+def test_peer_scores_every_position_for_fidelity_to_its_f32(tiny_ggufs):
+    """Q4_0's fidelity to the F32 GGUF it was quantized from, with the same definitions as ours (KLD, top-1)."""
+    folder, paths, _ = tiny_ggufs
+    f32 = folder / "model-f32.gguf"
+    window = list(range(3, 40))
+    same = run_worker("llama.cpp", f32, [{"kind": "fidelity", "windows": [window], "reference_dir": str(f32)},
+                                         {"kind": "logits", "windows": [window]}], {"threads": 2})
+    assert same["jobs"][0]["top1"] == 1.0 and same["jobs"][0]["kld_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert len(same["jobs"][1]["windows"][0]["argmax"]) == len(window) - 1
+    quantized = run_worker("llama.cpp", paths["q4_0"], [{"kind": "fidelity", "windows": [window],
+                                                          "reference_dir": str(f32)}], {"threads": 2})
+    assert quantized["jobs"][0]["kld_mean"] > 0
+
+
+@needs_llama_cpp
+def test_peer_generates_exactly_the_tokens_asked(tiny_ggufs, tiny_onnx_model):
+    from dataclasses import replace
+    _, paths, _ = tiny_ggufs
+    options = {"threads": 2, "n_ctx": 512, "chat_dir": str(tiny_onnx_model)}
+    r = measure("llama.cpp", paths["q4_0"], replace(TINY, new_tokens=24, exact_new_tokens=True), options,
+                prompt_dir=tiny_onnx_model, context=512)
+    assert [x.new_tokens for x in r.lengths] == [24, 24]
