@@ -257,7 +257,8 @@ def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=Fal
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.console import print_bench
-    measure = functools.partial(bench_and_save, peer=peer, fp32=fp32, rounds=int(rounds))
+    from scripts.proof.compare import fp32_bench_run
+    measure = functools.partial(bench_and_save, peer=peer, extra=[fp32_bench_run] if fp32 else [], rounds=int(rounds))
     _proof(model, model_path, profile, measure, print_bench, "bench", not no_wait)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,11 @@ def fold_attention_scale(folder: Path) -> tuple[int, list[str]]:
     head_size = int(json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
                     ["head_size"])
     path = folder / "model.onnx"
-    locations = {e.value for i in onnx.load(str(path), load_external_data=False).graph.initializer
-                 for e in i.external_data if e.key == "location"}
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
     if len(locations) > 1:
         return 0, [f"{path}: weights in {len(locations)} external files; left as built"]
-    model = onnx.load(str(path))
+    load_external_data_for_model(model, str(folder))  # the one parse, then the weights beside it
     folded, skipped = fold(model, head_size)
     for why in skipped:
         log.info("attention scale left in place: %s", why)

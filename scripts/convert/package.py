@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import jinja2
 
 from scripts import settings
 from scripts.errors import TemplateError
+from scripts.fileops import atomic_dir, link_or_copy, write_json_atomic
 from scripts.families.registry import Family
 from scripts.families.templates import PLACEHOLDER
 from scripts.recipe.load import Generation, Recipe
@@ -93,3 +95,17 @@ def with_session_options(genai_config: dict[str, Any], options: dict[str, Any]) 
     decoder = model.get("decoder", {})
     session = {**decoder.get("session_options", {}), **options}
     return {**genai_config, "model": {**model, "decoder": {**decoder, "session_options": session}}}
+
+
+def mirror_with_config(model_dir: Path, out: Path, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
+    """``model_dir`` re-created at ``out`` (replaced atomically): every file hard-linked, ``genai_config.json`` as
+    ``rewrite`` returns it — a variant of an installed model (thread count, profiling, a minimum length) sharing its
+    weights."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    with atomic_dir(Path(out)) as staging:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name != "genai_config.json":
+                link_or_copy(f, staging / f.name)
+        write_json_atomic(staging / "genai_config.json", rewrite(config))
+    return Path(out)

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from scripts.convert.package import mirror_with_config
 from scripts.errors import MeasurementError
 from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
 from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
@@ -137,19 +138,8 @@ def fixed_length_copy(model_dir: Path, dest: Path) -> Path:
     """``dest`` (replaced): ``model_dir``'s files hard-linked, its ``genai_config.json`` with ``search.min_length`` =
     ``max_length``, so that Foundry Local and GenAI generate exactly the tokens asked (end of text suppressed) — the
     bench's decode figures are then over the same number of tokens in every runtime, whatever the model would say."""
-    import json
-    import shutil
-    from scripts.fileops import link_or_copy, write_json_atomic
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for path in Path(model_dir).iterdir():
-        if path.is_file() and path.name != "genai_config.json":
-            link_or_copy(path, dest / path.name)
-    config = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))
-    config["search"]["min_length"] = config["search"]["max_length"]
-    write_json_atomic(dest / "genai_config.json", config)
-    return dest
+    return mirror_with_config(model_dir, dest, lambda doc: {**doc, "search": {**doc["search"],
+                                                                              "min_length": doc["search"]["max_length"]}})
 
 
 def oversubscription_note(backends: list[dict], cpus: int, peer: str | None = None) -> str | None:

@@ -28,6 +28,7 @@ from scripts.proof.measure import (_tokenizer, bench_request, context_limit, Pro
 from scripts.proof.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
                                           perplexity, token_agreement, write_outputs)
 from scripts.proof.fidelity import DEFAULT_WINDOW, failures as fidelity_failures, heldout_text, token_windows
+from scripts.proof.peer_bench import PeerRun
 from scripts.recipe.load import FinetuneSpec, Recipe
 from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
 from scripts.sources.registry import parse_source
@@ -96,6 +97,18 @@ def build_precision(recipe: Recipe, precision: str, announce: Announce, status=N
     summary = summarise_graph(pipe.paths.package / "model.onnx")
     return Row(precision, "ok", folder=str(pipe.paths.package), bytes=weights_size(pipe.paths.package),
                graph=summary.describe(), weights_by_type=summary.weight_bytes_by_type()), pipe
+
+
+def fp32_bench_run(pipeline, status=None) -> PeerRun:
+    """The same model's FP32 ONNX build (built, or reused, in ``build/<recipe>/precisions/fp32/``) as a raw GenAI run
+    for ``invoke bench --fp32``: "INT4 TTFT below FP32 ONNX's at every length"."""
+    recipe = prepared_recipe(pipeline.recipe, prepare_model(pipeline.recipe, log.info, status))
+    if status:
+        status("bench: building (or reusing) the FP32 ONNX build…")
+    row, _ = build_precision(recipe, "fp32", log.info, status)
+    if row.status != "ok":
+        raise MeasurementError(f"The FP32 ONNX build the bench compares with could not be built: {row.reason}")
+    return PeerRun("genai:fp32", "genai", "ONNX Runtime GenAI FP32 (raw, same model)", Path(row.folder), {})
 
 
 def heldout_windows(recipe: Recipe, model_dir: Path, context: int) -> list[list[int]]:

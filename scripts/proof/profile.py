@@ -16,9 +16,8 @@ import os
 import time
 from pathlib import Path
 
-from scripts.convert.package import with_session_options
+from scripts.convert.package import mirror_with_config, with_session_options
 from scripts.errors import MeasurementError
-from scripts.fileops import atomic_dir, link_or_copy
 from scripts.proof.measure import length_prompts
 from scripts.runtimes.backends import render_chat
 from scripts.workers import run_in_worker
@@ -28,14 +27,7 @@ PREFIX = "ort-profile"
 
 def mirror_with_profiling(installed: Path, out: Path, prefix: Path) -> Path:
     """``installed`` re-created at ``out`` (hard links) with ``enable_profiling`` = ``prefix`` in its session options."""
-    doc = json.loads((installed / "genai_config.json").read_text(encoding="utf-8"))
-    with atomic_dir(out) as staging:
-        for f in installed.iterdir():
-            if f.is_file() and f.name != "genai_config.json":
-                link_or_copy(f, staging / f.name)
-        config = with_session_options(doc, {"enable_profiling": str(prefix)})
-        (staging / "genai_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return out
+    return mirror_with_config(installed, out, lambda doc: with_session_options(doc, {"enable_profiling": str(prefix)}))
 
 
 def profile_job(request: dict) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from scripts.errors import MeasurementError, QualityError
+from scripts.errors import QualityError
 from scripts.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
 from scripts.proof.measure import context_limit
@@ -26,23 +26,13 @@ def proof_dir(pipeline) -> Path:
 
 
 def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None,
-                   fp32: bool = False, rounds: int = 1) -> dict:
-    data = run_bench(pipeline, profile, status, peer, [fp32_run(pipeline, status)] if fp32 else [], rounds)
+                   extra: Sequence[Callable[[Any, Callable[[str], Any]], PeerRun]] = (), rounds: int = 1) -> dict:
+    """``invoke bench``; ``extra``: makers of further runs, each called with the pipeline and ``status`` (e.g.
+    :func:`scripts.proof.compare.fp32_bench_run`)."""
+    data = run_bench(pipeline, profile, status, peer, [make(pipeline, status) for make in extra], rounds)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))
     return data
-
-
-def fp32_run(pipeline, status: Callable[[str], Any] = lambda s: None) -> PeerRun:
-    """The same model's FP32 ONNX build (built, or reused, where ``invoke compare`` builds it:
-    ``build/<recipe>/precisions/fp32/``) as a raw GenAI bench run, for "INT4 TTFT below FP32 ONNX's at every length"."""
-    from scripts.proof.compare import build_precision, prepare_model, prepared_recipe
-    recipe = prepared_recipe(pipeline.recipe, prepare_model(pipeline.recipe, log.info, status))
-    status("bench: building (or reusing) the FP32 ONNX build…")
-    row, _ = build_precision(recipe, "fp32", log.info, status)
-    if row.status != "ok":
-        raise MeasurementError(f"The FP32 ONNX build the bench compares with could not be built: {row.reason}")
-    return PeerRun("genai:fp32", "genai", "ONNX Runtime GenAI FP32 (raw, same model)", Path(row.folder), {})
 
 
 def validate_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None):

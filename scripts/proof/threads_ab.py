@@ -14,13 +14,12 @@ operator (llama.cpp's OpenMP pool) loses far more than one that does not, and on
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.errors import MeasurementError
-from scripts.fileops import atomic_dir, link_or_copy
+from scripts.convert.package import mirror_with_config
 from scripts.proof.measure import context_limit, measure, Profile
 from scripts.proof.peer_bench import PeerRun
 from scripts.proof.stats import summarise
@@ -57,13 +56,7 @@ def variant_config(genai_config: dict, threads: int | None) -> dict:
 
 def mirror(installed: Path, out: Path, threads: int | None) -> Path:
     """``installed`` re-created at ``out`` with hard links, its ``genai_config.json`` rewritten for ``threads``."""
-    doc = json.loads((installed / "genai_config.json").read_text(encoding="utf-8"))
-    with atomic_dir(out) as staging:
-        for f in installed.iterdir():
-            if f.is_file() and f.name != "genai_config.json":
-                link_or_copy(f, staging / f.name)
-        (staging / "genai_config.json").write_text(json.dumps(variant_config(doc, threads), indent=2), encoding="utf-8")
-    return out
+    return mirror_with_config(installed, out, lambda doc: variant_config(doc, threads))
 
 
 def _name(threads: int | None) -> str:

@@ -302,6 +302,7 @@ class HttpBackend(Backend):
             self._tmp = tempfile.TemporaryDirectory(prefix="slmops-measure-cache-")
             cache_dir = self._tmp.name
         self.model_id = self.options.get("model_id") or _probe_model_id(self.model_dir)
+        self.genai_config = foundry_sdk.validate_model_dir(self.model_dir)
         plan = serve.plan_serve(Path(cache_dir), self.model_dir, self.model_id, port=0)
         self._log = tempfile.NamedTemporaryFile(prefix="slmops-serve-", suffix=".log", delete=False)
         self._log.close()
@@ -313,8 +314,7 @@ class HttpBackend(Backend):
         return seconds
 
     def generate(self, messages, max_new_tokens, exact=False):
-        require_fixed_length(json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8")),
-                             self.model_dir, exact)
+        require_fixed_length(self.genai_config, self.model_dir, exact)
         a = serve_client.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens,
                                        temperature=0)
         return Trace(a.start, a.token_times, a.prompt_tokens, a.completion_tokens, a.text)

@@ -26,6 +26,8 @@ DEFAULT_BATCH = 512  # llama.cpp's default logical batch: a prompt up to this le
 @register_backend
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
+    _end_ids: list[int] | None = None  # end-of-generation ids (for exact-length replies), found once
+    _scorer = None  # the logits_all context score() uses, made on first use
 
     def load(self) -> float:
         try:
@@ -64,7 +66,7 @@ class LlamaCppBackend(Backend):
 
     def _suppress_end(self, _ids, scores):
         """Logits processor: no end-of-generation token can win (an exact-length reply, as GenAI's min_length)."""
-        if getattr(self, "_end_ids", None) is None:
+        if self._end_ids is None:
             self._end_ids = [t for t in range(self.llm.n_vocab()) if self._end_of_generation(t)]
         scores[self._end_ids] = -float("inf")
         return scores
@@ -73,8 +75,8 @@ class LlamaCppBackend(Backend):
         """Logits of every position of ``ids`` (teacher forcing), for fidelity to the F32 GGUF: a second context on the
         same file that keeps all logits (``logits_all``), made once and sized to the longest window seen."""
         import numpy as np
-        if getattr(self, "_scorer", None) is None or self._scorer.n_ctx() < len(ids):
-            if getattr(self, "_scorer", None) is not None:
+        if self._scorer is None or self._scorer.n_ctx() < len(ids):
+            if self._scorer is not None:
                 self._scorer.close()
             threads = int(self.options.get("threads") or 1)
             self._scorer = self.lib.Llama(model_path=str(self.model_dir), n_ctx=max(len(ids), 512),
@@ -88,6 +90,6 @@ class LlamaCppBackend(Backend):
         return bool(self.lib.llama_vocab_is_eog(self.llm._model.vocab, token))
 
     def close(self) -> None:
-        for llm in (getattr(self, "llm", None), getattr(self, "_scorer", None)):
+        for llm in (getattr(self, "llm", None), self._scorer):
             if llm is not None:
                 llm.close()
