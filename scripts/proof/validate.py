@@ -4,7 +4,7 @@
 |---|---|---|
 | domain | eval accuracy through Foundry Local; agreement with the FP32 PyTorch model's answers | ≥ ``eval.min_accuracy`` and ≥ ``validate.min_reference_agreement`` |
 | format | share of eval answers with the expected structure (non-empty, no control tokens, ``validate.format_regex`` / ``format_json_keys``) | ≥ ``validate.min_format_rate`` |
-| leaks | RSS growth and slope over a soak of ``validate.soak_requests`` requests on one loaded model | ≤ ``max_rss_growth_mb`` and ≤ ``max_rss_slope_kb_per_request`` |
+| leaks | RSS growth and slope (the smaller of the two halves' slopes: a leak grows in both, one allocator step in one) over a soak of ``validate.soak_requests`` requests on one loaded model | ≤ ``max_rss_growth_mb`` and ≤ ``max_rss_slope_kb_per_request`` |
 | lengths | median per-token latency from the shortest to the near-context prompt | ratio ≤ ``max_latency_ratio`` |
 | edge cases | empty/whitespace/over-context/non-UTF-8/emoji/control tokens/max tokens 0 and negative/concurrent | each gives a defined answer or a clear error and the runtime keeps serving |
 
@@ -120,16 +120,24 @@ def format_item(answers: Sequence[str], regex: str | None, json_keys: Sequence[s
 
 
 def leak_figures(rss: Sequence[int]) -> dict:
-    """RSS growth over a soak, ignoring the first 10 % (warm-up: caches and allocator pools fill):
-    growth = median of the last tenth − median of the first tenth after warm-up; slope by least squares."""
+    """RSS over a soak, ignoring the first 10 % (warm-up: caches and allocator pools fill).
+
+    growth = median of the last tenth − median of the first tenth after warm-up. The slope is the *smaller* of the
+    least-squares slopes of the two halves: a leak grows in both halves, while one allocator step (an arena that
+    grows once, then stays flat) lands in one half only and is bounded by the growth limit instead — scored over the
+    whole soak, a single +12 MB step once failed a 300-request soak at 58 KB/request."""
     if len(rss) < 10:
         raise ValueError("a soak needs at least 10 requests")
     warm = max(1, len(rss) // 10)
     body = list(rss[warm:])
     tenth = max(1, len(body) // 10)
     growth = percentile(body[-tenth:], 50) - percentile(body[:tenth], 50)
+    half = len(body) // 2
+    halves = [slope(list(range(len(part))), part) for part in (body[:half], body[half:])]
     return {"requests": len(rss), "warmup": warm, "start_mb": body[0] / 1e6, "end_mb": body[-1] / 1e6,
-            "growth_mb": growth / 1e6, "slope_kb_per_request": slope(list(range(len(body))), body) / 1e3}
+            "growth_mb": growth / 1e6, "slope_kb_per_request": min(halves) / 1e3,
+            "half_slopes_kb_per_request": [h / 1e3 for h in halves],
+            "whole_slope_kb_per_request": slope(list(range(len(body))), body) / 1e3}
 
 
 def leak_item(rss: Sequence[int], n_errors: int, max_growth_mb: float, max_slope_kb: float) -> Item:

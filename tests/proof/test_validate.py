@@ -45,6 +45,21 @@ def test_leak_figures_ignore_warmup_and_flag_growth():
     assert leak_item([1] * 50, 3, 32, 16).status == FAIL
 
 
+def test_leak_single_allocator_step_is_not_a_slope_but_steady_growth_is():
+    # the soak that once failed: flat at 794 MB, one +12 MB step, flat at 806 MB
+    step = [794_000_000] * 150 + [806_000_000] * 150
+    item = leak_item(step, 0, 32, 16)
+    assert item.status == PASS and item.detail["whole_slope_kb_per_request"] > 16
+    assert item.detail["growth_mb"] == pytest.approx(12)
+    # the same step above the growth limit still fails
+    assert leak_item([794_000_000] * 150 + [840_000_000] * 150, 0, 32, 16).status == FAIL
+    # a slow steady leak under the growth limit (30 KB/request × 270 = 8 MB) fails on slope in both halves
+    slow = [794_000_000 + 30_000 * i for i in range(300)]
+    item = leak_item(slow, 0, 32, 16)
+    assert item.status == FAIL and item.detail["growth_mb"] < 32
+    assert min(item.detail["half_slopes_kb_per_request"]) == pytest.approx(30)
+
+
 def test_lengths_ratio_with_floor():
     rows = [{"prompt_tokens": 30, "ms_per_token": 10.0}, {"prompt_tokens": 500, "ms_per_token": 25.0}]
     assert lengths_item(rows, 3.0).status == PASS
