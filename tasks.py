@@ -225,7 +225,7 @@ def recipes(c):
 
 
 PROFILE_HELP = ("measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs), full (5 lengths, 2 + 5 runs) "
-                "or scale (prompts of 128, 512 and 2,000 tokens, 128 new tokens, 1 + 3 runs)")
+                "or scale (prompts of 128, 512 and 2,000 tokens, 128 new tokens, 2 + 3 runs)")
 
 
 def _proof(model, model_path, profile, measure_and_save, printer, name, wait=True):

@@ -94,8 +94,15 @@ def test_with_search_writes_generation_settings_and_keeps_the_rest():
     out = with_search(genai, GEN)
     assert out["search"] == {"max_length": 256, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
                              "repetition_penalty": 1.1, "num_beams": 1, "past_present_share_buffer": True}
-    assert out["model"] == genai["model"]
-    assert genai["search"]["max_length"] == 512, "the input must not be modified"
+    assert out["model"] == {"context_length": 256, "type": "qwen2"}, "max_length below the context lowers it"
+    assert genai["search"]["max_length"] == 512 and genai["model"]["context_length"] == 512, \
+        "the input must not be modified"
+
+
+def test_with_search_keeps_the_context_when_max_length_fills_it():
+    genai = {"model": {"context_length": 256, "type": "qwen2"}, "search": {}}
+    assert with_search(genai, GEN)["model"] == genai["model"]
+    assert with_search({"search": {}}, GEN)["search"]["max_length"] == 256  # no context known: search only
 
 
 def test_with_search_refuses_max_length_beyond_context():
