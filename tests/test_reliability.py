@@ -352,9 +352,10 @@ with LiveChat(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]) as chat:
 """
 
 
-def test_a_default_sdk_client_is_refused_by_a_512_token_model_and_the_check_says_so(sandbox, deployed):
+def test_a_default_sdk_client_is_refused_by_a_small_context_model_and_the_check_says_so(sandbox, deployed):
     """What README's "Calling the deployed model" states: the SDK's defaults reserve 2048 output tokens; the limit is
-    genai_config.json model.context_length; passing max_output_tokens works."""
+    genai_config.json model.context_length, which the deploy lowers to the recipe's generation.max_length (the tiny
+    model's 512 positions → 256 or 200 here); passing max_output_tokens works."""
     assert "a Foundry Local SDK client with default options reserves 2048 output tokens and is refused" in \
         " ".join(deployed.stdout.split())
     proc = subprocess.run([sys.executable, "-c", DEFAULT_CLIENT, str(sandbox["cache"]), str(sandbox["installed"]),
@@ -362,7 +363,9 @@ def test_a_default_sdk_client_is_refused_by_a_512_token_model_and_the_check_says
     assert proc.returncode == 0, proc.stderr[-3000:]
     default, sized = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not default["ok"] and "2048 output" in default["error"]
-    assert "exceeds the model's maximum context length of 512 tokens" in default["error"]
+    genai = json.loads((sandbox["installed"] / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == genai["search"]["max_length"] < 512, "one limit, the recipe's"
+    assert f"exceeds the model's maximum context length of {genai['search']['max_length']} tokens" in default["error"]
     assert sized == {"ok": True, "tokens": 16}
 
 

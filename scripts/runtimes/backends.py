@@ -150,7 +150,7 @@ class GenAIBackend(Backend):
         name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
         model = self._scoring_model()
         params = self.og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
+        params.set_search_options(max_length=len(ids))  # a window may fill the whole context
         gen = self.og.Generator(model, params)
         gen.append_tokens(list(ids))
         logits = gen.get_output(name)[0]
