@@ -116,6 +116,7 @@ class GenAIBackend(Backend):
     name = "genai"
     _scorer = None  # the model score() runs (see _scoring_model)
     _scorer_dir = None
+    _logits_name = "logits"
 
     def load(self) -> float:
         import onnxruntime_genai as og
@@ -144,11 +145,8 @@ class GenAIBackend(Backend):
         return Trace(start, times, len(ids), len(out), self.tokenizer.decode(out))
 
     def score(self, ids):
-        # The graph's logits output may have been renamed by a quantization pass (genai_config says which);
-        # asking GenAI for a name the graph lacks crashes the process.
-        cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
-        name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
         model = self._scoring_model()
+        name = self._logits_name
         params = self.og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids))  # a window may fill the whole context
         gen = self.og.Generator(model, params)
@@ -162,6 +160,10 @@ class GenAIBackend(Backend):
         same weights with every position's logits, built once in a temporary folder and loaded beside it."""
         if self._scorer is None:
             import onnx
+            # The graph's logits output may have been renamed by a quantization pass (genai_config says which);
+            # asking GenAI for a name the graph lacks crashes the process. Read once, not per scored window.
+            cfg = json.loads((self.model_dir / "genai_config.json").read_text(encoding="utf-8"))
+            self._logits_name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
             from scripts.convert.lm_head_prune import full_logits_copy, last_token_logits
             graph = onnx.load(str(self.model_dir / "model.onnx"), load_external_data=False).graph
             if not last_token_logits(graph):
