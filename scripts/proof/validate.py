@@ -132,12 +132,14 @@ def leak_figures(rss: Sequence[int]) -> dict:
     body = list(rss[warm:])
     tenth = max(1, len(body) // 10)
     growth = percentile(body[-tenth:], 50) - percentile(body[:tenth], 50)
+    def kb_per_request(part):
+        return slope(list(range(len(part))), part) / 1e3
+
     half = len(body) // 2
-    halves = [slope(list(range(len(part))), part) for part in (body[:half], body[half:])]
+    halves = [kb_per_request(body[:half]), kb_per_request(body[half:])]
     return {"requests": len(rss), "warmup": warm, "start_mb": body[0] / 1e6, "end_mb": body[-1] / 1e6,
-            "growth_mb": growth / 1e6, "slope_kb_per_request": min(halves) / 1e3,
-            "half_slopes_kb_per_request": [h / 1e3 for h in halves],
-            "whole_slope_kb_per_request": slope(list(range(len(body))), body) / 1e3}
+            "growth_mb": growth / 1e6, "slope_kb_per_request": min(halves), "half_slopes_kb_per_request": halves,
+            "whole_slope_kb_per_request": kb_per_request(body)}
 
 
 def leak_item(rss: Sequence[int], n_errors: int, max_growth_mb: float, max_slope_kb: float) -> Item:

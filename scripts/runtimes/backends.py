@@ -145,13 +145,12 @@ class GenAIBackend(Backend):
         return Trace(start, times, len(ids), len(out), self.tokenizer.decode(out))
 
     def score(self, ids):
-        model = self._scoring_model()
-        name = self._logits_name
+        model = self._scoring_model()  # also reads the logits output's name
         params = self.og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids))  # a window may fill the whole context
         gen = self.og.Generator(model, params)
         gen.append_tokens(list(ids))
-        logits = gen.get_output(name)[0]
+        logits = gen.get_output(self._logits_name)[0]
         del gen
         return logits
 
