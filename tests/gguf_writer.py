@@ -50,7 +50,8 @@ def write_llama_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", cha
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
     w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype])
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)

@@ -12,7 +12,9 @@ Each candidate (:data:`GRID`, or a JSON file of your own) is a set of ``conversi
 A candidate qualifies when its eval accuracy is ≥ ``conversion.auto_threshold`` × FP32's, it meets
 ``conversion.fidelity`` and its size is ≤ ``max_size_ratio`` × the FP32 ONNX build's. The winner is the qualifying
 candidate with the shortest *answer time* (TTFT + 64 decoded tokens); the table goes to ``proof/tune.{json,md}``
-and the winner's recipe keys are printed, to paste into the recipe (nothing is changed behind your back).
+and the winner's recipe keys are printed, to paste into the recipe (nothing is changed behind your back). When the
+model source is a quantized GGUF, a note under the table says what quantizing it a second time costs
+(:func:`scripts.sources.gguf.requantization_note`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from scripts.proof.evaluate import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import bench_request, context_limit, Profile, run_worker, to_backend_bench, weights_size
 from scripts.recipe.load import default_quantization, Quantization, Recipe
+from scripts.sources.gguf import requantization_note
 from scripts.steps import Step
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,9 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
                           "with real weights.")
     main = prepare_model(recipe, announce, status)
     builds = prepared_recipe(recipe, main)
+    source_note = requantization_note(source_weight_types(main), bool(recipe.adapter or recipe.finetune.dataset))
+    if source_note:
+        announce(source_note)
     qa = main.eval_set()
     chats = conversations(qa, recipe.eval.system_prompt) if qa else []
     status("building the FP32 reference…")
@@ -206,7 +212,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
               "fp32": {"bytes": reference["bytes"], "eval_accuracy": fp32_accuracy, "ttft_ms": reference["ttft_ms"],
                        "decode_tps": reference["decode_tps"]},
               "rows": [{**asdict(r), "answer_ms": r.answer_ms} for r in rows],
-              "winner": winner.name if winner else None,
+              "winner": winner.name if winner else None, "source_note": source_note,
               "recipe_keys": winner_keys(winner) if winner else None}
     out = main.paths.root / "proof"
     out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +220,13 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
     write_text_atomic(out / "tune.md", markdown(report) + "\n")
     report["files"] = {"json": str(out / "tune.json"), "md": str(out / "tune.md")}
     return report
+
+
+def source_weight_types(main: Pipeline) -> dict[str, int] | None:
+    """Parameters per GGUF storage type of the model source, as its import step recorded them (None: not a GGUF)."""
+    name = main.recipe.source.info.step
+    step = next((s for s in main.steps() if s.name == name), None) if name else None
+    return (main.runner.recorded_result(step) or {}).get("weight_types") if step else None
 
 
 def winner_keys(winner: TuneRow) -> dict[str, Any]:
@@ -255,4 +268,6 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{spec['heldout_tokens']} held-out tokens), size ≤ {report['max_size_ratio']}× FP32. Fastest = "
                  f"shortest answer time (TTFT at a 128-token prompt + {report['answer_tokens']} tokens at the "
                  "decode rate), medians of 3 runs on a shared machine.")
+    if report.get("source_note"):
+        lines.append(f"\n{report['source_note']}")
     return "\n".join(lines)

@@ -22,15 +22,60 @@ log = logging.getLogger(__name__)
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 
 
-def read_metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Selected metadata values of a GGUF file (the header only; tensors stay on disk)."""
+#: Storage types that are not quantized.
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+#: Quantized types whose blocks carry a float offset (w = d·q + m, or per-sub-block minimums): no integer zero point
+#: reproduces their grid.
+_OFFSET_TYPES = frozenset({"Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"})
+
+
+def _reader(path: Path):
     from gguf import GGUFReader
     try:
-        reader = GGUFReader(str(path), "r")
+        return GGUFReader(str(path), "r")
     except (ValueError, OSError) as exc:
         raise ModelSourceError(f"{path} is not a readable GGUF file ({exc}). Check that the download is complete "
                                "(GGUF files start with the magic bytes 'GGUF').") from None
+
+
+def read_metadata(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Selected metadata values of a GGUF file (the header only; tensors stay on disk)."""
+    reader = _reader(path)
     return {k: reader.fields[k].contents() for k in keys if k in reader.fields}
+
+
+def weight_types(path: Path) -> dict[str, int]:
+    """Parameters per storage type (``"Q4_1"``, ``"F32"``…) over the file's matrices; vectors (norms, biases) are F32
+    in every GGUF and say nothing of how the weights were quantized. Tensor data stays on disk."""
+    counts: dict[str, int] = {}
+    for tensor in _reader(path).tensors:
+        if len(tensor.shape) >= 2:
+            name = tensor.tensor_type.name
+            counts[name] = counts.get(name, 0) + int(tensor.n_elements)
+    return counts
+
+
+def requantization_note(types: dict[str, int] | None, merged_finetune: bool = False) -> str | None:
+    """Pure: what a user should know before judging an INT4/INT8 build of a model imported from a quantized GGUF
+    (``types``: :func:`weight_types`); None for a float GGUF or an unknown source."""
+    quantized = {t: n for t, n in (types or {}).items() if t not in _FLOAT_TYPES}
+    if not quantized:
+        return None
+    main = max(quantized, key=lambda t: quantized[t])
+    share = sum(quantized.values()) / sum(types.values())
+    text = (f"The source GGUF stores {share:.0%} of its weight parameters quantized (mostly {main}), so the FP32 "
+            "reference is a dequantized model and every INT4/INT8 layout quantizes its weights a second time.")
+    if main in _OFFSET_TYPES:
+        text += (f" {main} blocks carry a float offset (w = d·q + m); MatMulNBits' zero points are integers (or "
+                 "absent), so a 4-bit layout re-rounds every weight onto a shifted grid, a second full quantization "
+                 "error, while an 8-bit grid is 16× finer. MatMulNBits also takes float zero points, which would "
+                 "reproduce the grid exactly, but ONNX Runtime's CPU kernel does not pre-pack them (it dequantizes "
+                 "the whole matrix on every call), so no layout here uses them.")
+    if merged_finetune:
+        text += (" This recipe merges a fine-tune onto these weights: where it moved a weight by less than half a "
+                 "4-bit step, a 4-bit layout rounds the change away, and fidelity to the merged FP32 model counts "
+                 "that as error.")
+    return text + " With the model's original FP16/BF16 Hugging Face folder, deploy that instead (--model-path)."
 
 
 def loadable_architectures() -> list[str]:
@@ -93,7 +138,7 @@ def dequantize(path: Path, out_dir: Path) -> dict[str, Any]:
     (out_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     return {"architecture": arch, "class": type(loaded).__name__,
             "parameters": sum(p.numel() for p in fresh.parameters()), "vocab": len(tokenizer),
-            "chat_template": bool(tokenizer.chat_template)}
+            "chat_template": bool(tokenizer.chat_template), "weight_types": weight_types(path)}
 
 
 def build(request: dict) -> dict:

@@ -78,7 +78,9 @@ def test_markdown_table_and_winner_keys():
     text = markdown(report)
     assert "| quick | lm_head | 120.0 (0.200) | 99.0 % | 0.0200 | 0.100 | 93.0 % | +2.0 % | 20 | 150 | 447 | **winner** |" \
         in text
-    assert "failed: no graph" in text
+    assert "failed: no graph" in text and "GGUF" not in text
+    note = "The source GGUF stores 99% …"
+    assert markdown({**report, "source_note": note}).endswith(f"\n\n{note}")
     keys = winner_keys(winner)
     assert keys["conversion"]["quantization"]["eight_bit"] == ["lm_head"]
     assert keys["conversion"]["precision"] == "int4"

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import ModelSourceError, RecipeError
+from scripts.pipeline import Pipeline
+from scripts.proof.tune import source_weight_types
 from scripts.recipe.load import parse_recipe
-from scripts.sources.gguf import check_architecture, dequantize, loadable_architectures, read_metadata
+from scripts.sources.gguf import (check_architecture, dequantize, loadable_architectures, read_metadata,
+                                  requantization_note, weight_types)
 from tests.deploy_helper import deploy_doc
 from tests.gguf_writer import make_tiny_gguf
 
@@ -59,6 +62,25 @@ def test_dequantized_folder_is_a_complete_hf_model_with_the_same_logits(tiny_ggu
         assert (model(ids).logits - original(ids).logits).abs().max().item() < 1e-4
 
 
+def test_weight_types_count_matrix_parameters_per_storage_type(tiny_gguf, dequantized, tmp_path):
+    _path, model, _tok = tiny_gguf
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2)  # embedding = tied LM head
+    assert dequantized[1]["weight_types"] == {"F32": matrices}  # the import records them for later notes
+    q41, _m, _t = make_tiny_gguf(tmp_path / "tiny.Q4_1.gguf", qtype="Q4_1")
+    assert weight_types(q41) == {"Q4_1": matrices}
+
+
+def test_requantization_note_says_why_a_quantized_gguf_loses_fidelity_at_four_bits():
+    assert requantization_note(None) is None and requantization_note({}) is None
+    assert requantization_note({"F32": 100, "F16": 50}) is None  # a float GGUF is an ordinary source
+    offset = requantization_note({"Q4_1": 90, "Q6_K": 5, "F32": 5})
+    assert "95%" in offset and "mostly Q4_1" in offset and "float offset" in offset and "float zero points" in offset
+    assert "--model-path" in offset and "fine-tune" not in offset
+    plain = requantization_note({"Q4_0": 10})
+    assert "100%" in plain and "second time" in plain and "float offset" not in plain
+    assert "rounds the change away" in requantization_note({"Q4_K": 10}, merged_finetune=True)
+
+
 def test_unreadable_architecture_is_refused_before_loading_naming_what_can_be_read(tmp_path):
     path = write_fake_gguf(tmp_path / "olmo.gguf", "olmo2")
     assert read_metadata(path, ("general.architecture",)) == {"general.architecture": "olmo2"}
@@ -90,10 +112,14 @@ def test_gguf_as_model_source_and_model_path(tiny_gguf, tmp_path, monkeypatch):
         parse_recipe({"model": {"source": "missing.gguf"}, "foundry": {"name": "g"}}, tmp_path / "r.json")
 
 
-def test_gguf_deploys_through_olive_and_foundry_and_a_rerun_skips_every_step(tiny_gguf, tmp_path):
+def test_gguf_deploys_through_olive_and_foundry_and_a_rerun_skips_every_step(tiny_gguf, tmp_path, monkeypatch):
     doc = {"model": {"source": str(tiny_gguf[0])}, "conversion": {"precision": "int4"},
            "foundry": {"name": "tiny-gguf"}, "generation": {"do_sample": False}}
     first, out = deploy_doc(doc, tmp_path)
+    monkeypatch.setenv("SLMOPS_BUILD_DIR", str(tmp_path / "build"))  # where deploy_doc built it
+    types = first["gguf-import"]["result"]["weight_types"]
+    assert list(types) == ["F32"]
+    assert source_weight_types(Pipeline(parse_recipe(doc, tmp_path / "recipe.json"))) == types  # what tune reads
     first = {name: o["skipped"] for name, o in first.items()}
     assert first["gguf-import"] is False and first["check"] is False
     assert "family: chatml (detected from the tokenizer's chat template" in out  # LlamaForCausalLM speaking ChatML
