@@ -69,8 +69,8 @@ def requantization_note(types: dict[str, int] | None, merged_finetune: bool = Fa
         text += (f" {main} blocks carry a float offset (w = d·q + m); MatMulNBits' zero points are integers (or "
                  "absent), so a 4-bit layout re-rounds every weight onto a shifted grid, a second full quantization "
                  "error, while an 8-bit grid is 16× finer. MatMulNBits also takes float zero points, which would "
-                 "reproduce the grid exactly, but ONNX Runtime's CPU kernel does not pre-pack them (it dequantizes "
-                 "the whole matrix on every call), so no layout here uses them.")
+                 "reproduce the grid exactly, but ONNX Runtime's CPU kernel does not pre-pack them: it dequantizes "
+                 "the whole matrix on every call (a one-token step ~40× slower), so no layout here uses them.")
     if merged_finetune:
         text += (" This recipe merges a fine-tune onto these weights: where it moved a weight by less than half a "
                  "4-bit step, a 4-bit layout rounds the change away, and fidelity to the merged FP32 model counts "
