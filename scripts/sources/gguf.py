@@ -66,9 +66,9 @@ def requantization_note(types: dict[str, int] | None, merged_finetune: bool = Fa
     text = (f"The source GGUF stores {share:.0%} of its weight parameters quantized (mostly {main}), so the FP32 "
             "reference is a dequantized model and every INT4/INT8 layout quantizes its weights a second time.")
     if main in _OFFSET_TYPES:
-        text += (f" {main} blocks carry a float offset (w = d·q + m); MatMulNBits' zero points are integers (or "
-                 "absent), so a 4-bit layout re-rounds every weight onto a shifted grid, a second full quantization "
-                 "error, while an 8-bit grid is 16× finer. MatMulNBits also takes float zero points, which would "
+        text += (f" {main} blocks carry a float offset (w = d·q + m); the layouts built here have integer zero "
+                 "points (or none), so at 4 bits every weight is re-rounded onto a shifted grid, a second full "
+                 "quantization error, while an 8-bit grid is 16× finer. MatMulNBits' float zero points would "
                  "reproduce the grid exactly, but ONNX Runtime's CPU kernel does not pre-pack them: it dequantizes "
                  "the whole matrix on every call (a one-token step ~40× slower), so no layout here uses them.")
     if merged_finetune:
