@@ -4,13 +4,15 @@ Each candidate (:data:`GRID`, or a JSON file of your own) is a set of ``conversi
 ``precision: int4``. Per candidate, cached like every step:
 
 - build: the normal convert → package steps in ``build/<recipe>/tune/<candidate>/`` (graph-checked, smoke-tested);
-- measure (a ``tune-measure`` step, re-measured only when the package, the FP32 reference, the eval set, the
-  thresholds or this code change): through Foundry Local the eval answers and speed (time to first token and decode
-  at a 128-token prompt, :data:`TUNE_PROFILE`); through ONNX Runtime GenAI the fidelity to the FP32 ONNX build on
-  held-out text (mean/p99 KL divergence, top-1 agreement, ΔPPL); the weights' size.
+- measure (a ``tune-measure`` step, :mod:`scripts.proof.tune_measure`; re-measured only when the package, the FP32
+  reference, the eval set, the thresholds or that module change): through Foundry Local the eval answers and speed
+  (time to first token and decode at a 128-token prompt, ``TUNE_PROFILE``); through ONNX Runtime GenAI the fidelity
+  to the FP32 ONNX build on held-out text (mean/p99 KL divergence, top-1 agreement, ΔPPL); the weights' size.
 
 A candidate qualifies when its eval accuracy is ≥ ``conversion.auto_threshold`` × FP32's, it meets
-``conversion.fidelity`` and its size is ≤ ``max_size_ratio`` × the FP32 ONNX build's. The winner is the qualifying
+``conversion.fidelity`` and its size is ≤ ``max_size_ratio`` × the FP32 ONNX build's. When several qualify, their
+speed is measured again side by side (a *run-off*: ``RUNOFF_ROUNDS`` interleaved rounds, runs pooled; a
+``tune-runoff`` step) — their first figures were taken minutes apart on a shared machine. The winner is the qualifying
 candidate with the shortest *answer time* (TTFT + 64 decoded tokens); the table goes to ``proof/tune.{json,md}``
 and the winner's recipe keys are printed, to paste into the recipe (nothing is changed behind your back). When the
 model source is a quantized GGUF, a note under the table says what quantizing it a second time costs
@@ -31,7 +33,8 @@ from scripts.proof.compare import (build_package, build_precision, heldout_windo
                                    variant_pipeline)
 from scripts.proof.evaluate import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
-from scripts.proof.measure import bench_request, context_limit, Profile, run_worker, to_backend_bench, weights_size
+from scripts.proof.measure import context_limit
+from scripts.proof.tune_measure import measure_candidate, runoff, RUNOFF_ROUNDS, TUNE_PROFILE
 from scripts.recipe.load import default_quantization, Quantization, Recipe
 from scripts.sources.gguf import requantization_note
 from scripts.steps import Step
@@ -39,7 +42,6 @@ from scripts.steps import Step
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
 
-TUNE_PROFILE = Profile("tune", lengths=(128,), max_prompt_tokens=128, new_tokens=64, warmup=1, repeats=3)
 ANSWER_TOKENS = 64  # the answer time: TTFT + this many decoded tokens
 _ALL8 = ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -77,6 +79,7 @@ class TuneRow:
     fidelity: dict[str, Any] | None = None
     misses: list[str] = field(default_factory=list)
     qualifies: bool = False
+    runoff: bool = False  # speed re-measured in the run-off (:func:`runoff`)
 
     @property
     def answer_ms(self) -> float | None:
@@ -133,25 +136,6 @@ def judge(rows: Sequence[TuneRow], fp32_accuracy: float | None, threshold: float
     return min(ok, key=lambda r: r.answer_ms) if ok else None
 
 
-def measure_candidate(folder: Path, fp32_folder: Path, chats: list, heldout: list, max_new_tokens: int,
-                      context: int) -> dict[str, Any]:
-    """Foundry Local (answers, speed) and ONNX Runtime GenAI (fidelity to FP32) on one built package."""
-    jobs = [bench_request(folder, TUNE_PROFILE, context)]
-    if chats:
-        jobs.append({"kind": "answers", "conversations": chats, "max_new_tokens": max_new_tokens})
-    result = run_worker("foundry", folder, jobs)
-    first = to_backend_bench("foundry", folder, result).lengths[0]
-    out: dict[str, Any] = {"ttft_ms": first.ttft.median * 1000 if first.ttft else None,
-                           "decode_tps": first.decode_tps.median if first.decode_tps else None,
-                           "bytes": weights_size(folder)}
-    answers = next((j for j in result["jobs"] if j["kind"] == "answers"), None)
-    out["answers"] = [a["text"] for a in answers["answers"]] if answers else None
-    if heldout and Path(folder).resolve() != Path(fp32_folder).resolve():
-        job = {"kind": "fidelity", "windows": heldout, "reference_dir": str(fp32_folder)}
-        out["fidelity"] = run_worker("genai", folder, [job])["jobs"][0]
-    return out
-
-
 def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: float = 0.25,
              announce: Announce = log.info, status: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Build and measure the FP32 reference and every candidate; judge; write ``proof/tune.{json,md}``."""
@@ -182,18 +166,20 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         status(f"measuring {label} through Foundry Local and ONNX Runtime GenAI…")
         step = Step("tune-measure", lambda: measure_candidate(folder, fp32_folder, chats, heldout,
                                                               recipe.eval.max_new_tokens, context),
-                    inputs=[folder, *inputs], settings=settings, code=["scripts.proof.tune"])
+                    inputs=[folder, *inputs], settings=settings, code=["scripts.proof.tune_measure"])
         return pipe.runner.run(step).result
 
     reference = measured(fp32_pipe, fp32_folder, "fp32")
     fp32_accuracy = score(reference["answers"], qa).accuracy if qa and reference["answers"] else None
     rows: list[TuneRow] = []
+    folders: dict[str, Path] = {}
     for i, cand in enumerate(candidates, 1):
         name = cand["name"]
         row = TuneRow(name, {k: v for k, v in cand.items() if k != "name"})
         rows.append(row)
         conversion = replace(recipe.conversion, precision="int4", quantization=candidate_quantization(cand))
         pipe = variant_pipeline(builds, conversion, f"tune/{name}", announce, status)
+        folders[name] = pipe.paths.package
         announce(f"{name} ({i}/{len(candidates)}): build → {pipe.paths.root}")
         try:
             build_package(pipe)
@@ -207,12 +193,22 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         row.ttft_ms, row.decode_tps, row.fidelity = figures["ttft_ms"], figures["decode_tps"], figures.get("fidelity")
         row.eval_accuracy = score(figures["answers"], qa).accuracy if qa and figures["answers"] else None
     winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
+    finalists = [r.name for r in rows if r.qualifies and r.answer_ms is not None]
+    if len(finalists) > 1:  # their first figures were taken minutes apart: measure them again side by side
+        status(f"run-off: {len(finalists)} qualifying candidates, {RUNOFF_ROUNDS} interleaved rounds…")
+        step = Step("tune-runoff", lambda: runoff([(n, folders[n]) for n in finalists], context),
+                    inputs=[folders[n] for n in finalists],
+                    settings={"profile": TUNE_PROFILE.to_json(), "rounds": RUNOFF_ROUNDS, "finalists": finalists},
+                    code=["scripts.proof.tune_measure"])
+        apply_runoff(rows, main.runner.run(step).result)
+        winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
     report = {"recipe": recipe.name, "max_size_ratio": max_size_ratio, "threshold": recipe.conversion.auto_threshold,
               "fidelity_spec": asdict(spec), "profile": TUNE_PROFILE.to_json(), "answer_tokens": ANSWER_TOKENS,
               "fp32": {"bytes": reference["bytes"], "eval_accuracy": fp32_accuracy, "ttft_ms": reference["ttft_ms"],
                        "decode_tps": reference["decode_tps"]},
               "rows": [{**asdict(r), "answer_ms": r.answer_ms} for r in rows],
               "winner": winner.name if winner else None, "source_note": source_note,
+              "runoff_rounds": RUNOFF_ROUNDS if len(finalists) > 1 else None,
               "recipe_keys": winner_keys(winner) if winner else None}
     out = main.paths.root / "proof"
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +216,14 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
     write_text_atomic(out / "tune.md", markdown(report) + "\n")
     report["files"] = {"json": str(out / "tune.json"), "md": str(out / "tune.md")}
     return report
+
+
+def apply_runoff(rows: Sequence[TuneRow], figures: dict[str, dict]) -> None:
+    """Replace the speed of the rows the run-off measured with its pooled figures (pure)."""
+    for row in rows:
+        if row.name in figures:
+            row.ttft_ms, row.decode_tps = figures[row.name]["ttft_ms"], figures[row.name]["decode_tps"]
+            row.runoff = True
 
 
 def source_weight_types(main: Pipeline) -> dict[str, int] | None:
@@ -268,6 +272,11 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{spec['heldout_tokens']} held-out tokens), size ≤ {report['max_size_ratio']}× FP32. Fastest = "
                  f"shortest answer time (TTFT at a 128-token prompt + {report['answer_tokens']} tokens at the "
                  "decode rate), medians of 3 runs on a shared machine.")
+    if report.get("runoff_rounds"):
+        ran = [r["name"] for r in report["rows"] if r.get("runoff")]
+        lines.append(f"\nRun-off: the speed of the qualifying candidates ({', '.join(ran)}) was measured again, "
+                     f"interleaved over {report['runoff_rounds']} rounds (each once per round), every run pooled; "
+                     "their TTFT, decode and answer time above are those medians.")
     if report.get("source_note"):
         lines.append(f"\n{report['source_note']}")
     return "\n".join(lines)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from scripts.errors import RecipeError
-from scripts.proof.tune import (candidate_quantization, GRID, judge, load_candidates, markdown, TuneRow,
-                                winner_keys)
+from scripts.proof.tune import (apply_runoff, candidate_quantization, GRID, judge, load_candidates, markdown,
+                                TuneRow, winner_keys)
 from scripts.recipe.load import FidelitySpec, Quantization
 
 GOOD = {"kld_mean": 0.02, "kld_p99": 0.1, "top1": 0.93, "ppl_increase": 0.02}
@@ -69,6 +69,22 @@ def test_judge_without_a_qualifying_candidate_returns_none():
     assert rows[0].misses == ["fidelity not measured"] and not rows[1].qualifies
 
 
+def test_the_runoff_figures_replace_the_finalists_speed_before_the_choice():
+    """Candidates measured minutes apart on a shared machine: the qualifying ones are measured again side by side and
+    the choice is made on those figures."""
+    rows = [row("o4", 20, 100), row("all8", 20, 125), row("lossy", 10, 300, fidelity={**GOOD, "top1": 0.5})]
+    assert judge(rows, 1.0, 0.98, FidelitySpec(), 0.25).name == "all8"  # first pass: all8 looked faster
+    apply_runoff(rows, {"o4": {"ttft_ms": 19, "decode_tps": 130, "runs": 9},
+                        "all8": {"ttft_ms": 21, "decode_tps": 122, "runs": 9}})
+    assert judge(rows, 1.0, 0.98, FidelitySpec(), 0.25).name == "o4"
+    assert [r.runoff for r in rows] == [True, True, False] and rows[2].decode_tps == 300
+    report = {"rows": [{**r.__dict__, "answer_ms": r.answer_ms} for r in rows], "winner": "o4", "runoff_rounds": 3,
+              "fp32": {"bytes": 600e6, "eval_accuracy": 1.0, "ttft_ms": 50, "decode_tps": 60},
+              "fidelity_spec": FidelitySpec().__dict__, "threshold": 0.98, "max_size_ratio": 0.25, "answer_tokens": 64}
+    assert "Run-off: the speed of the qualifying candidates (o4, all8) was measured again, interleaved over 3 " \
+        "rounds" in markdown(report)
+
+
 def test_markdown_table_and_winner_keys():
     rows = [row("quick", 20, 150, eight_bit=["lm_head"]), TuneRow("broken", {}, status="failed", reason="no graph")]
     winner = judge(rows, 1.0, 0.98, FidelitySpec(), 0.25)
@@ -78,7 +94,7 @@ def test_markdown_table_and_winner_keys():
     text = markdown(report)
     assert "| quick | lm_head | 120.0 (0.200) | 99.0 % | 0.0200 | 0.100 | 93.0 % | +2.0 % | 20 | 150 | 447 | **winner** |" \
         in text
-    assert "failed: no graph" in text and "GGUF" not in text
+    assert "failed: no graph" in text and "GGUF" not in text and "Run-off" not in text
     note = "The source GGUF stores 99% …"
     assert markdown({**report, "source_note": note}).endswith(f"\n\n{note}")
     keys = winner_keys(winner)
