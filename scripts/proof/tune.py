@@ -79,7 +79,7 @@ class TuneRow:
     fidelity: dict[str, Any] | None = None
     misses: list[str] = field(default_factory=list)
     qualifies: bool = False
-    runoff: bool = False  # speed re-measured in the run-off (:func:`runoff`)
+    runoff: bool = False  # speed re-measured in the run-off (:func:`scripts.proof.tune_measure.runoff`)
 
     @property
     def answer_ms(self) -> float | None:
@@ -200,8 +200,12 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
                     inputs=[folders[n] for n in finalists],
                     settings={"profile": TUNE_PROFILE.to_json(), "rounds": RUNOFF_ROUNDS, "finalists": finalists},
                     code=["scripts.proof.tune_measure"])
-        apply_runoff(rows, main.runner.run(step).result)
-        winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
+        try:
+            apply_runoff(rows, main.runner.run(step).result)
+            winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
+        except MeasurementError as exc:  # keep every candidate's first figures rather than lose the search
+            announce(f"✗ run-off: {str(exc).splitlines()[0]} — choosing on the first measurements")
+            finalists = []
     report = {"recipe": recipe.name, "max_size_ratio": max_size_ratio, "threshold": recipe.conversion.auto_threshold,
               "fidelity_spec": asdict(spec), "profile": TUNE_PROFILE.to_json(), "answer_tokens": ANSWER_TOKENS,
               "fp32": {"bytes": reference["bytes"], "eval_accuracy": fp32_accuracy, "ttft_ms": reference["ttft_ms"],
