@@ -205,14 +205,13 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
             winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
         except MeasurementError as exc:  # keep every candidate's first figures rather than lose the search
             announce(f"✗ run-off: {str(exc).splitlines()[0]} — choosing on the first measurements")
-            finalists = []
     report = {"recipe": recipe.name, "max_size_ratio": max_size_ratio, "threshold": recipe.conversion.auto_threshold,
               "fidelity_spec": asdict(spec), "profile": TUNE_PROFILE.to_json(), "answer_tokens": ANSWER_TOKENS,
               "fp32": {"bytes": reference["bytes"], "eval_accuracy": fp32_accuracy, "ttft_ms": reference["ttft_ms"],
                        "decode_tps": reference["decode_tps"]},
               "rows": [{**asdict(r), "answer_ms": r.answer_ms} for r in rows],
               "winner": winner.name if winner else None, "source_note": source_note,
-              "runoff_rounds": RUNOFF_ROUNDS if len(finalists) > 1 else None,
+              "runoff_rounds": RUNOFF_ROUNDS if any(r.runoff for r in rows) else None,
               "recipe_keys": winner_keys(winner) if winner else None}
     out = main.paths.root / "proof"
     out.mkdir(parents=True, exist_ok=True)
