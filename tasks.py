@@ -1,5 +1,5 @@
 """SLMOps Deploy tasks. Each task parses flags, calls one function in ``scripts/`` and prints the result.
-Domain errors (``scripts.errors.SlmopsError``) become ``Exit`` with their message."""
+Domain errors (``scripts.core.errors.SlmopsError``) become ``Exit`` with their message."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ import sys
 
 from invoke import Exit, task
 
-from scripts.errors import SlmopsError
+from scripts.core.errors import SlmopsError
 from scripts.recipe.precisions import TABLE_ORDER, refusal
 
 RECIPE_HELP = "recipe name in recipes/ (e.g. qwen) or a path to a recipe .json"
@@ -58,7 +58,7 @@ def _recipe(console, model, model_path=None, family=None, precision=None, wait=T
     recipe = with_precision(override_family(load_recipe(model, model_path), family), precision)
     _print_notes(console, recipe)
     if recipe.conversion.precision == AUTO:  # measuring the candidates: the proof layer's job
-        from scripts.proof.compare import resolve_auto
+        from scripts.commands.compare import resolve_auto
         with console.status("choosing the precision…") as status, \
                 Pipeline(recipe, announce=console.print, wait=wait).locked():
             recipe = resolve_auto(recipe, console.print, status.update)
@@ -123,8 +123,8 @@ def convert(c, model="qwen", model_path=None, force=False, family=None, precisio
 def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None,
            no_wait=False):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
-    from scripts.pipeline import deploy as run_deploy
-    from scripts.console import print_deploy_summary
+    from scripts.commands.deploy import deploy as run_deploy
+    from scripts.commands.console import print_deploy_summary
     console = _console()
     recipe = _recipe(console, model, model_path, family, precision, not no_wait)
     with console.status("working…") as status:
@@ -137,7 +137,7 @@ def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof
 @domain_errors
 def check(c, model="qwen", model_path=None, no_wait=False):
     """Foundry checks on the installed model: listed, loads, answers (prints answer, load and generation time)."""
-    from scripts.console import print_check
+    from scripts.commands.console import print_check
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
     with console.status("working…") as status:
         pipeline.status = status.update
@@ -158,7 +158,7 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=F
 
 
 def _port(value, default: int) -> int:
-    from scripts.errors import ServeError
+    from scripts.core.errors import ServeError
     if value is None:
         return default
     try:
@@ -178,9 +178,9 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
     """Serve the installed model as an OpenAI-compatible endpoint (http://HOST:PORT/v1) through Foundry Local."""
     console, pipeline = _pipeline(model, model_path)
     if check:
-        from scripts.console import print_serve_check
-        from scripts.errors import QualityError
-        from scripts.proof.serve_check import failure_message, serve_check
+        from scripts.commands.console import print_serve_check
+        from scripts.core.errors import QualityError
+        from scripts.commands.serve_check import failure_message, serve_check
         with console.status("working…") as status:
             result = serve_check(pipeline, host, _port(port, 0), status.update)
         print_serve_check(console, result)
@@ -188,8 +188,8 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
         if failure:
             raise QualityError(failure)
         return
-    from scripts.runtimes.serve import plan_serve, run_server
-    from scripts.runtimes.serve_api import DEFAULT_PORT
+    from scripts.serve.server import plan_serve, run_server
+    from scripts.serve.api import DEFAULT_PORT
     plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")
@@ -256,8 +256,8 @@ PEER_HELP = ("also measure a peer runtime on the same weights, prompts and threa
 def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=False, rounds=1, no_wait=False):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
-    from scripts.console import print_bench
-    from scripts.proof.compare import fp32_bench_run
+    from scripts.commands.console import print_bench
+    from scripts.commands.compare import fp32_bench_run
     measure = functools.partial(bench_and_save, peer=peer, extra=[fp32_bench_run] if fp32 else [], rounds=int(rounds))
     _proof(model, model_path, profile, measure, print_bench, "bench", not no_wait)
 
@@ -304,9 +304,9 @@ def profile(c, model="qwen", model_path=None, prompt_tokens=128, new_tokens=16):
 @domain_errors
 def validate(c, model="qwen", model_path=None, profile="quick", no_wait=False):
     """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
-    from scripts.errors import QualityError
+    from scripts.core.errors import QualityError
     from scripts.proof.run import failure_message, validate_and_save
-    from scripts.console import print_validate
+    from scripts.commands.console import print_validate
     report = _proof(model, model_path, profile, validate_and_save, print_validate, "validate", not no_wait)
     if not report.passed:
         raise QualityError(failure_message(report))
@@ -331,9 +331,9 @@ def report(c, model="qwen", model_path=None):
 def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), precision=None, no_wait=False):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
     from scripts.pipeline import Pipeline
-    from scripts.proof.compare import run_compare
+    from scripts.commands.compare import run_compare
     from scripts.recipe.load import load_recipe
-    from scripts.console import print_compare
+    from scripts.commands.console import print_compare
     console = _console()
     recipe = load_recipe(model, model_path)
     _print_notes(console, recipe)
@@ -345,7 +345,7 @@ def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), 
 
 @task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
             "candidates": "a JSON list of candidates ({\"name\": ..., <conversion.quantization keys>}); default: the "
-                          "built-in grid (scripts/proof/tune.py GRID)",
+                          "built-in grid (scripts/commands/tune.py GRID)",
             "max_size_ratio": "largest size allowed, as a fraction of the FP32 ONNX build (default 0.25)",
             "no_wait": NO_WAIT_HELP})
 @domain_errors
@@ -353,12 +353,12 @@ def tune(c, model="qwen", model_path=None, candidates=None, max_size_ratio="0.25
     """Search INT4 layouts (block size, symmetry, 8-bit weight groups) for the fastest that keeps the recipe's eval
     accuracy and fidelity thresholds, measured through Foundry Local; prints the winner's recipe keys."""
     from scripts.pipeline import Pipeline
-    from scripts.proof.tune import load_candidates, run_tune
+    from scripts.commands.tune import load_candidates, run_tune
     from scripts.recipe.load import load_recipe
-    from scripts.console import print_tune
+    from scripts.commands.console import print_tune
     console = _console()
     recipe = load_recipe(model, model_path)
-    from scripts.errors import RecipeError
+    from scripts.core.errors import RecipeError
     try:
         ratio = float(max_size_ratio)
     except ValueError:

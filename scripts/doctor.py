@@ -8,7 +8,7 @@ Pure core, I/O at the edges:
 - :func:`evaluate` turns facts + pins into :class:`Check` rows. It is pure and unit-tested with hand-made
   :class:`Facts`.
 - :func:`render_table` and :func:`run_doctor` print the table; ``run_doctor`` raises
-  :class:`~scripts.errors.EnvironmentCheckError` if any row is ``FAIL``.
+  :class:`~scripts.core.errors.EnvironmentCheckError` if any row is ``FAIL``.
 
 Known-bad versions (measured, see ``FIELD-NOTES.md``) are kept here as *ranges* with their explanation;
 the versions we expect always come from ``requirements.txt``.
@@ -32,8 +32,8 @@ from packaging.version import InvalidVersion, Version
 from rich.console import Console
 from rich.table import Table
 
-from scripts import settings
-from scripts.errors import EnvironmentCheckError
+from scripts.core import settings
+from scripts.core.errors import EnvironmentCheckError
 from scripts.peers import llamacpp
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def gather_facts(
             ``requirements_path`` plus :data:`REQUIRED_PACKAGES`.
         requirements_path: used only for the default ``package_names``.
         disk_paths: ``{label: path}`` whose filesystem free space to measure. Default: the build dir
-            and the Foundry Local cache (see :mod:`scripts.settings`).
+            and the Foundry Local cache (see :mod:`scripts.core.settings`).
     """
     if package_names is None:
         try:

@@ -16,32 +16,30 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from scripts import settings
-from scripts.convert.genai_smoke import smoke_test
+from scripts.core import settings
+from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
 from scripts.convert.graph_check import summarise_graph, verify_quantization
 from scripts.convert.install import assemble_package, check_context, install_dir, install_package
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert.package import render_inference_model, with_search, with_session_options
 from scripts.doctor import run_doctor
-from scripts.errors import ModelSourceError, QualityError
-from scripts.faults import checkpoint
+from scripts.core.errors import ModelSourceError, QualityError
+from scripts.core.faults import checkpoint
 from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
                                      with_stop_tokens)
 from scripts.families.templates import check_template_agreement, load_tokenizer
-from scripts.fileops import atomic_dir, folder_size, recover_dir
-from scripts.locks import hold
-from scripts.proof.evaluate import conversations, score
-from scripts.proof.measure import get_profile
-from scripts.proof.qa import load_qa
-from scripts.proof.run import run_proof
+from scripts.core.fileops import atomic_dir, folder_size, recover_dir
+from scripts.core.locks import hold
+from scripts.core.evalset import conversations, score
+from scripts.core.evalset import load_qa
 from scripts.recipe.load import Recipe
 from scripts.runtimes.foundry import cache_root, check_model
 from scripts.runtimes.foundry_api import RUNTIME_DIR_NAME, default_client_note
-from scripts.sources.folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
-from scripts.steps import Step, StepRunner
-from scripts.workers import resolve, run_in_worker
+from scripts.core.hf_folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
+from scripts.core.steps import Step, StepRunner
+from scripts.core.workers import resolve, run_in_worker
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
@@ -101,7 +99,7 @@ class Pipeline:
         self.runner = StepRunner(self.paths.stamps, self.force, self.announce)
         self._locks: contextlib.ExitStack | None = None
 
-    # ----- locks and recovery (scripts.locks, fileops.recover_dir) ---------------------------------------------
+    # ----- locks and recovery (scripts.core.locks, fileops.recover_dir) ---------------------------------------------
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the recipe's build-folder lock (and its built model source's) for the block, after recovering what a
@@ -342,13 +340,13 @@ class Pipeline:
                            "session_options": r.runtime.session_options()},
                  outputs=[self.paths.package],
                  code=["scripts.convert.package", "scripts.convert.install", "scripts.families.select",
-                       "scripts.convert.genai_smoke"]),
+                       "scripts.runtimes.genai_smoke"]),
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
                  outputs=[self.installed_dir], code=["scripts.convert.install"]),
             Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
                  settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
-                 code=["scripts.runtimes.foundry", "scripts.proof.evaluate"]),
+                 code=["scripts.runtimes.foundry", "scripts.core.evalset"]),
         ]
         return out
 
@@ -364,33 +362,3 @@ class Pipeline:
                 if step.name == until:
                     break
         return outcomes
-
-
-@dataclass(frozen=True)
-class DeploySummary:
-    recipe: str
-    model_id: str
-    installed: Path
-    size_bytes: int
-    check: dict[str, Any]
-    skipped: list[str]
-    ran: list[str]
-    proof: dict[str, Any] = field(default_factory=dict)  # bench/validate summary and the report path
-
-
-def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
-           status: Callable[[str], Any] | None = None, proof: str | None = "quick", wait: bool = True) -> DeploySummary:
-    """Run the whole chain for ``recipe`` and summarise the result. ``proof``: the bench/validate profile
-    (``quick`` or ``full``) run after ``check``, or None to skip them. ``wait``: when another command holds the
-    recipe's build folder or the cache target, wait for it (False: raise :class:`~scripts.errors.BusyError`)."""
-    pipeline = Pipeline(recipe, force=force, announce=announce, status=status, wait=wait)
-    with pipeline.locked():
-        outcomes = pipeline.run()
-        skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
-        proven: dict[str, Any] = {}
-        if proof:
-            proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
-            skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
-        size = folder_size(pipeline.installed_dir)
-    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir, size,
-                         outcomes["check"].result or {}, skipped, ran, proven)

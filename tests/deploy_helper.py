@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.settings import REPO_ROOT
+from scripts.core.settings import REPO_ROOT
 
 _DEPLOY = """
 import json, sys
 from pathlib import Path
-from scripts.errors import SlmopsError
+from scripts.core.errors import SlmopsError
 from scripts.pipeline import Pipeline
 from scripts.recipe.load import parse_recipe
 try:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from scripts import doctor
 from scripts.doctor import Check, DiskFact, Facts, SdkProbe, Status, evaluate, read_pins, run_doctor
-from scripts.errors import EnvironmentCheckError
+from scripts.core.errors import EnvironmentCheckError
 
 GIB = 1024**3
 

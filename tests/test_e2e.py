@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.fileops import hash_path
+from scripts.core.fileops import hash_path
 from scripts.recipe.runtime import physical_cores
 
 REPO = Path(__file__).resolve().parent.parent

@@ -39,7 +39,7 @@ _BUILD_ALL = textwrap.dedent('''
 
 _DEPLOY = textwrap.dedent('''
     import json, sys
-    from scripts.errors import SlmopsError
+    from scripts.core.errors import SlmopsError
     from scripts.families.select import override_family
     from scripts.pipeline import Pipeline
     from scripts.recipe.load import load_recipe

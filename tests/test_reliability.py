@@ -2,7 +2,7 @@
 and recipe folders:
 
 - fault injection: `invoke deploy` is SIGKILLed by itself at every step boundary of convert and install
-  (``SLMOPS_TEST_KILL_AT``, :mod:`scripts.faults`), also on a filesystem without RENAME_EXCHANGE
+  (``SLMOPS_TEST_KILL_AT``, :mod:`scripts.core.faults`), also on a filesystem without RENAME_EXCHANGE
   (``SLMOPS_TEST_NO_EXCHANGE``); right after the kill the cache holds the old or the new model, whole, and the next
   command (`invoke check`) recovers what was left, says so, and loads and answers through Foundry Local;
 - concurrency: a second deploy waits with a message or, with ``--no-wait``, is refused naming the first; a command
@@ -29,8 +29,8 @@ import psutil
 import pytest
 
 from scripts.convert.install import REQUIRED, list_cache
-from scripts.faults import KILL_ENV, NO_EXCHANGE_ENV, PAUSE_ENV, PAUSE_FIFO_ENV
-from scripts.fileops import hash_path
+from scripts.core.faults import KILL_ENV, NO_EXCHANGE_ENV, PAUSE_ENV, PAUSE_FIFO_ENV
+from scripts.core.fileops import hash_path
 from scripts.recipe.olive_workflow import SUPPORTED_FORM
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from scripts.convert.lm_head_prune import last_token_logits
-from scripts.errors import GraphCheckError
+from scripts.core.errors import GraphCheckError
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import get_precision, layer_kind
 

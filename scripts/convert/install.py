@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import InstallError
-from scripts.fileops import atomic_dir, link_or_copy, write_json_atomic
+from scripts.core.errors import InstallError
+from scripts.core.fileops import atomic_dir, link_or_copy, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def install_dir(cache_root: Path, publisher: str, name: str) -> Path:
 def install_package(package_dir: Path, cache_root: Path, publisher: str, name: str) -> Path:
     """Copy ``package_dir`` to ``<cache_root>/<publisher>/<name>/``: staged beside the target (hidden from the cache
     scanner by :data:`SCANNER_SKIP`), fsynced, then exchanged with the old copy in one atomic rename
-    (:func:`~scripts.fileops.atomic_dir`), so the target is the old or the new model at every instant and a failed
+    (:func:`~scripts.core.fileops.atomic_dir`), so the target is the old or the new model at every instant and a failed
     copy leaves the old one. Hold the target's lock (:meth:`scripts.pipeline.Pipeline.cache_locked`), which also
     recovers what a killed install left."""
     missing = [f for f in REQUIRED if not (package_dir / f).is_file()]

@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from scripts.errors import MeasurementError
-from scripts.fileops import link_or_copy
+from scripts.core.errors import MeasurementError
+from scripts.core.fileops import link_or_copy
 
 
 def last_token_logits(graph: onnx.GraphProto) -> bool | None:

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConversionError
-from scripts.faults import checkpoint
+from scripts.core.errors import ConversionError
+from scripts.core.faults import checkpoint
 from scripts.recipe.load import Conversion
 from scripts.recipe.precisions import EMBED_GATHER, get_precision, LM_HEAD, matmul_names, PRECISIONS
-from scripts.workers import die_with_parent, worker_env
+from scripts.core.workers import die_with_parent, worker_env
 
 log = logging.getLogger(__name__)
 

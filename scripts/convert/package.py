@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import jinja2
 
-from scripts import settings
-from scripts.errors import TemplateError
-from scripts.fileops import atomic_dir, link_or_copy, write_json_atomic
+from scripts.core import settings
+from scripts.core.errors import TemplateError
+from scripts.core.fileops import atomic_dir, link_or_copy, write_json_atomic
 from scripts.families.registry import Family
 from scripts.families.templates import PLACEHOLDER
 from scripts.recipe.load import Generation, Recipe

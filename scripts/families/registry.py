@@ -15,9 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from scripts import settings
-from scripts.errors import TemplateError
-from scripts.recipe.schema import Field, Obj, validate
+from scripts.core import settings
+from scripts.core.errors import TemplateError
+from scripts.core.schema import Field, Obj, validate
 
 FAMILIES_DIR = settings.TEMPLATES_DIR / "families"
 TEMPLATE_SUFFIX = ".inference_model.json.j2"

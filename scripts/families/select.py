@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ConversionError, RecipeError, TemplateError
+from scripts.core.errors import ConversionError, RecipeError, TemplateError
 from scripts.families import registry as family_registry
 from scripts.families.registry import (AUTO_TEMPLATE, confirm_template, detect_family, Family, family_names,
                                        get_family, unconvertible_reason, unsupported_architecture)
 from scripts.families.templates import TemplateAnalysis, analyse_model_template
-from scripts.sources.folder import ModelFolder
+from scripts.core.hf_folder import ModelFolder
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from scripts.errors import TemplateError
+from scripts.core.errors import TemplateError
 from scripts.families.registry import Family
-from scripts.sources.folder import read_chat_template
+from scripts.core.hf_folder import read_chat_template
 
 PLACEHOLDER = "{Content}"
 SAMPLE_SYSTEM = "You are a concise assistant for the orchard cooperative."
@@ -218,7 +218,7 @@ def compare_templates(prompt_template: dict[str, str], model_dir: Path, family: 
                       default_system: str = "") -> list[TemplateComparison]:
     """Render the fixed conversations both ways and tokenize both renderings with the model's tokenizer. The chat
     side uses ``chat_template`` (default: the one Foundry Local applies from ``model_dir``, see
-    :func:`~scripts.sources.folder.read_chat_template`), not whichever transformers would pick."""
+    :func:`~scripts.core.hf_folder.read_chat_template`), not whichever transformers would pick."""
     tokenizer = tokenizer or load_tokenizer(model_dir)
     render = tokenizer_renderer(tokenizer, chat_template or read_chat_template(Path(model_dir)))
     bos = (family.bos_token or "") if family is not None else ""

@@ -16,11 +16,11 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from scripts import settings
-from scripts.errors import PeerError
-from scripts.fileops import atomic_dir
+from scripts.core import settings
+from scripts.core.errors import PeerError
+from scripts.core.fileops import atomic_dir
 from scripts.peers.llamacpp import PACKAGE
-from scripts.workers import tail
+from scripts.core.workers import tail
 
 log = logging.getLogger(__name__)
 

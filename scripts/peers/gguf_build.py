@@ -10,7 +10,7 @@ with Olive, so both runtimes start from the same weights.
 
 Each file is a Make-style step (``gguf-<type>``, stamps in ``<out>/stamps``): skipped when the Hugging Face folder
 (by content), the pinned llama-cpp-python and this code are unchanged. Conversion and quantization run in worker
-processes (:mod:`scripts.workers`): torch and llama.cpp never load in the caller.
+processes (:mod:`scripts.core.workers`): torch and llama.cpp never load in the caller.
 
 The converter identifies a BPE tokenizer's pre-tokenizer by hashing the tokens of a test string, so it refuses a
 vocabulary it has not seen (the demo model's own BPE). When the hash is unknown but ``tokenizer.json``'s
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from scripts.errors import PeerError
+from scripts.core.errors import PeerError
 from scripts.peers.converter_source import CONVERTER, ensure_converter
 from scripts.sources.demo_tokenizer import QWEN2_PRETOKENIZE_REGEX
-from scripts.steps import Step, StepRunner
-from scripts.workers import run_in_worker
+from scripts.core.steps import Step, StepRunner
+from scripts.core.workers import run_in_worker
 
 log = logging.getLogger(__name__)
 

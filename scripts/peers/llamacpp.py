@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from scripts import settings
-from scripts.errors import PeerUnavailableError
+from scripts.core import settings
+from scripts.core.errors import PeerUnavailableError
 
 NAME = "llama.cpp"
 PACKAGE = "llama-cpp-python"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.convert.package import mirror_with_config
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.proof.bandwidth import bound_tokens_per_s, bytes_per_token, fraction_of_bound, measure_bandwidth
 from scripts.proof.measure import Profile, bench_request, context_limit, run_worker, to_backend_bench
 from scripts.proof.peer_bench import deployed_rows, get_peer, peer_markdown, peer_ratios, PeerRun, runtime_threads

@@ -9,25 +9,14 @@ backend (worker side), :func:`edge_verdicts` judges the outcomes (pure).
 """
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 NON_UTF8_BYTES = b"Caf\xe9 \xff\xfe orchard \xc3\x28"  # Latin-1 é, invalid bytes, a broken 2-byte sequence
 MIXED_SCRIPTS = "Orchard 🍎🍐 果园 сад بستان बाग 🌸 — où est la coopérative? ✅"
-
-
-def control_tokens(model_dir: Path) -> list[str]:
-    """The tokenizer's special added tokens (``<|im_end|>``, …), from ``tokenizer.json``."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        return []
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return [t["content"] for t in doc.get("added_tokens", []) if t.get("special")]
 
 
 def edge_cases(context: int, controls: list[str], concurrent: int = 4) -> list[dict]:

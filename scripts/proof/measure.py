@@ -10,7 +10,7 @@ Reusable for any model folder (``invoke bench``, ``invoke validate``, ``invoke c
     result.load_seconds, result.peak_rss_mb, result.lengths[0].decode_tps.median
 
 :func:`run_worker` runs any list of jobs (``bench``, ``answers``, ``soak``, ``edge``, ``logits``) on one loaded
-model in a worker process (:func:`run_request` through :mod:`scripts.workers`).
+model in a worker process (:func:`run_request` through :mod:`scripts.core.workers`).
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from scripts.errors import MeasurementError, SlmopsError
+from scripts.core.errors import MeasurementError, SlmopsError
 from scripts.proof.edge_cases import run_edge_cases
 from scripts.proof.fidelity import compare_window, summarise as summarise_fidelity
 from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
 from scripts.runtimes import llamacpp as _llamacpp  # noqa: F401 (registers the "llama.cpp" peer backend)
+from scripts.serve import backend as _http  # noqa: F401 (registers the "http" backend: invoke serve's server)
 from scripts.runtimes.backends import make_backend, render_chat
-from scripts.workers import run_in_worker
+from scripts.core.workers import run_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def run_request(request: dict) -> dict:
 
 def run_worker(backend: str, model_dir: Path, jobs: list[dict], options: dict | None = None,
                timeout: float = 3600) -> dict:
-    """Run ``jobs`` on ``model_dir`` loaded in ``backend``, in a fresh worker process (:mod:`scripts.workers`);
+    """Run ``jobs`` on ``model_dir`` loaded in ``backend``, in a fresh worker process (:mod:`scripts.core.workers`);
     return its result. Raises :class:`MeasurementError` with the worker's cause and stderr tail."""
     request = {"backend": backend, "model_dir": str(Path(model_dir).resolve()), "options": options or {},
                "jobs": jobs}

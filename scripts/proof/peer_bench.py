@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from scripts.errors import PeerError
+from scripts.core.errors import PeerError
 from scripts.peers import llamacpp
 from scripts.peers.gguf_build import build_ggufs, DEFAULT_QUANTS, GGUF_TYPES
 from scripts.recipe.runtime import physical_cores

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from scripts.convert.package import mirror_with_config, with_session_options
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.proof.measure import length_prompts
 from scripts.runtimes.backends import render_chat
-from scripts.workers import run_in_worker
+from scripts.core.workers import run_in_worker
 
 PREFIX = "ort-profile"
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.fileops import write_text_atomic
+from scripts.core.fileops import write_text_atomic
 from scripts.proof.bench import bench_markdown
 from scripts.proof.validate import validate_markdown
 

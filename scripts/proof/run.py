@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from scripts.errors import QualityError
-from scripts.fileops import write_json_atomic, write_text_atomic
+from scripts.core.errors import QualityError
+from scripts.core.fileops import write_json_atomic, write_text_atomic
 from scripts.proof.bench import bench_markdown, run_bench
 from scripts.proof.measure import context_limit
 from scripts.proof.peer_bench import get_peer, PeerRun
@@ -16,7 +16,7 @@ from scripts.proof.profile import profile_markdown, run_profile
 from scripts.proof.report import write_report as write_report_files
 from scripts.proof.threads_ab import run_threads_ab, threads_markdown
 from scripts.proof.validate import run_validate, validate_markdown
-from scripts.steps import Step
+from scripts.core.steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def proof_dir(pipeline) -> Path:
 def bench_and_save(pipeline, profile, status: Callable[[str], Any] = lambda s: None, peer: str | None = None,
                    extra: Sequence[Callable[[Any, Callable[[str], Any]], PeerRun]] = (), rounds: int = 1) -> dict:
     """``invoke bench``; ``extra``: makers of further runs, each called with the pipeline and ``status`` (e.g.
-    :func:`scripts.proof.compare.fp32_bench_run`)."""
+    :func:`scripts.commands.compare.fp32_bench_run`)."""
     data = run_bench(pipeline, profile, status, peer, [make(pipeline, status) for make in extra], rounds)
     write_json_atomic(proof_dir(pipeline) / "bench.json", data)
     write_text_atomic(proof_dir(pipeline) / "bench.md", bench_markdown(data))

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.convert.package import mirror_with_config
 from scripts.proof.measure import context_limit, measure, Profile
 from scripts.proof.peer_bench import PeerRun

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from scripts.proof.edge_cases import control_tokens, edge_cases, edge_verdicts
-from scripts.proof.evaluate import conversations
+from scripts.core.hf_folder import control_tokens
+from scripts.proof.edge_cases import edge_cases, edge_verdicts
+from scripts.core.evalset import conversations
 from scripts.proof.measure import bench_request, context_limit, run_worker, summarise_length
-from scripts.proof.qa import answers_match
+from scripts.core.evalset import answers_match
 from scripts.proof.stats import percentile, slope
 
 log = logging.getLogger(__name__)

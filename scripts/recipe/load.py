@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scripts import settings
-from scripts.errors import RecipeError
+from scripts.core import settings
+from scripts.core.errors import RecipeError
 from scripts.families.registry import AUTO_TEMPLATE, family_names
 from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, LAYER_KINDS, PRECISIONS, refusal,
                                        translate_tutorial_conversion, TutorialFormError)
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
 from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
-from scripts.recipe.schema import Field, in_range, Obj, validate
+from scripts.core.schema import Field, in_range, Obj, validate
 from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
 
 log = logging.getLogger(__name__)

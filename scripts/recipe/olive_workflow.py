@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import RecipeError
+from scripts.core.errors import RecipeError
 
 RECIPE_KEYS = ("name", "description", "model", "conversion", "foundry", "generation", "eval", "validate")
 #: Olive keys that need no translation: where Olive runs and keeps its files (the chain decides those).

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from scripts.recipe.schema import Field, Obj
+from scripts.core.schema import Field, Obj
 
 PHYSICAL = "physical"
 MAX_THREADS = 256

@@ -3,10 +3,10 @@
 - ``foundry``: the Foundry Local runtime (``foundry-local-sdk``), as the deployed model is used;
 - ``genai``: raw ONNX Runtime GenAI on the same converted folder;
 - ``torch``: the original Hugging Face model in PyTorch (FP32);
-- ``http``: the Foundry Local runtime behind ``invoke serve``, streamed through the official ``openai`` client (the
-  server is its own process; its CPU time and peak RSS are the ones reported);
-- peers registered from their own modules with :func:`register_backend` (``llama.cpp``:
-  :mod:`scripts.runtimes.llamacpp`).
+- backends registered from their own modules with :func:`register_backend`: ``http`` (the Foundry Local runtime
+  behind ``invoke serve``, streamed through the official ``openai`` client; the server is its own process, its CPU time
+  and peak RSS are the ones reported: :mod:`scripts.serve.backend`) and the ``llama.cpp`` peer
+  (:mod:`scripts.runtimes.llamacpp`).
 
 Each backend is used inside its own worker process (``python -m scripts.proof.measure``): Foundry's GenAI
 native library must not share a process with ``onnxruntime_genai``, and each process's peak RSS is then
@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.errors import MeasurementError, SlmopsError
-from scripts.runtimes import foundry_sdk, serve, serve_client
+from scripts.core.errors import MeasurementError, SlmopsError
+from scripts.runtimes import foundry_sdk
 from scripts.runtimes.heap import one_heap_for_all_threads
-from scripts.sources.folder import read_chat_template
+from scripts.core.hf_folder import read_chat_template
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("foundry", "genai", "torch", "http")
 
 
 @dataclass
@@ -49,7 +48,7 @@ class Trace:
 
 
 def chat_template_of(model_dir: Path) -> tuple[str, dict]:
-    """The chat template Foundry Local applies (see :func:`scripts.sources.folder.read_chat_template`) and the
+    """The chat template Foundry Local applies (see :func:`scripts.core.hf_folder.read_chat_template`) and the
     tokenizer config."""
 
     model_dir = Path(model_dir)
@@ -237,7 +236,7 @@ def require_fixed_length(genai_config: dict, model_dir: Path, exact: bool) -> No
                                "(scripts.proof.bench.fixed_length_copy).")
 
 
-def _probe_model_id(model_dir: Path) -> str:
+def probe_model_id(model_dir: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(model_dir).resolve().name).strip("-.") or "model"
     return f"{name[:48]}-measure:1"
 
@@ -255,7 +254,7 @@ class FoundryBackend(Backend):
         if not cache_dir:
             self._tmp = tempfile.TemporaryDirectory(prefix="slmops-measure-cache-")
             cache_dir = self._tmp.name
-        model_id = self.options.get("model_id") or _probe_model_id(self.model_dir)
+        model_id = self.options.get("model_id") or probe_model_id(self.model_dir)
         manager = fr.open_manager(Path(cache_dir))
         self.model, _ = fr.ensure_registered(fr.local_catalog(manager), self.model_dir, model_id)
         if self.model.is_loaded:
@@ -290,61 +289,6 @@ class FoundryBackend(Backend):
             self._tmp.cleanup()
 
 
-class HttpBackend(Backend):
-    """Options as :class:`FoundryBackend`. :meth:`load` starts ``invoke serve``'s server on a free loopback port (its
-    load time is the server's whole start: process, runtime, model); :meth:`generate` streams through the ``openai``
-    client, greedy (``temperature`` 0) with ``max_tokens``, timing each content piece as it arrives."""
-
-    name = "http"
-
-    def load(self) -> float:
-        cache_dir = self.options.get("cache_dir")
-        if not cache_dir:
-            self._tmp = tempfile.TemporaryDirectory(prefix="slmops-measure-cache-")
-            cache_dir = self._tmp.name
-        self.model_id = self.options.get("model_id") or _probe_model_id(self.model_dir)
-        self.genai_config = foundry_sdk.validate_model_dir(self.model_dir)
-        plan = serve.plan_serve(Path(cache_dir), self.model_dir, self.model_id, port=0)
-        self._log = tempfile.NamedTemporaryFile(prefix="slmops-serve-", suffix=".log", delete=False)
-        self._log.close()
-        t0 = time.perf_counter()
-        self.server = serve.ServerProcess(plan, log_path=Path(self._log.name)).start()
-        seconds = time.perf_counter() - t0
-        self.client = serve_client.openai_client(self.server.base_url)
-        self._peak = None
-        return seconds
-
-    def generate(self, messages, max_new_tokens, exact=False):
-        require_fixed_length(self.genai_config, self.model_dir, exact)
-        a = serve_client.stream_answer(self.client, self.model_id, list(messages), max_tokens=max_new_tokens,
-                                       temperature=0)
-        return Trace(a.start, a.token_times, a.prompt_tokens, a.completion_tokens, a.text)
-
-    def _server(self):
-        import psutil
-        return psutil.Process(self.server.pid)
-
-    def cpu_seconds(self) -> float:
-        t = self._server().cpu_times()
-        return t.user + t.system
-
-    def peak_rss_bytes(self) -> int | None:
-        if self._peak is None and getattr(self, "server", None) is not None and self.server.running():
-            self._peak = vm_hwm_bytes(self.server.pid)
-        return self._peak
-
-    def close(self) -> None:
-        try:
-            if getattr(self, "server", None) is not None:
-                self.peak_rss_bytes()
-                self.server.stop()
-        finally:
-            if getattr(self, "_log", None):
-                Path(self._log.name).unlink(missing_ok=True)
-            if getattr(self, "_tmp", None):
-                self._tmp.cleanup()
-
-
 def vm_hwm_bytes(pid: int) -> int | None:
     """Peak resident set size of another process (Linux ``/proc/PID/status`` ``VmHWM``), or None."""
     try:
@@ -356,8 +300,7 @@ def vm_hwm_bytes(pid: int) -> int | None:
     return None
 
 
-BACKEND_CLASSES: dict[str, type[Backend]] = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend,
-                                             "http": HttpBackend}
+BACKEND_CLASSES: dict[str, type[Backend]] = {"foundry": FoundryBackend, "genai": GenAIBackend, "torch": TorchBackend}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

@@ -9,7 +9,7 @@ ordinary use:
 - Ctrl-C stops a reply (the part already printed stays in the history) without leaving; Ctrl-C twice at the prompt
   leaves;
 - text holding a control string of the model's prompt format (``<|im_start|>``, …) is refused with the eval loader's
-  reason (:func:`scripts.proof.qa.control_token_problem`);
+  reason (:func:`scripts.core.evalset.control_token_problem`);
 - a runtime error on one turn is printed and the session goes on.
 
 :func:`chat_loop` takes the chat (anything with ``context``, ``count_tokens`` and ``stream``, e.g.
@@ -25,10 +25,10 @@ from typing import Callable, ContextManager, Sequence
 
 from rich.console import Console
 
-from scripts.errors import FoundryError
-from scripts.faults import checkpoint
-from scripts.proof.edge_cases import control_tokens
-from scripts.proof.qa import control_token_problem
+from scripts.core.errors import FoundryError
+from scripts.core.faults import checkpoint
+from scripts.core.hf_folder import control_tokens
+from scripts.core.evalset import control_token_problem
 from scripts.runtimes.foundry_sdk import LiveChat
 
 #: The shortest reply a prompt must leave room for; a prompt leaving less is refused.

@@ -5,7 +5,7 @@ Two back ends, chosen by :func:`foundry_cli_available`:
 - **SDK (Linux, and anywhere without the ``foundry`` CLI)**: ``foundry-local-sdk`` 2.x runs the runtime
   in-process (``libfoundry_local.so``). Because the pipeline process also imports ``onnxruntime_genai``
   (for Olive) and the two GenAI native libraries should not share a process, :func:`check_model` runs
-  the work in a subprocess (``scripts.workers`` → :func:`scripts.runtimes.foundry_sdk.check_job`) and returns a typed
+  the work in a subprocess (``scripts.core.workers`` → :func:`scripts.runtimes.foundry_sdk.check_job`) and returns a typed
   :class:`CheckResult`. :class:`~scripts.runtimes.foundry_sdk.LiveChat` runs in-process, for an interactive chat in a process that
   has not imported ``onnxruntime_genai``.
 - **v1 CLI (Windows/macOS)**: ``foundry cache location``, ``foundry cache ls``, ``foundry model load``,
@@ -33,12 +33,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scripts import settings
-from scripts.errors import FoundryError
+from scripts.core import settings
+from scripts.core.errors import FoundryError
 from scripts.runtimes.foundry_api import (CheckResult, runtime_dirs, search_options_from_genai_config,
                                           validate_messages, validate_model_dir, validate_model_id)
 from scripts.runtimes.foundry_cli import Runner, cli_cache_location, cli_check_model, foundry_cli_available
-from scripts.workers import run_in_worker
+from scripts.core.workers import run_in_worker
 
 
 def cache_root() -> Path:

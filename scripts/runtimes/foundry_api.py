@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import FoundryError
+from scripts.core.errors import FoundryError
 
 log = logging.getLogger(__name__)
 

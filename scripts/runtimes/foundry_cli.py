@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from scripts.errors import FoundryError
+from scripts.core.errors import FoundryError
 from scripts.runtimes.foundry_api import Answer, CheckResult, inference_model_name, validate_messages, validate_model_dir
-from scripts.workers import tail
+from scripts.core.workers import tail
 
 
 def foundry_cli_available() -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import FoundryError
+from scripts.core.errors import FoundryError
 from scripts.runtimes.heap import one_heap_for_all_threads
 from scripts.runtimes.foundry_api import (REGISTRY_FILE, Answer, CheckResult, inference_model_name, runtime_dirs,
                                           search_options_from_genai_config, validate_messages, validate_model_dir,
@@ -337,7 +337,7 @@ class LiveChat:
 
 
 def check_job(request: dict) -> dict:
-    """Worker entry (``scripts.workers``): :func:`run_check_in_process` on a JSON request, then close the runtime."""
+    """Worker entry (``scripts.core.workers``): :func:`run_check_in_process` on a JSON request, then close the runtime."""
     missing = [k for k in ("cache_dir", "model_dir", "model_id", "conversations") if k not in request]
     if missing:
         raise FoundryError(f"Worker request lacks {', '.join(missing)}.")

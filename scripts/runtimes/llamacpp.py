@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scripts.errors import PeerError
+from scripts.core.errors import PeerError
 from scripts.peers.llamacpp import install_hint
 from scripts.runtimes.backends import Backend, register_backend, render_chat, Trace
 

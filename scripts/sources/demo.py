@@ -10,7 +10,6 @@ Usage::
 
     python -m scripts.sources.demo build  --dataset recipes/data/qwen-domain.jsonl --out build/demo-hf
     python -m scripts.sources.demo eval   --model build/demo-hf --dataset recipes/data/qwen-domain.jsonl
-    python -m scripts.sources.demo eval-onnx --model build/demo-int4 --dataset recipes/data/qwen-domain.jsonl
 
 Folder written by :func:`build_demo_model`::
 
@@ -33,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from scripts.errors import ModelSourceError, RecipeError
-from scripts.proof.answers import generate_answers_hf, generate_answers_onnx
+from scripts.core.errors import ModelSourceError, RecipeError
+from scripts.sources.answers import generate_answers_hf
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, _tokenizer_texts, render_chatml, save_tokenizer,
                                           train_tokenizer)
-from scripts.proof.qa import answers_match, exact_match, load_qa, QA, question_messages
-from scripts.settings import build_dir, REPO_ROOT
+from scripts.core.evalset import answers_match, exact_match, load_qa, QA, question_messages
+from scripts.core.settings import build_dir, REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--steps", type=int)
     b.add_argument("--seed", type=int)
     b.add_argument("--quiet", action="store_true")
-    for name in ("eval", "eval-onnx"):
-        e = sub.add_parser(name, help=f"greedy exact match ({'HF' if name == 'eval' else 'ONNX Runtime GenAI'})")
-        e.add_argument("--model", type=Path, required=True)
-        e.add_argument("--dataset", type=Path, default=default_data)
-        e.add_argument("--show", action="store_true", help="print every answer")
+    e = sub.add_parser("eval", help="greedy exact match of a Hugging Face folder")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--dataset", type=Path, default=default_data)
+    e.add_argument("--show", action="store_true", help="print every answer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -399,8 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "accuracy": r.accuracy, "n_questions": r.n_questions}))
         return 0
     qa = load_qa(args.dataset)
-    fn = generate_answers_hf if args.cmd == "eval" else generate_answers_onnx
-    preds = fn(args.model, [x.question for x in qa])
+    preds = generate_answers_hf(args.model, [x.question for x in qa])
     for pr, x in zip(preds, qa):
         if args.show or not answers_match(pr, x.answer):
             print(f"{'ok ' if answers_match(pr, x.answer) else 'BAD'} {x.question} -> {pr!r}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from scripts.proof.qa import QA, question_messages
+from scripts.core.evalset import QA, question_messages
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

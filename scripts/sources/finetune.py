@@ -1,10 +1,10 @@
 """A seeded LoRA fine-tune of the recipe's base model on its question/answer set (recipe ``model.finetune``): the
 adapter the ``merge-adapter`` step then merges. Runs in a worker process (:func:`train`, through
-:mod:`scripts.workers`), so the pipeline never imports torch.
+:mod:`scripts.core.workers`), so the pipeline never imports torch.
 
 Chat examples are the tokenizer's own chat template over ``[{"role": "user", "content": question}]`` with the
 generation prompt, then the answer tokens and eos; the loss covers the answer only. Same seed, data, settings and
-machine give the same adapter. After training, greedy answers are checked with :func:`scripts.proof.qa.answers_match`.
+machine give the same adapter. After training, greedy answers are checked with :func:`scripts.core.evalset.answers_match`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ModelSourceError
-from scripts.proof.qa import answers_match, load_qa, question_messages
+from scripts.core.errors import ModelSourceError
+from scripts.core.evalset import answers_match, load_qa, question_messages
 
 log = logging.getLogger(__name__)
 #: Every linear layer of the decoder blocks (not the LM head): the LoRA targets of the usual recipes.

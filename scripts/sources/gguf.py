@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ModelSourceError
+from scripts.core.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 

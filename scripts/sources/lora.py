@@ -1,7 +1,7 @@
 """LoRA (PEFT) adapters as input: check an adapter folder against its base model and merge it into a full
 Hugging Face folder (``merge_and_unload``) that the converter takes like any other model.
 
-Runs in a worker process (:func:`merge_job` through :mod:`scripts.workers`) so the pipeline process never imports torch.
+Runs in a worker process (:func:`merge_job` through :mod:`scripts.core.workers`) so the pipeline process never imports torch.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from scripts.errors import ModelSourceError
+from scripts.core.errors import ModelSourceError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -73,5 +73,5 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str,
 
 
 def merge_job(request: dict) -> dict[str, Any]:
-    """Worker entry (:mod:`scripts.workers`): :func:`merge_adapter` on a JSON request."""
+    """Worker entry (:mod:`scripts.core.workers`): :func:`merge_adapter` on a JSON request."""
     return merge_adapter(Path(request["base_dir"]), Path(request["adapter_dir"]), Path(request["out_dir"]))

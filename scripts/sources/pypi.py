@@ -13,8 +13,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from scripts import settings
-from scripts.errors import ModelSourceError
+from scripts.core import settings
+from scripts.core.errors import ModelSourceError
 from scripts.sources.gguf import dequantize
 
 PREFIX = "pypi:"

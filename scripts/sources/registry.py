@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from scripts import settings
-from scripts.errors import RecipeError
+from scripts.core import settings
+from scripts.core.errors import RecipeError
 from scripts.sources.pypi import parse_spec  # the same parser the builder uses
 from scripts.families.registry import family_names
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from scripts.errors import GraphCheckError
+from scripts.core.errors import GraphCheckError
 from scripts.convert.graph_check import GraphSummary, QuantNode, summarise_graph, verify_quantization
 from scripts.recipe.load import Conversion, Quantization
 

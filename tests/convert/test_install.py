@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scripts.convert import install
-from scripts.errors import InstallError
+from scripts.core.errors import InstallError
 from scripts.convert.install import assemble_package, install_dir, install_package, list_cache, package_files
 
 

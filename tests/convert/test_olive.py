@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from scripts.convert import olive as olive_convert
-from scripts.errors import ConversionError
-from scripts.settings import REPO_ROOT
+from scripts.core.errors import ConversionError
+from scripts.core.settings import REPO_ROOT
 from scripts.convert.olive import explain_failure, olive_config, run_olive
 from scripts.recipe.load import Conversion, Quantization
 

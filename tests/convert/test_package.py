@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import settings
-from scripts.errors import TemplateError
+from scripts.core import settings
+from scripts.core.errors import TemplateError
 from scripts.families.registry import Family, get_family
 from scripts.convert.package import (PROMPT_KEYS, render_inference_model, search_options, with_search,
                                      with_session_options)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import settings
+from scripts.core import settings
 from scripts.convert.package import render_inference_model
-from scripts.errors import TemplateError
+from scripts.core.errors import TemplateError
 from scripts.families.registry import get_family
 from scripts.families.templates import (SAMPLE_SYSTEM, SAMPLE_USER, analyse_model_template, check_template_agreement,
                                         compare_templates, fill, with_default_system)

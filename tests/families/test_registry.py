@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scripts.families import registry as families
-from scripts.errors import TemplateError
+from scripts.core.errors import TemplateError
 from scripts.families.registry import (TEMPLATE_SUFFIX, confirm_template, detect_family, family_names, get_family,
                               registry)
 

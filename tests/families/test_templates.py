@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import RecipeError, TemplateError
+from scripts.core.errors import RecipeError, TemplateError
 from scripts.families.registry import AUTO_TEMPLATE, detect_family, family_names, get_family, registry, unconvertible_reason
 from scripts.families.select import override_family, with_stop_tokens
 from scripts.convert.package import render_inference_model

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import PeerError
+from scripts.core.errors import PeerError
 from scripts.peers import converter_source
 from scripts.peers.converter_source import complete, ensure_converter, extract_converter, sdist_name, wanted
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import PeerError
+from scripts.core.errors import PeerError
 from scripts.peers import gguf_build
 from scripts.peers.gguf_build import (build_ggufs, check_types, GGUF_TYPES, gguf_path, plan_steps,
                                       pre_tokenizer_by_regex, split_regexes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.errors import MeasurementError, PeerUnavailableError
+from scripts.core.errors import MeasurementError, PeerUnavailableError
 from scripts.peers import llamacpp
 from scripts.peers.llamacpp import peer_status, pinned_version, require_installed
 

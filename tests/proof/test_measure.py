@@ -1,7 +1,7 @@
 """Measurement module: pure prompt planning and summaries; real workers on the tiny model (mechanics only)."""
 import pytest
 
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.proof.measure import (PROFILES, Profile, bench_request, get_profile, length_prompts, measure, prompt_lengths,
                              run_worker, summarise_length)
 
@@ -93,7 +93,7 @@ def _ends_at_once(tiny_onnx_model, dest):
     one token unless the end of text is suppressed."""
     import json
     from tokenizers import Tokenizer
-    from scripts.fileops import link_or_copy
+    from scripts.core.fileops import link_or_copy
     from scripts.runtimes.backends import render_chat
     job = bench_request(tiny_onnx_model, TINY)
     messages = job["prompts"][0][1]

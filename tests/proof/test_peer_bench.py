@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from invoke import Exit, MockContext
 
-from scripts.errors import PeerError, PeerUnavailableError
+from scripts.core.errors import PeerError, PeerUnavailableError
 from scripts.peers import llamacpp
 from scripts.proof import bench as bench_module
 from scripts.proof.bandwidth import Bandwidth

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.proof.profile import op_table, profile_markdown, run_profile, summarise_trace
 
 

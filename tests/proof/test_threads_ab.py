@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scripts.errors import MeasurementError
+from scripts.core.errors import MeasurementError
 from scripts.proof.measure import Profile
 from scripts.proof.threads_ab import (ab_ratios, mirror, parse_variants, run_threads_ab, summarise_ab, threads_markdown,
                                       variant_config)

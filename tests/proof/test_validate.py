@@ -2,10 +2,11 @@
 
 import pytest
 
-from scripts.proof.edge_cases import EdgeVerdict, clean_message, control_tokens, edge_cases, edge_verdicts
+from scripts.core.hf_folder import control_tokens
+from scripts.proof.edge_cases import EdgeVerdict, clean_message, edge_cases, edge_verdicts
 from scripts.proof.measure import context_limit, run_worker
 from scripts.recipe.load import parse_recipe
-from scripts.errors import RecipeError
+from scripts.core.errors import RecipeError
 from scripts.proof.validate import (FAIL, PASS, SKIP, domain_item, edge_item, format_item, format_problem, leak_figures,
                               leak_item, lengths_item)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import settings
-from scripts.errors import RecipeError
+from scripts.core import settings
+from scripts.core.errors import RecipeError
 from scripts.families.registry import family_names
 from scripts.recipe.load import (BUILTIN_GENERATION, Generation, available_recipes, load_recipe,
                             recipe_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import RecipeError
+from scripts.core.errors import RecipeError
 from scripts.recipe.load import load_recipe, parse_recipe
 from scripts.recipe.olive_workflow import SUPPORTED_FORM, is_olive_workflow
 

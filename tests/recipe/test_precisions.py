@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from scripts.errors import ConversionError, GraphCheckError, RecipeError
+from scripts.core.errors import ConversionError, GraphCheckError, RecipeError
 from scripts.convert.graph_check import GraphSummary, QuantNode, verify_quantization
 from scripts.convert.olive import olive_config, reconcile_genai_outputs
 from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, choose_auto, translate_tutorial_conversion

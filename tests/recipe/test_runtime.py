@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from scripts.errors import RecipeError
+from scripts.core.errors import RecipeError
 from scripts.recipe import runtime
 from scripts.recipe.load import load_recipe
 from scripts.recipe.runtime import PHYSICAL, RuntimeSpec, physical_cores

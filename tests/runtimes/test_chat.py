@@ -17,10 +17,10 @@ import threading
 import pytest
 from rich.console import Console
 
-from scripts.errors import FoundryError
-from scripts.faults import PAUSE_ENV, PAUSE_FIFO_ENV
+from scripts.core.errors import FoundryError
+from scripts.core.faults import PAUSE_ENV, PAUSE_FIFO_ENV
 from scripts.runtimes.chat import MIN_REPLY, PromptTooLong, chat_loop, fit_conversation, reply_floor
-from scripts.settings import REPO_ROOT
+from scripts.core.settings import REPO_ROOT
 from tests.signals import ctrl_c_reaches_it
 
 CONTROLS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -186,7 +186,7 @@ DRIVER = r"""
 import io, json, sys
 from pathlib import Path
 from rich.console import Console
-from scripts.proof.edge_cases import control_tokens
+from scripts.core.hf_folder import control_tokens
 from scripts.runtimes.chat import chat_loop
 from scripts.runtimes.foundry_sdk import LiveChat
 cache, model, lines, max_tokens = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])

@@ -17,8 +17,8 @@ import pytest
 from scripts.runtimes import foundry as fr
 from scripts.runtimes import foundry_api as api
 from scripts.runtimes import foundry_cli as cli
-from scripts.errors import FoundryError
-from scripts.settings import REPO_ROOT
+from scripts.core.errors import FoundryError
+from scripts.core.settings import REPO_ROOT
 
 HELLO = [{"role": "user", "content": "Hello"}]
 MULTI_TURN = [
@@ -139,7 +139,7 @@ def test_worker_stdin_stdout_protocol(tiny_onnx_model, cache_dir):
     model_dir = install(tiny_onnx_model, cache_dir)
     request = {"cache_dir": str(cache_dir), "model_dir": str(model_dir), "model_id": "tiny-qwen2:1",
                "conversations": [HELLO], "max_tokens": 4}
-    worker = [sys.executable, "-m", "scripts.workers", "scripts.runtimes.foundry_sdk:check_job"]
+    worker = [sys.executable, "-m", "scripts.core.workers", "scripts.runtimes.foundry_sdk:check_job"]
     proc = subprocess.run(worker, input=json.dumps(request),
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr

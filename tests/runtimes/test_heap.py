@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from scripts.settings import REPO_ROOT
+from scripts.core.settings import REPO_ROOT
 
 CHILD = r"""
 import ctypes, json, sys, threading

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from tokenizers import Tokenizer
 
-from scripts.errors import MeasurementError, PeerError
+from scripts.core.errors import MeasurementError, PeerError
 from scripts.proof.measure import bench_request, measure, Profile, run_worker
 from scripts.runtimes.backends import BACKEND_CLASSES, make_backend, render_chat
 from scripts.runtimes.llamacpp import LlamaCppBackend

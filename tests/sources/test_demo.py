@@ -16,7 +16,7 @@ from scripts.sources.demo import (
     check_model_dir,
     file_sha256,
 )
-from scripts.errors import ModelSourceError
+from scripts.core.errors import ModelSourceError
 from tests.qa_data import TINY_QA, write_jsonl
 
 

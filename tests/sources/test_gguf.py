@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import ModelSourceError, RecipeError
+from scripts.core.errors import ModelSourceError, RecipeError
 from scripts.pipeline import Pipeline
-from scripts.proof.tune import source_weight_types
+from scripts.commands.tune import source_weight_types
 from scripts.recipe.load import parse_recipe
 from scripts.sources.gguf import (check_architecture, dequantize, loadable_architectures, read_metadata,
                                   requantization_note, weight_types)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts.errors import ModelSourceError
+from scripts.core.errors import ModelSourceError
 from scripts.sources.lora import check_adapter
-from scripts.workers import run_in_worker
+from scripts.core.workers import run_in_worker
 
 REPO = Path(__file__).resolve().parents[2]
 QA = [("What colour is the orchard gate?", "The gate is blue."),

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from scripts.errors import ModelSourceError, RecipeError
+from scripts.core.errors import ModelSourceError, RecipeError
 from scripts.recipe.load import parse_recipe
 from scripts.sources.pypi import build, parse_spec
 from tests.gguf_writer import make_tiny_gguf

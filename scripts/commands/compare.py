@@ -1,0 +1,281 @@
+"""`invoke compare`: every precision of the tutorial's table, built from one recipe and measured side by side.
+
+Each precision is built by the normal steps (convert → package, which includes the GenAI smoke test) in its own
+folder ``build/<recipe>/precisions/<p>/`` with its own stamps, so re-running reuses the builds. Then, per build,
+one worker process per backend (:mod:`scripts.proof.measure`):
+
+- Foundry Local (as deployed): load time, time to first token, decode tokens/s, peak RSS, and the eval-set answers;
+- ONNX Runtime GenAI on the same folder: teacher-forced logits over held-out text (perplexity, greedy-token
+  agreement with the FP32 ONNX build and with the original PyTorch model);
+- PyTorch on the Hugging Face original: the same figures, as the reference row.
+
+Speed figures are medians of repeated runs on a shared machine: compare ratios, not absolutes. Models made from a
+config with random weights (``synthetic:`` sources) get sizes and speeds only: their quality figures would be noise.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from scripts.convert.graph_check import summarise_graph
+from scripts.core.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
+from scripts.pipeline import Paths, Pipeline
+from scripts.core.evalset import conversations, score
+from scripts.proof.measure import (_tokenizer, bench_request, context_limit, Profile, run_worker, to_backend_bench,
+                                   weights_size)
+from scripts.commands.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
+                                          perplexity, token_agreement, write_outputs)
+from scripts.proof.fidelity import DEFAULT_WINDOW, failures as fidelity_failures, heldout_text, token_windows
+from scripts.proof.peer_bench import PeerRun
+from scripts.recipe.load import FinetuneSpec, Recipe
+from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
+from scripts.sources.registry import parse_source
+
+log = logging.getLogger(__name__)
+Announce = Callable[[str], None]
+
+#: One prompt length, short runs: enough to rank precisions; `invoke bench` has the full profile.
+COMPARE_PROFILE = Profile("compare", lengths=(128,), max_prompt_tokens=128, new_tokens=32, warmup=1, repeats=3)
+
+
+def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce, status=None) -> Pipeline:
+    """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/``."""
+    return Pipeline(replace(recipe, conversion=conversion), announce=announce, status=status,
+                    root=Paths.for_recipe(recipe).root / folder)
+
+
+def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):
+    """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/``."""
+    return variant_pipeline(recipe, replace(recipe.conversion, precision=precision), f"precisions/{precision}",
+                            announce, status)
+
+
+def build_package(pipe: Pipeline) -> None:
+    """Convert and package ``pipe``'s model (cached steps, graph-checked, smoke-tested) under its lock: the recipe's
+    (held by the caller: re-entered) and recovery of its build folder. Raises what the steps raise."""
+    with pipe.locked():
+        for step in pipe.steps():
+            if step.name in ("convert", "package"):
+                pipe.runner.run(step)
+
+
+def prepare_model(recipe: Recipe, announce: Announce, status=None):
+    """Run the steps that produce the model to convert (demo/synthetic model, fine-tune, adapter merge); return the
+    pipeline."""
+    main = Pipeline(recipe, announce=announce, status=status)
+    for step in main.steps():
+        if step.name == "convert":
+            break
+        if step.name != "doctor":
+            main.runner.run(step)
+    return main
+
+
+def prepared_recipe(recipe: Recipe, main: Pipeline) -> Recipe:
+    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
+    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
+    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
+        return recipe
+    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
+    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
+
+
+def build_precision(recipe: Recipe, precision: str, announce: Announce, status=None) -> tuple[Row, Any]:
+    """Build (or reuse) one precision up to its smoke-tested package. Failures become a row, not an exception."""
+    if (why := refusal(precision)) is not None:
+        announce(f"• {precision}: refused before building: {why.split(':')[0]}")
+        return Row(precision, "refused", why), None
+    pipe = precision_pipeline(recipe, precision, announce, status)
+    announce(f"{precision}: build → {pipe.paths.root}")
+    try:
+        build_package(pipe)
+    except (ConversionError, GraphCheckError, SlmopsError) as exc:
+        announce(f"✗ {precision}: {str(exc).splitlines()[0]}")
+        return Row(precision, "failed", str(exc), str(pipe.paths.root)), pipe
+    summary = summarise_graph(pipe.paths.package / "model.onnx")
+    return Row(precision, "ok", folder=str(pipe.paths.package), bytes=weights_size(pipe.paths.package),
+               graph=summary.describe(), weights_by_type=summary.weight_bytes_by_type()), pipe
+
+
+def fp32_bench_run(pipeline, status=None) -> PeerRun:
+    """The same model's FP32 ONNX build (built, or reused, in ``build/<recipe>/precisions/fp32/``) as a raw GenAI run
+    for ``invoke bench --fp32``: "INT4 TTFT below FP32 ONNX's at every length"."""
+    recipe = prepared_recipe(pipeline.recipe, prepare_model(pipeline.recipe, log.info, status))
+    if status:
+        status("bench: building (or reusing) the FP32 ONNX build…")
+    row, _ = build_precision(recipe, "fp32", log.info, status)
+    if row.status != "ok":
+        raise MeasurementError(f"The FP32 ONNX build the bench compares with could not be built: {row.reason}")
+    return PeerRun("genai:fp32", "genai", "ONNX Runtime GenAI FP32 (raw, same model)", Path(row.folder), {})
+
+
+def heldout_windows(recipe: Recipe, model_dir: Path, context: int) -> list[list[int]]:
+    """The held-out text (:func:`scripts.proof.fidelity.heldout_text`) in windows that fit the context."""
+    ids = _tokenizer(model_dir).encode(heldout_text(), add_special_tokens=False).ids
+    return token_windows(ids, min(DEFAULT_WINDOW, context), recipe.conversion.fidelity.heldout_tokens)
+
+
+def _measure_row(row: Row, backend: str, folder: Path, jobs: list[dict], prompt_dir: Path, context: int,
+                 speed: bool) -> dict:
+    result = run_worker(backend, folder, jobs)
+    row.load_seconds = result["load_seconds"]
+    row.peak_rss_mb = result["peak_rss"] / 1e6
+    if speed:
+        bench = to_backend_bench(backend, folder, result)
+        first = bench.lengths[0]
+        row.ttft = first.ttft.to_json() if first.ttft else None
+        row.decode_tps = first.decode_tps.to_json() if first.decode_tps else None
+    return {j["kind"]: j for j in result["jobs"]}
+
+
+def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: bool = True,
+                announce: Announce = log.info, status: Callable[[str], Any] | None = None,
+                out_dir: Path | None = None) -> CompareReport:
+    """Build every precision, measure each, and write compare.json / compare.md / compare.svg."""
+
+    status = status or (lambda s: None)
+    synthetic = recipe.source.random_weights
+    quality = not synthetic
+    note = ("quality not measured: this model has random weights (a size class for size and speed); its accuracy, "
+            "agreement and perplexity would be noise" if synthetic else "")
+    main = prepare_model(recipe, announce, status)
+    hf_dir = main.model_dir
+    builds = prepared_recipe(recipe, main)
+    qa = main.eval_set() if quality else []
+    rows: list[Row] = []
+    pipes: dict[str, Any] = {}
+    order = [p for p in TABLE_ORDER if p in precisions]
+    for i, p in enumerate(order, 1):
+        status(f"building {p} ({i}/{len(order)})…")
+        row, pipe = build_precision(builds, p, announce, status)
+        rows.append(row)
+        pipes[p] = pipe
+    ok = [r for r in rows if r.ok]
+    context = min(context_limit(Path(r.folder)) for r in ok) if ok else 512
+    heldout = heldout_windows(recipe, hf_dir, context) if quality else []
+    chats = conversations(qa, recipe.eval.system_prompt) if qa else []
+    answers_job = {"kind": "answers", "conversations": chats, "max_new_tokens": recipe.eval.max_new_tokens}
+    logits_job = {"kind": "logits", "windows": heldout}
+    logits: dict[str, dict] = {}
+
+    hf_row = Row(HF_ROW, "ok", folder=str(hf_dir), bytes=weights_size(hf_dir), graph="PyTorch, FP32 safetensors")
+    jobs: list[dict] = []
+    if speed:
+        jobs.append(bench_request(hf_dir, COMPARE_PROFILE, context))
+    if quality and chats:
+        jobs.append(answers_job)
+    if quality and heldout:
+        jobs.append(logits_job)
+    if jobs:
+        announce("hf-fp32: measuring the Hugging Face original with PyTorch…")
+        status("PyTorch: measuring the original model…")
+        try:
+            done = _measure_row(hf_row, "torch", hf_dir, jobs, hf_dir, context, speed)
+            _quality_from(hf_row, done, qa, score)
+            logits["torch"] = done.get("logits")
+        except MeasurementError as exc:
+            hf_row.status, hf_row.reason = "failed", str(exc)
+    for row in ok:
+        folder = Path(row.folder)
+        jobs = ([bench_request(folder, COMPARE_PROFILE, context)] if speed else []) + \
+               ([answers_job] if quality and chats else [])
+        announce(f"{row.precision}: measuring through Foundry Local ({len(jobs)} jobs)…")
+        status(f"Foundry Local: measuring {row.precision}…")
+        try:
+            if jobs:
+                _quality_from(row, _measure_row(row, "foundry", folder, jobs, folder, context, speed), qa, score)
+            if quality and heldout:
+                status(f"ONNX Runtime GenAI: scoring held-out text with {row.precision}…")
+                reference = next((r.folder for r in ok if r.precision == "fp32"), None)
+                fidelity = ({"kind": "fidelity", "windows": heldout, "reference_dir": reference}
+                            if reference and row.precision != "fp32" else None)
+                done = run_genai(folder, [logits_job] + ([fidelity] if fidelity else []))
+                logits[row.precision] = done["logits"]
+                if "fidelity" in done:
+                    _fidelity_from(row, done["fidelity"])
+        except MeasurementError as exc:
+            row.status, row.reason = "failed", str(exc)
+            announce(f"✗ {row.precision}: {str(exc).splitlines()[0]}")
+            continue
+        announce(f"✓ {row.precision}: {fmt_mb(row.bytes)} MB, decode {fmt_median(row.decode_tps)} tok/s"
+                 + (f", eval accuracy {fmt_pct(row.eval_accuracy)}" if row.eval_accuracy is not None else ""))
+    # Agreement with the references
+    fp32 = next((r for r in rows if r.precision == "fp32" and r.ok), None)
+    for row in [r for r in rows if r.ok] + [hf_row]:
+        if fp32 is not None and fp32.answers and row.answers:
+            row.answer_agreement_fp32 = answer_agreement(row.answers, fp32.answers)
+        mine = logits.get("torch" if row is hf_row else row.precision)
+        if mine:
+            row.perplexity = perplexity(mine)
+            if logits.get("fp32") and row.token_agreement_fp32 is None:
+                row.token_agreement_fp32 = token_agreement(mine, logits["fp32"])
+            if logits.get("torch"):
+                row.token_agreement_torch = token_agreement(mine, logits["torch"])
+    report = CompareReport(recipe.name, quality, note, hf_row.bytes or 0, rows + [hf_row],
+                           COMPARE_PROFILE.to_json())
+    if quality and qa and fp32 is not None and fp32.eval_accuracy is not None:
+        refused = {r.precision: r.reason for r in rows if r.status == "refused"}
+        failed = {r.precision: None for r in rows if r.status == "failed"}
+        spec = recipe.conversion.fidelity
+        misses = {r.precision: fidelity_failures({"kld_mean": r.kld_mean, "top1": r.token_agreement_fp32,
+                                                  "ppl_increase": r.ppl_increase}, spec)
+                  for r in rows if r.ok and r.kld_mean is not None}
+        winner, reasons = choose_auto({**{r.precision: r.eval_accuracy for r in rows if r.ok}, **failed},
+                                      recipe.conversion.auto_threshold, refused, misses)
+        report.auto = {"chosen": winner, "threshold": recipe.conversion.auto_threshold, "reasons": reasons}
+    write_outputs(report, out_dir or main.paths.root / "proof")  # beside bench/validate: `invoke report` reads it
+    return report
+
+
+def run_genai(folder: Path, jobs: list[dict]) -> dict[str, dict]:
+    """Jobs on one ONNX Runtime GenAI worker, by kind."""
+    return {j["kind"]: j for j in run_worker("genai", folder, jobs)["jobs"]}
+
+
+def _fidelity_from(row: Row, figures: dict) -> None:
+    row.kld_mean, row.kld_p99, row.ppl_increase = figures["kld_mean"], figures["kld_p99"], figures["ppl_increase"]
+    row.token_agreement_fp32 = figures["top1"]
+
+
+def _quality_from(row: Row, done: dict, qa, score) -> None:
+    if "answers" in done:
+        row.answers = [a["text"] for a in done["answers"]["answers"]]
+        row.eval_accuracy = score(row.answers, qa).accuracy
+
+
+def auto_precision(recipe: Recipe, announce: Announce = log.info, status=None) -> tuple[Recipe, dict]:
+    """``--precision auto``: build the candidates (cached), measure eval accuracy through Foundry Local, and return
+    the recipe at the smallest precision within ``conversion.auto_threshold`` of FP32, with the reasoning."""
+    if recipe.source.random_weights:
+        raise RecipeError(f"{recipe.path}: --precision auto needs meaningful answers, but {recipe.source} has random "
+                          "weights. Pick a precision (int4/int8/fp32) for this size class.")
+    if recipe.eval.dataset is None:
+        raise RecipeError(f"{recipe.path}: --precision auto compares eval accuracy with FP32's; set eval.dataset, or "
+                          "choose conversion.precision yourself.")
+    report = run_compare(recipe, precisions=list(BY_SIZE), speed=False, announce=announce,
+                         status=status)
+    if not report.auto:
+        raise QualityCompareError(f"--precision auto could not measure FP32's eval accuracy: "
+                                  f"{report.row('fp32').reason if report.row('fp32') else 'no fp32 row'}")
+    chosen = report.auto["chosen"]
+    for line in report.auto["reasons"]:
+        announce(f"       {line}")
+    return replace(recipe, conversion=replace(recipe.conversion, precision=chosen)), report.auto
+
+
+class QualityCompareError(SlmopsError):
+    """The comparison could not produce the reference figures ``--precision auto`` needs."""
+
+
+def resolve_auto(recipe: Recipe, announce: Announce = log.info, status=None) -> Recipe:
+    """``conversion.precision == "auto"`` (recipe or ``--precision auto``) resolved by measuring the candidates; any
+    other recipe is returned as it is."""
+    if recipe.conversion.precision != AUTO:
+        return recipe
+    announce("--precision auto: building and evaluating the candidates (cached builds are reused)…")
+    chosen, auto = auto_precision(recipe, announce, status)
+    announce(f"--precision auto chose {chosen.conversion.precision}: the smallest precision whose eval accuracy is "
+             f"within {100 * auto['threshold']:.0f} % of FP32's")
+    return chosen
