@@ -224,6 +224,14 @@ def recipes(c):
         print(name)
 
 
+@task
+@domain_errors
+def docs(c):
+    """Regenerate the generated docs pages: docs/recipe.md (every recipe key) from the recipe schema."""
+    from scripts.recipe.keys_doc import write
+    print(f"Wrote {write()}")
+
+
 PROFILE_HELP = ("measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs), full (5 lengths, 2 + 5 runs) "
                 "or scale (prompts of 128, 512 and 2,000 tokens, 128 new tokens, 2 + 3 runs)")
 
