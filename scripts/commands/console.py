@@ -34,11 +34,12 @@ def records(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[s
     for r in rows:
         parts.append(Text(str(r[0]) or "–", style="bold"))
         grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=1)  # the indent under the heading
         grid.add_column(max_width=28, overflow="fold")
         grid.add_column(overflow="fold")
         for h, c in zip(headers[1:], r[1:]):
             if str(c).strip():
-                grid.add_row(Text(f"  {h}"), Text(str(c)))
+                grid.add_row("", Text(str(h)), Text(str(c)))
         parts.append(grid)
     return Group(*parts)
 
