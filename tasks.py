@@ -205,15 +205,12 @@ def serve(c, model=DEFAULT_RECIPE, model_path=None, host="127.0.0.1", port=None,
 def families(c):
     """List the registered model families (prompt formats), the architectures each covers and its stop tokens."""
     from rich.markup import escape
-    from rich.table import Table
 
+    from scripts.commands.console import print_rows
     from scripts.families.select import family_notes, family_rows
     rows = family_rows()
-    table = Table(*rows[0].keys(), title="Model families (templates/families/)")
-    for row in rows:
-        table.add_row(*(escape(v) for v in row.values()))
     console = _console()
-    console.print(table)
+    print_rows(console, "Model families (templates/families/)", list(rows[0]), [list(r.values()) for r in rows])
     for note in family_notes():
         console.print(escape(note))
 
@@ -225,6 +222,14 @@ def recipes(c):
     from scripts.recipe.load import available_recipes
     for name in available_recipes():
         print(name)
+
+
+@task
+@domain_errors
+def docs(c):
+    """Regenerate the generated docs pages: docs/recipe.md (every recipe key) from the recipe schema."""
+    from scripts.recipe.keys_doc import write
+    print(f"Wrote {write()}")
 
 
 PROFILE_HELP = ("measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs), full (5 lengths, 2 + 5 runs) "
@@ -272,7 +277,7 @@ def bench(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", peer=None, 
 def bench_threads(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", threads="default,1,2", rounds=3,
                   foundry=False, peer=None):
     """What ONNX Runtime's intra-op thread count moves on the installed model: interleaved A/B, proof/threads.{json,md}."""
-    from rich.markdown import Markdown
+    from scripts.commands.console import print_markdown
     from scripts.proof.measure import get_profile
     from scripts.proof.run import proof_dir, threads_ab_and_save
     from scripts.proof.threads_ab import parse_variants, threads_markdown
@@ -280,7 +285,7 @@ def bench_threads(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", thr
     with console.status("working…") as status:
         data = threads_ab_and_save(pipeline, get_profile(profile), parse_variants(threads), int(rounds),
                                    ("genai", "foundry") if foundry else ("genai",), status.update, peer)
-    console.print(Markdown(threads_markdown(data)))
+    print_markdown(console, threads_markdown(data))
     console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
 
 
@@ -288,13 +293,13 @@ def bench_threads(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", thr
             new_tokens="tokens to generate after the prompt (the decode steps profiled)")
 def profile(c, model=DEFAULT_RECIPE, model_path=None, prompt_tokens=128, new_tokens=16):
     """Per-operator time of one generation in ONNX Runtime's profiler (prefill and decode), proof/profile.{json,md}."""
-    from rich.markdown import Markdown
+    from scripts.commands.console import print_markdown
     from scripts.proof.run import profile_and_save, proof_dir
     from scripts.proof.profile import profile_markdown
     console, pipeline = _pipeline(model, model_path)
     with console.status("profiling…"):
         data = profile_and_save(pipeline, int(prompt_tokens), int(new_tokens))
-    console.print(Markdown(profile_markdown(data)))
+    print_markdown(console, profile_markdown(data))
     console.print(f"Saved {proof_dir(pipeline) / 'profile.json'} and profile.md")
 
 

@@ -7,7 +7,8 @@ Pure core, I/O at the edges:
   PATH, and a *subprocess* probe of the Foundry Local SDK so this process never loads its native library).
 - :func:`evaluate` turns facts + pins into :class:`Check` rows. It is pure and unit-tested with hand-made
   :class:`Facts`.
-- :func:`render_table` and :func:`run_doctor` print the table; ``run_doctor`` raises
+- :func:`render_table` (at most two lines per check at any width from 80 columns) and :func:`render_notes` (what
+  was expected and the fix, under the table); :func:`run_doctor` prints them and raises
   :class:`~scripts.core.errors.EnvironmentCheckError` if any row is ``FAIL``.
 
 Known-bad versions (measured, see ``FIELD-NOTES.md``) are kept here as *ranges* with their explanation;
@@ -591,19 +592,67 @@ def _check_peer(installed: str | None, pin: str | None) -> Check:
 # --------------------------------------------------------------------------------------------------
 
 _STYLE = {Status.OK: "green", Status.INFO: "cyan", Status.WARN: "yellow", Status.FAIL: "bold red"}
+#: Widest the Check column gets; longer names wrap to a second line.
+_NAME_WIDTH = 27
+#: Table cells per row at most: a longer Found moves to the notes under the table.
+_MAX_LINES = 2
+_SEE_BELOW = "(see below)"
 
 
-def render_table(checks: Iterable[Check]) -> Table:
-    """A rich table with one row per check: name, found, expected, verdict, fix."""
+def _found_width(checks: list[Check], width: int) -> tuple[int, int]:
+    """(Check column width, Found column width) of the table at ``width`` columns: 4 borders and 3 × 2 padding,
+    the Verdict column as wide as its header."""
+    name_width = min(_NAME_WIDTH, max(len(c.name) for c in checks))
+    return name_width, max(12, width - 10 - name_width - len("Verdict"))
+
+
+def _fits(text: str, width: int) -> bool:
+    import textwrap
+
+    return len(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) <= _MAX_LINES and all(
+        len(word) <= width for word in text.split())
+
+
+def render_table(checks: Iterable[Check], width: int = 80) -> Table:
+    """The checks at ``width`` columns, at most two lines each: name, verdict and what was found. What was expected
+    and how to fix it are in :func:`render_notes` (under the table), as is a Found too long for two lines."""
+    checks = list(checks)
+    name_width, found_width = _found_width(checks, width)
     table = Table(title="SLMOps Deploy: environment check", show_lines=False)
-    table.add_column("Check", no_wrap=True)
-    table.add_column("Found")
-    table.add_column("Expected")
+    table.add_column("Check", width=name_width, overflow="fold")
     table.add_column("Verdict", no_wrap=True)
-    table.add_column("Fix")
+    table.add_column("Found", width=found_width, overflow="fold")
     for c in checks:
-        table.add_row(c.name, c.found, c.expected, f"[{_STYLE[c.status]}]{c.status.value}[/]", c.fix)
+        found = c.found if _fits(c.found, found_width) else _SEE_BELOW
+        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status.value}[/]", found)
     return table
+
+
+def render_notes(checks: Iterable[Check], width: int = 80) -> list[tuple[str, str]]:
+    """``(heading, text)`` per check that is not OK or whose Found did not fit the table: what was found (when the
+    table could not show it), what was expected and the fix."""
+    checks = list(checks)
+    _, found_width = _found_width(checks, width)
+    notes = []
+    for c in checks:
+        long_found = not _fits(c.found, found_width)
+        if c.status is Status.OK and not long_found:
+            continue
+        parts = [f"Found {c.found}." if long_found else "", f"Expected {c.expected}." if c.expected else "",
+                 f"Fix: {c.fix}." if c.fix else ""]
+        notes.append((f"{c.name}: {c.status.value}", " ".join(p for p in parts if p)))
+    return notes
+
+
+def print_report(console: Console, checks: list[Check]) -> None:
+    """The table, then the notes (a heading line, the text indented under it), readable at 80 columns and in a log."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    console.print(render_table(checks, console.width))
+    for heading, text in render_notes(checks, console.width):
+        console.print(Text(heading, style="bold"))
+        console.print(Padding(Text(text), (0, 0, 0, 2), expand=False))
 
 
 def run_doctor(console: Console | None = None, *, requirements_path: Path | str = REQUIREMENTS_PATH
@@ -618,7 +667,7 @@ def run_doctor(console: Console | None = None, *, requirements_path: Path | str 
     pins = read_pins(requirements_path)
     facts = gather_facts(requirements_path=requirements_path)
     checks = evaluate(facts, pins, peer_pin=llamacpp.pinned_version())
-    console.print(render_table(checks))
+    print_report(console, checks)
     for c in checks:
         logger.debug("doctor: %s | %s | %s | %s", c.name, c.found, c.status.value, c.fix)
     failed = failures(checks)

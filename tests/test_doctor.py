@@ -169,11 +169,56 @@ def test_foundry_cli_found_is_ok():
 def test_render_table_has_one_row_per_check():
     checks = evaluate(with_packages(onnxruntime_genai="0.15.2"), PINS)
     table = doctor.render_table(checks)
-    assert [c.header for c in table.columns] == ["Check", "Found", "Expected", "Verdict", "Fix"]
+    assert [c.header for c in table.columns] == ["Check", "Verdict", "Found"]
     assert table.row_count == len(checks)
     out = io.StringIO()
     Console(file=out, width=250).print(table)
     assert "FAIL" in out.getvalue() and "onnxruntime-genai" in out.getvalue()
+
+
+def _report(checks, width):
+    out = io.StringIO()
+    doctor.print_report(Console(file=out, width=width), checks)
+    return out.getvalue()
+
+
+def _worst_machine():
+    """Every kind of row at its longest: warnings, failures, a long path, a long list of differing packages."""
+    facts = with_packages(onnxruntime_genai="0.15.2", transformers=None, jinja2="3.0.0", llama_cpp_python="0.3.20")
+    return replace(facts, python_version="3.12.1", ram_available_bytes=2 * GIB, cmake_version=None,
+                   disks=(DiskFact("build dir", "/home/someone/projects/slmops-deploy/build/with/a/long/path", GIB),
+                          DiskFact("Foundry cache", "/tmp/c", None)))
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_the_report_is_readable_at_any_width(width):
+    """At most two lines per check in the table, no line wider than the console, nothing cut or elided; what the
+    table leaves out (expected, fix, a long Found) is under it, whole."""
+    from rich.cells import cell_len
+
+    for checks in (evaluate(good_facts(), PINS, peer_pin="0.3.36"),
+                   evaluate(_worst_machine(), PINS, peer_pin="0.3.36")):
+        text = _report(checks, width)
+        lines = text.splitlines()
+        assert all(cell_len(line) <= width for line in lines), max(lines, key=cell_len)
+        assert "…" not in text
+        body = lines[lines.index(next(ln for ln in lines if ln.startswith("┡"))) + 1:
+                     lines.index(next(ln for ln in lines if ln.startswith("└")))]
+        assert len(body) <= 2 * len(checks)
+        assert lines[lines.index(next(ln for ln in lines if ln.startswith("└")))].endswith("┘")
+        flat = " ".join(text.split())
+        for c in checks:
+            assert c.name.split()[0] in flat
+            for part in (c.fix, c.expected if c.status is not Status.OK else ""):
+                assert " ".join(part.split()) in flat, part
+
+
+def test_at_80_columns_the_real_layout_is_two_lines_per_check_at_most():
+    checks = evaluate(_worst_machine(), PINS, peer_pin="0.3.36")
+    assert "(see below)" in _report(checks, 80)
+    notes = dict(doctor.render_notes(checks, 80))
+    assert "/with/a/long/path" in notes["Disk free (build dir): WARN"], "a Found too long for two lines is a note"
+    assert "Python: WARN" in notes and "Expected 3.11.x (tested)." in notes["Python: WARN"]
 
 
 # ---------------------------------------------------------------- read_pins()
@@ -253,6 +298,10 @@ def test_run_doctor_really_runs_on_this_machine(tmp_path, monkeypatch):
     assert sdk.status is Status.OK
     assert re.search(r"native library \d+\.\d+", sdk.found), sdk.found  # the library reported its version
     assert "onnxruntime-genai" in out.getvalue()
+    narrow = io.StringIO()
+    doctor.print_report(Console(file=narrow, width=80), checks)
+    table_lines = narrow.getvalue().split("┡", 1)[1].split("└", 1)[0].splitlines()[1:]
+    assert len(table_lines) <= 2 * len(checks), narrow.getvalue()
     # the native Foundry library was loaded in a child process, never in this one
     assert "foundry_local_sdk._native.api" not in sys.modules
 

@@ -353,7 +353,7 @@ with LiveChat(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]) as chat:
 
 
 def test_a_default_sdk_client_is_refused_by_a_small_context_model_and_the_check_says_so(sandbox, deployed):
-    """What README's "Calling the deployed model" states: the SDK's defaults reserve 2048 output tokens; the limit is
+    """What docs/reliability.md's "Calling the deployed model from your code" states: the SDK's defaults reserve 2048 output tokens; the limit is
     genai_config.json model.context_length, which the deploy lowers to the recipe's generation.max_length (the tiny
     model's 512 positions → 256 or 200 here); passing max_output_tokens works."""
     assert "a Foundry Local SDK client with default options reserves 2048 output tokens and is refused" in \

@@ -1,16 +1,95 @@
-"""Printing of results for the terminal (rich)."""
+"""Printing of results for the terminal (rich), readable at any width and in a log file: a table that does not fit
+the console (rich would squeeze its columns to a few characters each) is printed as records instead, one heading
+per row and one ``column: value`` line per cell (:func:`print_rows`); Markdown tables get the same treatment
+(:func:`print_markdown`)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Sequence
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.markdown import Markdown
 from rich.table import Table
+from rich.text import Text
 
 from scripts.commands.compare_report import markdown_table
 from scripts.proof.gate import describe as describe_fidelity
 from scripts.proof.peer_bench import peer_markdown
 from scripts.commands.tune import markdown as tune_markdown
+
+
+def _table(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*(Text(str(c)) for c in r))
+    return table
+
+
+def records(title: str | None, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Group:
+    """The rows as records: each row's first cell as a heading, then one ``column  value`` line per other cell (a
+    borderless grid: column names up to 28 characters wide, values wrapping under themselves)."""
+    parts: list[Any] = [Text(title, style="italic")] if title else []
+    for r in rows:
+        parts.append(Text(str(r[0]) or "–", style="bold"))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=1)  # the indent under the heading
+        grid.add_column(max_width=28, overflow="fold")
+        grid.add_column(overflow="fold")
+        for h, c in zip(headers[1:], r[1:]):
+            if str(c).strip():
+                grid.add_row("", Text(str(h)), Text(str(c)))
+        parts.append(grid)
+    return Group(*parts)
+
+
+def fits(console: Console, table: Table) -> bool:
+    """True when ``table`` fits ``console`` without wrapping a cell (its natural width)."""
+    natural = console.measure(table, options=console.options.update_width(100_000)).maximum
+    return natural <= console.width
+
+
+def print_rows(console: Console, title: str | None, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table when it fits the console's width unwrapped, else :func:`records`. Cells are plain text."""
+    table = _table(title, headers, rows)
+    console.print(table if fits(console, table) else records(title, headers, rows))
+
+
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+
+
+def _markdown_cells(line: str) -> list[str]:
+    cells = [c.strip().replace("\\|", "|") for c in _CELL_SPLIT.split(line.strip().strip("|"))]
+    return [re.sub(r"\*\*(.*?)\*\*", r"\1", c).replace("`", "") for c in cells]
+
+
+def print_markdown(console: Console, text: str) -> None:
+    """Markdown, with each table in it printed by :func:`print_rows` (a table if it fits, else records)."""
+    lines = text.splitlines()
+    block: list[str] = []
+
+    def flush() -> None:
+        if "".join(block).strip():
+            console.print(Markdown("\n".join(block)))
+        block.clear()
+
+    i = 0
+    while i < len(lines):
+        if lines[i].lstrip().startswith("|") and i + 1 < len(lines) and re.match(r"^\s*\|[\s:|-]+\|\s*$", lines[i + 1]):
+            flush()
+            headers = _markdown_cells(lines[i])
+            i += 2
+            rows = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                rows.append(_markdown_cells(lines[i]))
+                i += 1
+            print_rows(console, None, headers, rows)
+            continue
+        block.append(lines[i])
+        i += 1
+    flush()
 
 
 def _mb(n: int) -> str:
@@ -69,11 +148,9 @@ def print_bench(console: Console, data: dict) -> None:
     """The per-backend table (figures at the shortest prompt) and the bandwidth bound."""
     bw = data["bandwidth"]
     short = data["backends"][0]["lengths"][0]["prompt_tokens"] if data["backends"] else 0
-    table = Table(title=f"Bench {data['model_id']} (profile {data['profile']['name']}; medians ± half IQR; "
-                        f"decode at a {short}-token prompt)")
-    for col in ("backend", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/tok p50/p95",
-                "peak RSS MB", "CPU %", "decode / bound", "threads", "load avg"):
-        table.add_column(col)
+    headers = ("backend", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "ms/tok p50/p95", "peak RSS MB",
+               "CPU %", "decode / bound", "threads", "load avg")
+    rows = []
     for b in data["backends"]:
         x = b["lengths"][0]
 
@@ -83,18 +160,18 @@ def print_bench(console: Console, data: dict) -> None:
             return f"{summary['median'] * scale:.{digits}f} ±{50 * summary['spread']:.0f}%"
         tm = x["token_ms"] or {}
         frac = b["fraction_of_bound"]
-        table.add_row(b["label"], f"{b['load_seconds']:.2f}", s(x["ttft"], 1, 1000), s(x["prefill_tps"], 0),
-                      s(x["decode_tps"], 1),
-                      f"{tm.get('median', 0):.2f} / {x['token_ms_p95'] or 0:.2f}", f"{b['peak_rss_mb']:.0f}",
-                      f"{x['cpu_percent'] or 0:.0f}",
-                      f"{100 * frac:.2f} % of {b['bound_tps']:.0f} tok/s" if frac else "–",
-                      str(b.get("threads") or "default"),
-                      f"{b['load_average']['before'][0]:.1f} → {b['load_average']['after'][0]:.1f}"
-                      if b.get("load_average") else "–")
-    console.print(table)
+        rows.append((b["label"], f"{b['load_seconds']:.2f}", s(x["ttft"], 1, 1000), s(x["prefill_tps"], 0),
+                     s(x["decode_tps"], 1),
+                     f"{tm.get('median', 0):.2f} / {x['token_ms_p95'] or 0:.2f}", f"{b['peak_rss_mb']:.0f}",
+                     f"{x['cpu_percent'] or 0:.0f}",
+                     f"{100 * frac:.2f} % of {b['bound_tps']:.0f} tok/s" if frac else "–",
+                     str(b.get("threads") or "default"),
+                     f"{b['load_average']['before'][0]:.1f} → {b['load_average']['after'][0]:.1f}"
+                     if b.get("load_average") else "–"))
+    print_rows(console, f"Bench {data['model_id']} (profile {data['profile']['name']}; medians ± half IQR; "
+                        f"decode at a {short}-token prompt)", headers, rows)
     if data.get("peer"):
-        from rich.markdown import Markdown
-        console.print(Markdown("\n".join(peer_markdown(data))))
+        print_markdown(console, "\n".join(peer_markdown(data)))
     per_token = ", ".join(f"{b['backend']} {b['bytes_per_token'] / 1e6:.2f} MB" for b in data["backends"])
     console.print(f"Memory read bandwidth {bw['gb_per_s']:.1f} GB/s (±{50 * bw['spread']:.0f}%); bound = bandwidth ÷ "
                   f"weight bytes read per token ({per_token}).")
@@ -104,9 +181,7 @@ def print_bench(console: Console, data: dict) -> None:
 
 def print_compare(console: Console, report, show_auto: bool = False) -> None:
     """`invoke compare`: the tutorial's table with measured figures, the graphs, the auto choice, and the files."""
-    from rich.markdown import Markdown
-
-    console.print(Markdown(f"### {report.recipe}: every precision, measured\n\n" + markdown_table(report)))
+    print_markdown(console, f"### {report.recipe}: every precision, measured\n\n" + markdown_table(report))
     console.print(f"[dim]Speed: medians of {report.profile['repeats']} runs (± half IQR) on a shared machine; "
                   "compare ratios, not absolutes.[/dim]")
     if report.quality_note:
@@ -129,9 +204,7 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
 
 def print_tune(console: Console, report: dict) -> None:
     """`invoke tune`: the search table, the winner and its recipe keys."""
-    from rich.markdown import Markdown
-
-    console.print(Markdown(f"### {report['recipe']}: INT4 layouts, measured\n\n" + tune_markdown(report)))
+    print_markdown(console, f"### {report['recipe']}: INT4 layouts, measured\n\n" + tune_markdown(report))
     if report["winner"]:
         console.print(f"Winner: [bold]{report['winner']}[/bold]. Recipe keys:")
         console.print_json(json.dumps(report["recipe_keys"]))
@@ -144,22 +217,18 @@ def print_tune(console: Console, report: dict) -> None:
 def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     """In-process vs HTTP (streamed, then non-streamed with the client's defaults): accuracy, agreement, speed."""
     cols = result["columns"]
-    table = Table(title=f"invoke serve --check: {result['model_id']} at {result['base_url']} "
-                        f"({result['questions']} questions; streamed and in-process capped at {result['max_tokens']} "
-                        "tokens)")
-    table.add_column("")
-    for c in cols:
-        table.add_column(c["name"])
-
     def fmt(x, digits=1):
         return "–" if x is None else f"{x:.{digits}f}"
+    rows = []
     if any("accuracy_figure" in c for c in cols):
-        table.add_row("eval accuracy", *(c.get("accuracy_figure", "–") for c in cols))
-    table.add_row("same answer as in-process", *(c.get("same_as_in_process", "–") for c in cols))
-    table.add_row("TTFT median ms", *(fmt(c["ttft_ms"]) for c in cols))
-    table.add_row("decode tok/s median", *(fmt(c["decode_tps"]) for c in cols))
-    table.add_row("request s median", *(fmt(c["request_s"], 3) for c in cols))
-    console.print(table)
+        rows.append(("eval accuracy", *(c.get("accuracy_figure", "–") for c in cols)))
+    rows.append(("same answer as in-process", *(c.get("same_as_in_process", "–") for c in cols)))
+    rows.append(("TTFT median ms", *(fmt(c["ttft_ms"]) for c in cols)))
+    rows.append(("decode tok/s median", *(fmt(c["decode_tps"]) for c in cols)))
+    rows.append(("request s median", *(fmt(c["request_s"], 3) for c in cols)))
+    print_rows(console, f"invoke serve --check: {result['model_id']} at {result['base_url']} "
+                        f"({result['questions']} questions; streamed and in-process capped at {result['max_tokens']} "
+                        "tokens)", ("", *(c["name"] for c in cols)), rows)
     console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
                   f"{result['answer']!r}")
     console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "

@@ -119,6 +119,7 @@ def in_range(low: float, high: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if low <= value <= high else f"{value} is out of range; allowed: {low} to {high}"
 
+    check.bounds = (low, high)  # type: ignore[attr-defined]  # read by the generated docs (docs/recipe.md)
     return check
 
 

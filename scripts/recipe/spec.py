@@ -46,24 +46,27 @@ def families() -> tuple[str, ...]:
 
 SCHEMA = Obj({
     "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
-    "description": Field(str, default=""),
+    "description": Field(str, default="", help="free text, for people reading the recipe"),
     "model": Obj({
         "source": Field(str, required=True,
                         help=f"a Hugging Face model folder, a .gguf file, {DEMO!r} for the bundled fine-tuned demo "
                              f"model, or {TINY_PREFIX}<family> for a tiny random model of a family (built locally); "
                              f"kinds: {', '.join(SOURCE_KINDS)}"),
-        "family": Field(str, default="auto", help="prompt-format family, or 'auto' to detect from config.json"),
+        "family": Field(str, default="auto",
+                        help="prompt-format family (`invoke families`), 'auto' to detect it from config.json confirmed "
+                             "by the tokenizer's chat template, or 'auto-template' to derive PromptTemplate from the "
+                             "tokenizer's own chat template"),
         "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
                          "conversion; relative to the recipe"),
         "finetune": Obj({
             "dataset": Field(str, default=None, help="JSONL question/answer pairs to LoRA-fine-tune model.source on "
                              "(a `finetune` step; the adapter is then merged); relative to the recipe"),
-            "rank": Field(int, default=16, check=in_range(1, 512)),
-            "alpha": Field(int, default=32, check=in_range(1, 4096)),
-            "epochs": Field(int, default=8, check=in_range(1, 1000)),
-            "lr": Field(float, default=2e-3, check=in_range(1e-7, 1.0)),
-            "batch_size": Field(int, default=8, check=in_range(1, 1024)),
-            "seed": Field(int, default=0),
+            "rank": Field(int, default=16, check=in_range(1, 512), help="LoRA rank"),
+            "alpha": Field(int, default=32, check=in_range(1, 4096), help="LoRA alpha (scale = alpha / rank)"),
+            "epochs": Field(int, default=8, check=in_range(1, 1000), help="passes over the dataset"),
+            "lr": Field(float, default=2e-3, check=in_range(1e-7, 1.0), help="AdamW learning rate"),
+            "batch_size": Field(int, default=8, check=in_range(1, 1024), help="question/answer pairs per step"),
+            "seed": Field(int, default=0, help="seed of the adapter's initialisation and the data order"),
             "threads": Field(int, default=2, check=in_range(1, 256), help="torch threads while training"),
         }),
     }, required=True),
@@ -96,11 +99,13 @@ SCHEMA = Obj({
                                "eval answers and the held-out text) and installs nothing below these thresholds"),
         }),
         "quantization": Obj({
-            "block_size": Field(int, default=32, choices=BLOCK_SIZES),
-            "symmetric": Field(bool, default=True),
+            "block_size": Field(int, default=32, choices=BLOCK_SIZES,
+                                help="weights per quantization block (Olive's int4_block_size)"),
+            "symmetric": Field(bool, default=True, help="symmetric quantization, no zero points (int4_is_symmetric)"),
             "accuracy_level": Field(int, default=4, choices=(0, 1, 2, 3, 4),
                                     help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
-            "algorithm": Field(str, default="default", choices=INT4_ALGORITHMS),
+            "algorithm": Field(str, default="default", choices=INT4_ALGORITHMS,
+                               help="int4_algo_config of the builder (int8 is always round-to-nearest)"),
             "embeddings": Field(bool, default=False,
                                 help="quantize the embedding table too (GatherBlockQuantized, same bits/block size)"),
             "lm_head": Field(bool, default=True, help="quantize the LM head (false keeps it in FP32)"),
@@ -112,28 +117,41 @@ SCHEMA = Obj({
         }),
     }),
     "foundry": Obj({
-        "publisher": Field(str, default="slmops", check=_name_check),
+        "publisher": Field(str, default="slmops", check=_name_check,
+                           help="the folder under the Foundry cache the model is installed in"),
         "name": Field(str, required=True, check=_name_check, help="the model name shown by Foundry Local"),
         "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
-                         f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\""),
-        "description": Field(str, default=""),
+                         f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\"",
+                         help="the model version; name:version is the runtime's model id"),
+        "description": Field(str, default="", help="written into inference_model.json"),
     }, required=True),
     # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
     # then BUILTIN_GENERATION: a recipe's own value always wins.
     "generation": Obj({
-        "max_length": Field(int, default=None, check=in_range(8, 131072)),
-        "do_sample": Field(bool, default=None),
-        "temperature": Field(float, default=None, check=in_range(0.0, 2.0)),
-        "top_p": Field(float, default=None, check=in_range(0.0, 1.0)),
-        "top_k": Field(int, default=None, check=in_range(0, 100000)),
-        "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0)),
+        "max_length": Field(int, default=None, check=in_range(8, 131072),
+                            help="prompt + reply tokens (genai_config.json search.max_length); unset: the family's "
+                                 "default, else the model's whole context. Below the context it lowers "
+                                 "model.context_length to it: Foundry Local goes by the context alone and sizes "
+                                 "each request's KV cache for it"),
+        "do_sample": Field(bool, default=None, help="sample (true) or greedy (false); unset: the family's default, "
+                                                    "else greedy"),
+        "temperature": Field(float, default=None, check=in_range(0.0, 2.0),
+                             help="sampling temperature; unset: the family's default, else 1.0"),
+        "top_p": Field(float, default=None, check=in_range(0.0, 1.0),
+                       help="nucleus sampling; unset: the family's default, else 1.0"),
+        "top_k": Field(int, default=None, check=in_range(0, 100000),
+                       help="top-k sampling; unset: the family's default, else 50"),
+        "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0),
+                                    help="unset: the family's default, else 1.0"),
     }),
     "runtime": RUNTIME_SCHEMA,  # genai_config.json session options (scripts/recipe/runtime.py)
     "eval": Obj({
-        "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
-        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
-        "max_new_tokens": Field(int, default=64, check=in_range(1, 4096)),
-        "system_prompt": Field(str, default=None),
+        "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs asked through Foundry Local "
+                                                 "(`check`); relative to the recipe"),
+        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0),
+                              help="share of exact answers required; below it the deploy fails"),
+        "max_new_tokens": Field(int, default=64, check=in_range(1, 4096), help="longest answer generated per question"),
+        "system_prompt": Field(str, default=None, help="system message sent with every eval question"),
     }),
     "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
         "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
@@ -142,15 +160,20 @@ SCHEMA = Obj({
                               help="regular expression every eval answer must match in full"),
         "format_json_keys": Field(list, default=None, item_type=str,
                                   help="every eval answer must be a JSON object with these keys"),
-        "min_format_rate": Field(float, default=1.0, check=in_range(0.0, 1.0)),
-        "soak_requests": Field(int, default=300, check=in_range(10, 1000000)),
-        "max_rss_growth_mb": Field(float, default=32.0, check=in_range(0.0, 1e6)),
-        "max_rss_slope_kb_per_request": Field(float, default=16.0, check=in_range(0.0, 1e6)),
+        "min_format_rate": Field(float, default=1.0, check=in_range(0.0, 1.0),
+                                 help="share of answers that must have the expected format"),
+        "soak_requests": Field(int, default=300, check=in_range(10, 1000000),
+                               help="requests of the leak soak on one loaded model"),
+        "max_rss_growth_mb": Field(float, default=32.0, check=in_range(0.0, 1e6),
+                                   help="RSS growth allowed over the soak (last tenth − first tenth after warm-up)"),
+        "max_rss_slope_kb_per_request": Field(float, default=16.0, check=in_range(0.0, 1e6),
+                                              help="the smaller of the two soak halves' least-squares slopes"),
         "max_latency_ratio": Field(float, default=3.0, check=in_range(1.0, 1000.0),
                                    help="longest-prompt ÷ shortest-prompt median per-token latency"),
         "latency_floor_ms": Field(float, default=1.0, check=in_range(0.0, 1e6),
                                   help="per-token latencies all below this pass the length item whatever the ratio"),
-        "edge_timeout_seconds": Field(float, default=120.0, check=in_range(1.0, 3600.0)),
+        "edge_timeout_seconds": Field(float, default=120.0, check=in_range(1.0, 3600.0),
+                                      help="an edge case with no reply by then is a hang (fails)"),
     }),
 })
 

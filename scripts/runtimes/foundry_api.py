@@ -157,7 +157,8 @@ def default_client_note(context_length: int) -> str:
     if context_length <= SDK_DEFAULT_OUTPUT_TOKENS:
         return (f"{context_length} tokens: a Foundry Local SDK client with default options reserves "
                 f"{SDK_DEFAULT_OUTPUT_TOKENS} output tokens and is refused; pass max_output_tokens (SearchOptions) or "
-                "max_tokens (OpenAI API) ≤ context − prompt (README: Calling the deployed model)")
+                "max_tokens (OpenAI API) ≤ context − prompt (docs/reliability.md: Calling the deployed model from your "
+                "code)")
     return (f"{context_length} tokens: a client with default options ({SDK_DEFAULT_OUTPUT_TOKENS} output tokens) fits "
             f"prompts up to {context_length - SDK_DEFAULT_OUTPUT_TOKENS} tokens")
 

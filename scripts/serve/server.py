@@ -1,7 +1,7 @@
 """`invoke serve`: the installed model behind a standard OpenAI endpoint (``http://HOST:PORT/v1``), served by
 Foundry Local's own web service.
 
-What foundry-local-sdk 2.2.1 offers, measured on Linux (README "Serving"): its web service serves models of the
+What foundry-local-sdk 2.2.1 offers, measured on Linux (docs/serving.md): its web service serves models of the
 LOCAL catalog (ours) under the undocumented prefix ``/catalogs/local`` once they are loaded in the serving process,
 with OpenAI JSON, SSE streaming, ``usage``, ``stop``, ``max_tokens``, ``temperature``, ``top_p``, and correct
 answers under concurrent requests. What it lacks, and the thin layer adds (Starlette on uvicorn: the app in

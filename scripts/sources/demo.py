@@ -2,9 +2,12 @@
 
 Everything is local and offline: a byte-level BPE tokenizer is trained with ``tokenizers`` on the
 dataset, a small ``Qwen2ForCausalLM`` is built from scratch with a vocabulary of exactly the
-tokenizer's size, and it is trained on ChatML conversations (loss on the assistant turn only) until it
-answers the dataset's questions. The result is a normal Hugging Face folder that ONNX Runtime GenAI's
-model builder (and therefore Olive) can convert.
+tokenizer's size, and it is trained on ChatML conversations (loss on the assistant turns only) until it
+answers the dataset's questions. Two kinds of conversation, alternating batches: one question alone, and a
+*session* of several questions one after the other with the answers kept (as ``invoke run`` keeps its history),
+each with or without a system message. A model trained on single questions only answers the first question of a
+chat right and then confuses itself with the history. The result is a normal Hugging Face folder that ONNX
+Runtime GenAI's model builder (and therefore Olive) can convert.
 
 Usage::
 
@@ -24,6 +27,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -62,12 +66,22 @@ EXPECTED_FILES: tuple[str, ...] = (
 # --------------------------------------------------------------------------------------------
 
 
+#: System messages the demo model sees in training (a share of the conversations start with one), so that a user's
+#: ``invoke run --system TEXT`` or a recipe's ``eval.system_prompt`` does not throw it off.
+SYSTEM_PROMPTS: tuple[str, ...] = (
+    "You are the Brightwater Orchard Cooperative assistant.",
+    "You are a helpful assistant.",
+    "Answer in one short sentence.",
+    "You answer questions from visitors and members of the Brightwater Orchard Cooperative.",
+)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything that decides the demo model.
 
-    Defaults (3.3M parameters, one thread): ~1-1.5 min of training on this 2-core machine, shared or not,
-    100 % greedy exact match in transformers and after INT4 conversion on the bundled dataset.
+    Defaults (3.3M parameters, one thread): see ``docs/performance.md`` for the measured training time and
+    accuracy (single questions, and 12 questions in one chat session).
     """
 
     seed: int = 1234
@@ -79,13 +93,22 @@ class DemoSettings:
     intermediate_size: int = 768
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
-    steps: int = 240
+    steps: int = 320
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.0
     batch_size: int = 16
     max_new_tokens: int = 48  # for the greedy evaluation
+    # Multi-turn sessions: every ``session_every``-th step trains on ``session_batch_size`` sessions of
+    # ``session_min_turns``..``session_max_turns`` exchanges (distinct questions, at most ``session_max_tokens``
+    # tokens; ``invoke run`` keeps the prompt within 384 of the 512-token context). 0 = single questions only.
+    session_every: int = 2
+    session_batch_size: int = 2
+    session_min_turns: int = 2
+    session_max_turns: int = 12
+    session_max_tokens: int = 440
+    system_share: float = 0.3  # share of conversations (single or session) that start with a system message
     # torch intra-op threads while building (restored afterwards). 1 on purpose: on a shared 2-core
     # machine, 2 threads ran 5-10x slower per step than 1 (threads wait on each other when descheduled).
     threads: int = 1
@@ -100,6 +123,8 @@ class DemoSettings:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.session_every < 0 or not 1 <= self.session_min_turns <= self.session_max_turns:
+            raise ValueError("session_every must be >= 0 and 1 <= session_min_turns <= session_max_turns")
 
 
 @dataclass(frozen=True)
@@ -178,16 +203,52 @@ def _deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_det)
 
 
-def _encode_examples(tokenizer, qa: Sequence[QA]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per conversation: prompt tokens masked with -100, answer + <|im_end|> learned."""
-    end_id = tokenizer.convert_tokens_to_ids(IM_END)
-    out = []
-    for x in qa:
-        prompt = render_chatml(question_messages(x.question))
-        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        a_ids = tokenizer.encode(x.answer, add_special_tokens=False) + [end_id]
-        out.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
-    return out
+class ConversationEncoder:
+    """Token ids and labels of training conversations, built from pieces encoded once: ``(input_ids, labels)`` with
+    -100 everywhere except each assistant answer and its ``<|im_end|>``. The pieces join to exactly the ids the
+    tokenizer gives the whole rendered conversation (the runtime renders and tokenizes it whole)."""
+
+    def __init__(self, tokenizer, qa: Sequence[QA], systems: Sequence[str] = SYSTEM_PROMPTS):
+        def enc(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        end_id = tokenizer.convert_tokens_to_ids(IM_END)
+        self.qa = list(qa)
+        self.newline = enc("\n")
+        self.systems = [enc(render_chatml([{"role": "system", "content": t}], add_generation_prompt=False))
+                        for t in systems]
+        self.prompts = [enc(render_chatml([{"role": "user", "content": x.question}])) for x in qa]
+        self.answers = [enc(x.answer) + [end_id] for x in qa]
+
+    def encode(self, items: Sequence[int], system: int | None = None) -> tuple[list[int], list[int]]:
+        """The conversation: optional system message ``system``, then the questions ``items`` (indices into the
+        QA list) each followed by its answer."""
+        ids: list[int] = list(self.systems[system]) if system is not None else []
+        labels = [-100] * len(ids)
+        for n, i in enumerate(items):
+            prompt = (self.newline if n else []) + self.prompts[i]
+            ids += prompt + self.answers[i]
+            labels += [-100] * len(prompt) + self.answers[i]
+        return ids, labels
+
+    def messages(self, items: Sequence[int], system: int | None = None, systems: Sequence[str] = SYSTEM_PROMPTS
+                 ) -> list[dict]:
+        """The same conversation as chat messages (for checking :meth:`encode` against the tokenizer)."""
+        head = [{"role": "system", "content": systems[system]}] if system is not None else []
+        return head + [m for i in items for m in ({"role": "user", "content": self.qa[i].question},
+                                                    {"role": "assistant", "content": self.qa[i].answer})]
+
+
+def sample_session(rng: random.Random, encoder: ConversationEncoder, s: DemoSettings
+                   ) -> tuple[list[int], int | None]:
+    """One training session: distinct questions in random order, as many as ``s.session_*`` allow; its system
+    message (an index into :data:`SYSTEM_PROMPTS`) or None."""
+    system = rng.randrange(len(encoder.systems)) if rng.random() < s.system_share else None
+    turns = rng.randint(s.session_min_turns, s.session_max_turns)
+    items = rng.sample(range(len(encoder.qa)), min(turns, len(encoder.qa)))
+    while len(items) > 1 and len(encoder.encode(items, system)[0]) > s.session_max_tokens:
+        items.pop()
+    return items, system
 
 
 def _lr_at(step: int, s: DemoSettings) -> float:
@@ -205,10 +266,27 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
 
-def _train(model, examples, pad_id: int, s: DemoSettings, progress: bool) -> float:
+def _batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        attn[r, : len(ids)] = 1
+    return input_ids, labels, attn
+
+
+def _train(model, encoder: ConversationEncoder, pad_id: int, s: DemoSettings, progress: bool) -> float:
+    """Alternating batches: single questions (each question once per pass, shuffled) and, every
+    ``s.session_every``-th step, multi-turn sessions; a share of both with a system message. Seeded."""
     import torch
 
     gen = torch.Generator().manual_seed(s.seed)
+    rng = random.Random(s.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), eps=1e-8,
                             weight_decay=s.weight_decay)
     model.train()
@@ -216,18 +294,15 @@ def _train(model, examples, pad_id: int, s: DemoSettings, progress: bool) -> flo
     loss_val = float("nan")
     with _progress(s.steps, progress, "train demo model") as bar:
         for step in range(s.steps):
-            if len(order) < s.batch_size:
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            idx, order = order[: s.batch_size], order[s.batch_size:]
-            batch = [examples[i] for i in idx]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (ids, lab) in enumerate(batch):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                labels[r, : len(lab)] = torch.tensor(lab)
-                attn[r, : len(ids)] = 1
+            if s.session_every and step % s.session_every == s.session_every - 1:
+                rows = [encoder.encode(*sample_session(rng, encoder, s)) for _ in range(s.session_batch_size)]
+            else:
+                if len(order) < s.batch_size:
+                    order += torch.randperm(len(encoder.qa), generator=gen).tolist()
+                idx, order = order[: s.batch_size], order[s.batch_size:]
+                rows = [encoder.encode([i], rng.randrange(len(encoder.systems)) if rng.random() < s.system_share
+                                       else None) for i in idx]
+            input_ids, labels, attn = _batch(rows, pad_id)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, s)
             loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
@@ -296,7 +371,7 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
     log.info("demo model: %d questions from %s -> %s", len(qa), dataset_path, out_dir)
 
     with _deterministic(settings.seed, settings.threads):
-        raw_tok = train_tokenizer(_tokenizer_texts(qa), settings.vocab_size)
+        raw_tok = train_tokenizer(_tokenizer_texts(qa) + list(SYSTEM_PROMPTS), settings.vocab_size)
         save_tokenizer(raw_tok, out_dir, settings.max_position_embeddings)
         tok = AutoTokenizer.from_pretrained(str(out_dir))
         vocab_size = len(tok)
@@ -306,9 +381,9 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
         log.info("tokenizer: %d tokens (target %d); bos=%d eos=%d pad=%d",
                  vocab_size, settings.vocab_size, bos_id, eos_id, pad_id)
 
-        examples = _encode_examples(tok, qa)
-        longest = max(len(ids) for ids, _ in examples)
-        if longest + settings.max_new_tokens > settings.max_position_embeddings:
+        encoder = ConversationEncoder(tok, qa)
+        longest = max(len(encoder.encode([i], 0)[0]) for i in range(len(qa)))
+        if max(longest, settings.session_max_tokens) + settings.max_new_tokens > settings.max_position_embeddings:
             raise RecipeError(f"{dataset_path}: a conversation is {longest} tokens, too long for "
                               f"max_position_embeddings={settings.max_position_embeddings}")
 
@@ -318,9 +393,9 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model: %d parameters, hidden %d, %d layers", n_params, settings.hidden_size, settings.num_layers)
 
-        t0 = time.perf_counter()
-        final_loss = _train(model, examples, pad_id, settings, progress)
-        train_seconds = time.perf_counter() - t0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        final_loss = _train(model, encoder, pad_id, settings, progress)
+        train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         log.info("trained %d steps in %.1f s, final loss %.4f", settings.steps, train_seconds, final_loss)
 
         _write_generation_config(model, bos_id, eos_id, pad_id, settings.max_new_tokens)
@@ -346,6 +421,8 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
         "vocab_size": vocab_size,
         "n_parameters": n_params,
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),  # less dependent on other load than the wall time
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "final_loss": round(final_loss, 6),
         "hf_exact_match": accuracy,
         "model_sha256": file_sha256(out_dir / "model.safetensors"),

@@ -10,20 +10,24 @@ from scripts.sources.demo_tokenizer import CHAT_TEMPLATE, render_chatml
 from scripts.sources.demo import (
     EXPECTED_FILES,
     PROVENANCE_FILE,
+    SYSTEM_PROMPTS,
+    ConversationEncoder,
     DemoBuildResult,
     DemoSettings,
+    sample_session,
     build_demo_model,
     check_model_dir,
     file_sha256,
 )
 from scripts.core.errors import ModelSourceError
+from scripts.core.evalset import load_qa
 from tests.qa_data import TINY_QA, write_jsonl
 
 
 TINY = DemoSettings(
     seed=7, vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
     intermediate_size=64, max_position_embeddings=128, steps=4, warmup_steps=2, batch_size=4,
-    max_new_tokens=4, threads=1,
+    max_new_tokens=4, threads=1, session_max_turns=3, session_max_tokens=96,
 )
 
 
@@ -42,6 +46,8 @@ def test_settings_to_dict_and_validation():
     assert d["max_position_embeddings"] == 512 and d["seed"] == 1234
     with pytest.raises(ValueError):
         DemoSettings(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError):
+        DemoSettings(session_min_turns=3, session_max_turns=2)
 
 
 # ---------------------------------------------------------------- tiny build (shared by the tests below)
@@ -132,3 +138,43 @@ def test_check_model_dir_rejects_null_eos_and_vocab_mismatch(tiny_build, tmp_pat
     (bad / "model.safetensors").unlink()
     with pytest.raises(ModelSourceError, match="model.safetensors"):
         check_model_dir(bad)
+
+
+# ---------------------------------------------------------------- multi-turn training conversations
+
+
+@pytest.mark.parametrize("items,system", [([0], None), ([1], 0), ([0, 1, 2], None), ([2, 0, 1], 3)])
+def test_training_conversation_is_exactly_the_whole_rendered_conversation(tiny_build, items, system):
+    """The pieces the trainer joins are the ids the runtime gets when it renders and tokenizes the chat whole;
+    the loss falls on the answers and their <|im_end|> only."""
+    from transformers import AutoTokenizer
+
+    data, result, _ = tiny_build
+    tok = AutoTokenizer.from_pretrained(str(result.out_dir))
+    encoder = ConversationEncoder(tok, load_qa(data))
+    ids, labels = encoder.encode(items, system)
+    whole = tok.apply_chat_template(encoder.messages(items, system), tokenize=False)
+    assert whole == render_chatml(encoder.messages(items, system), add_generation_prompt=False)
+    assert ids == tok.encode(whole.removesuffix("\n"), add_special_tokens=False)
+    learned = tok.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert learned == "".join(encoder.qa[i].answer + "<|im_end|>" for i in items)
+    assert len(labels) == len(ids)
+
+
+def test_sessions_are_seeded_distinct_and_fit(tiny_build):
+    import random
+    from transformers import AutoTokenizer
+
+    data, result, _ = tiny_build
+    encoder = ConversationEncoder(AutoTokenizer.from_pretrained(str(result.out_dir)), load_qa(data))
+    settings = DemoSettings(session_max_turns=3, session_max_tokens=160, system_share=0.5)
+    first = [sample_session(random.Random(3), encoder, settings) for _ in range(20)]
+    assert first == [sample_session(random.Random(3), encoder, settings) for _ in range(20)]
+    rng = random.Random(5)
+    sessions = [sample_session(rng, encoder, settings) for _ in range(200)]
+    for items, system in sessions:
+        assert len(set(items)) == len(items) >= 1
+        assert len(items) == 1 or len(encoder.encode(items, system)[0]) <= 160
+        assert system is None or 0 <= system < len(SYSTEM_PROMPTS)
+    assert {len(items) for items, _ in sessions} >= {2, 3}
+    assert any(s is None for _, s in sessions) and any(s is not None for _, s in sessions)
