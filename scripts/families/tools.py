@@ -15,7 +15,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from scripts.core.errors import ToolCallError
 
@@ -52,11 +52,52 @@ class ToolFormat:
                    result_separator=r["separator"])
 
 
+FAMILIES_DIR = Path(__file__).resolve().parents[2] / "templates" / "families"
+
+
+def format_path(family: str, folder: Path = FAMILIES_DIR) -> Path:
+    return folder / f"{family}.tools.json"
+
+
 def load_format(path: Path, family: str) -> ToolFormat:
     try:
         return ToolFormat.from_json(family, json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError) as exc:
         raise ToolCallError(f"{path}: not a readable tool format ({exc!r}).") from exc
+
+
+def default_system(render: Callable[[list[dict], bool], str]) -> str:
+    """The system text a chat template puts in when no system message is given ("" when none): what a conversation
+    without one renders in the place a system message's content takes."""
+    marker, user = "SLMOPSSYSTEMMARK", {"role": "user", "content": "SLMOPSUSER"}
+    try:
+        with_system = render([{"role": "system", "content": marker}, user], False)
+    except Exception:  # a template that refuses system messages has no default to find
+        return ""
+    without = render([user], False)
+    pre, _, post = with_system.partition(marker)
+    if without.startswith(pre) and without.endswith(post) and len(without) >= len(pre) + len(post):
+        return without[len(pre):len(without) - len(post)]
+    return ""
+
+
+def serving_spec(chat_template: str | None) -> dict[str, Any] | None:
+    """What a server needs to speak tools for a model with ``chat_template``: ``{"family", "format" (the
+    ``<family>.tools.json`` data), "default_system"}``; None when no family with a tool format matches the template
+    (the server then refuses ``tools`` with a clear error)."""
+    from scripts.families.registry import by_markers
+    from scripts.families.templates import render_chat_template
+
+    if not chat_template:
+        return None
+    for family in by_markers(chat_template):
+        path = format_path(family.name)
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ToolFormat.from_json(family.name, data)  # refuse a malformed file here, not per request
+            system = default_system(lambda m, g: render_chat_template(chat_template, m, add_generation_prompt=g))
+            return {"family": family.name, "format": data, "default_system": system}
+    return None
 
 
 def tojson(value: Any) -> str:
@@ -283,7 +324,10 @@ def call_grammar(fmt: ToolFormat, schemas: dict[str, dict], parallel: bool) -> s
     """A Lark grammar (llguidance, as Foundry Local's ``response_format: lark_grammar`` takes it) that admits only
     calls in the family's format to the tools in ``schemas``, arguments per schema: for ``tool_choice`` required
     or a named function."""
-    options = [{"type": "object", "properties": {fmt.name_key: {"const": name}, fmt.arguments_key: schema},
+    def closed(schema: dict) -> dict:  # as OpenAI's strict mode: no argument the tool does not declare
+        return schema if "additionalProperties" in schema else {**schema, "additionalProperties": False}
+
+    options = [{"type": "object", "properties": {fmt.name_key: {"const": name}, fmt.arguments_key: closed(schema)},
                 "required": [fmt.name_key, fmt.arguments_key], "additionalProperties": False}
                for name, schema in schemas.items()]
     spec = options[0] if len(options) == 1 else {"anyOf": options}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scripts.core.errors import ModelSourceError
-from scripts.families.tools import ToolFormat, plain_messages
+from scripts.families.tools import ToolFormat, default_system, plain_messages
 
 log = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,21 +38,6 @@ def load_lines(path: Path, split: str | None = None) -> list[dict]:
         if split is None or item.get("split", "train") == split:
             out.append(item)
     return out
-
-
-def default_system(render: Render) -> str:
-    """The system text a chat template puts in when no system message is given ("" when none): what a conversation
-    without one renders in the place a system message's content takes."""
-    marker, user = "SLMOPSSYSTEMMARK", {"role": "user", "content": "SLMOPSUSER"}
-    try:
-        with_system = render([{"role": "system", "content": marker}, user], False)
-    except Exception:  # a template that refuses system messages has no default to find
-        return ""
-    without = render([user], False)
-    pre, _, post = with_system.partition(marker)
-    if without.startswith(pre) and without.endswith(post) and len(without) >= len(pre) + len(post):
-        return without[len(pre):len(without) - len(post)]
-    return ""
 
 
 def segments(item: dict, fmt: ToolFormat, render: Render, system: str, end_token: str) -> list[tuple[str, bool]]:
