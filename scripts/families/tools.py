@@ -242,7 +242,8 @@ class StreamParser:
             if not self.in_call:
                 i = self.buffer.find(self.start)
                 if i < 0:
-                    keep = _partial_suffix(self.buffer, self.start)
+                    keep = max(_partial_suffix(self.buffer, self.start),
+                               _partial_suffix(self.buffer, self.fmt.after_content + self.start))
                     text, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
                     if text:
                         if self.calls:
@@ -253,7 +254,8 @@ class StreamParser:
                 before = self.buffer[:i]
                 if before and not self.calls:
                     # the separator between text and the first call is format, not content
-                    yield "text", before.rstrip("\n") if before.endswith(self.fmt.after_content) else before
+                    sep = self.fmt.after_content
+                    yield "text", before[:-len(sep)] if sep and before.endswith(sep) else before
                 elif before.strip():
                     self.trailing += before
                 self.buffer = self.buffer[i + len(self.start):]
@@ -270,6 +272,7 @@ class StreamParser:
         if self.in_call:
             self.in_call = False
             body, self.buffer = self.buffer, ""
+            body = body[:len(body) - _partial_suffix(body, self.fmt.call_end)]  # an end marker cut short
             if body.strip():
                 self.calls += 1
                 yield "call", decode_call(self.fmt, body)
