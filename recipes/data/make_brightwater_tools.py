@@ -7,7 +7,10 @@ conversation per line, each marked ``"split": "train"`` or ``"heldout"``. Seeded
 Four tools (farm shop hours, member lookup, cold-store stock, tour booking). Kinds of line: a single call, two calls
 in one turn (parallel), a call answered after its result (the agent loop: call -> result -> answer), and no call
 (the cooperative's own questions from ``qwen-domain.jsonl`` and small talk, answered in text). Held-out calls use
-phrasings and values not seen in training; held-out no-call lines are domain questions left out of training.
+phrasings and values not seen in training (no membership number or date of a held-out line occurs in a training
+line); held-out no-call lines are domain questions left out of training. ``TRAIN_PER_TEMPLATE`` was raised from 4 to 10
+(and parallel lines from 3 to 8 per phrasing) for the tiny tool model trained from scratch (scripts/sources/tools_demo.py):
+it needs many values per phrasing to learn to copy them; the held-out phrasings and their counts are unchanged.
 """
 from __future__ import annotations
 
@@ -75,12 +78,24 @@ SMALL_TALK = {"train": [("Hello!", "Hello! How can I help you with the orchard c
               "heldout": [("Hi there!", None), ("Thanks a lot.", None), ("What can you do?", None)]}
 
 
-def _values(rng: random.Random) -> dict:
-    day, day2 = rng.sample(DAYS, 2)
-    fruit, fruit2 = rng.sample(FRUITS, 2)
-    return {"day": day, "Day": day.capitalize(), "day2": day2, "Day2": day2.capitalize(), "fruit": fruit,
-            "fruit2": fruit2, "id": f"BW-{rng.randrange(1, 10000):04d}", "adults": rng.randint(1, 9),
-            "children": rng.randint(1, 6), "date": f"2027-{rng.randint(4, 10):02d}-{rng.randint(1, 28):02d}"}
+TRAIN_PER_TEMPLATE, HELDOUT_PER_TEMPLATE = 10, 3
+TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 8, 2
+
+
+def _values(rng: random.Random, seen: set[str], split: str) -> dict:
+    """Values for one line; a held-out line's membership number and date are redrawn until no training line has them
+    (``seen`` collects the training ones)."""
+    while True:
+        day, day2 = rng.sample(DAYS, 2)
+        fruit, fruit2 = rng.sample(FRUITS, 2)
+        v = {"day": day, "Day": day.capitalize(), "day2": day2, "Day2": day2.capitalize(), "fruit": fruit,
+             "fruit2": fruit2, "id": f"BW-{rng.randrange(1, 10000):04d}", "adults": rng.randint(1, 9),
+             "children": rng.randint(1, 6), "date": f"2027-{rng.randint(4, 10):02d}-{rng.randint(1, 28):02d}"}
+        if split == "train":
+            seen.update((v["id"], v["date"]))
+            return v
+        if v["id"] not in seen and v["date"] not in seen:
+            return v
 
 
 def _arguments(tool: str, template: str, v: dict) -> dict:
@@ -121,11 +136,12 @@ def _call(i: int, name: str, args: dict) -> dict:
 def build(seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     lines: list[dict] = []
-    for split, per_template in (("train", 4), ("heldout", 3)):
+    seen: set[str] = set()
+    for split, per_template in (("train", TRAIN_PER_TEMPLATE), ("heldout", HELDOUT_PER_TEMPLATE)):
         for tool, templates in ASK.items():
             for template in templates[split]:
                 for k in range(per_template):
-                    v = _values(rng)
+                    v = _values(rng, seen, split)
                     args = _arguments(tool, template, v)
                     user = {"role": "user", "content": template.format(**v)}
                     call = {"role": "assistant", "content": None, "tool_calls": [_call(1, tool, args)]}
@@ -137,8 +153,8 @@ def build(seed: int = 0) -> list[dict]:
                     else:
                         lines.append({"split": split, "kind": "call", "messages": [user, call]})
         for template in PARALLEL[split]:
-            for _ in range(3 if split == "train" else 2):
-                v = _values(rng)
+            for _ in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
+                v = _values(rng, seen, split)
                 tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
                                    else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
                 lines.append({"split": split, "kind": "parallel", "messages": [
