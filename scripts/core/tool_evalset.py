@@ -1,13 +1,33 @@
-"""Scoring a tool-calling eval set (``recipes/data/brightwater-tools.jsonl``: OpenAI chat lines, ``split`` heldout),
-pure. Each held-out line's last assistant message is the expectation: its ``tool_calls`` (a call case) or text (a
-no-call case). A call case counts when the model's calls have exactly the expected names and JSON-equal arguments
+"""A tool-calling set (``recipes/data/brightwater-tools.jsonl``: OpenAI chat lines with ``tools``, each ``split``
+train or heldout) and how a model's answers to its held-out lines are scored, pure. Each held-out line's last
+assistant message is the expectation: its ``tool_calls`` (a call case) or text (a no-call case). A call case counts when the model's calls have exactly the expected names and JSON-equal arguments
 (order-free for parallel calls); a no-call case counts when the model answers in text and calls nothing."""
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
+
+from scripts.core.errors import ModelSourceError
+
+
+def load_lines(path: Path, split: str | None = None) -> list[dict]:
+    """The conversations of a tool set (``split`` None: all)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise ModelSourceError(f"{path}:{n}: not JSON ({exc}).") from None
+        if not isinstance(item.get("messages"), list) or not item["messages"]:
+            raise ModelSourceError(f"{path}:{n}: a tool-set line needs 'messages' (OpenAI chat format).")
+        if split is None or item.get("split", "train") == split:
+            out.append(item)
+    return out
 
 
 @dataclass(frozen=True)
@@ -67,3 +87,30 @@ class ToolScore:
     @property
     def no_call_accuracy(self) -> float:
         return self.text_ok / self.texts if self.texts else 0.0
+
+    def figure(self) -> str:
+        """``calls 27/28 (96.4 %), no call 15/15 (100.0 %)``."""
+        return (f"calls {self.calls_ok}/{self.calls} ({100 * self.call_accuracy:.1f} %), "
+                f"no call {self.text_ok}/{self.texts} ({100 * self.no_call_accuracy:.1f} %)")
+
+    def passes(self, min_accuracy: float) -> bool:
+        """Both rates (of the kinds the set has) at least ``min_accuracy``."""
+        return all(rate >= min_accuracy for n, rate in ((self.calls, self.call_accuracy),
+                                                        (self.texts, self.no_call_accuracy)) if n)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"call_exact": self.call_accuracy, "calls": self.calls, "no_call_text": self.no_call_accuracy,
+                "no_calls": self.texts, "figure": self.figure(), "failures": self.failures}
+
+
+def load_cases(path: Path) -> list[ToolCase]:
+    """The held-out cases of the tool set at ``path``."""
+    return cases(load_lines(path))
+
+
+def score_outcomes(found: Sequence[ToolCase], outcomes: Sequence[tuple[Sequence[tuple[str, Any]], str | None]]) -> ToolScore:
+    """``outcomes``: per case, the model's (calls as (name, parsed arguments), text)."""
+    score = ToolScore()
+    for case, (calls, text) in zip(found, outcomes, strict=True):
+        score.add(case, calls, text)
+    return score

@@ -164,6 +164,13 @@ def plain_messages(messages: Sequence[dict], tools: Sequence[dict] | None, fmt: 
     return out
 
 
+def served_messages(spec: dict[str, Any], messages: Sequence[dict], tools: Sequence[dict] | None) -> list[dict[str, str]]:
+    """The plain messages ``invoke serve`` hands the runtime for ``messages`` and ``tools`` (``tool_choice`` auto), for a
+    model whose :func:`serving_spec` is ``spec``: what an in-process eval sends to answer like the server."""
+    return plain_messages(messages, tools, ToolFormat.from_json(spec["family"], spec["format"]),
+                          spec.get("default_system", ""))
+
+
 def _content_text(content: Any) -> str:
     if content is None:
         return ""
@@ -220,6 +227,16 @@ def parse_reply(text: str, fmt: ToolFormat) -> tuple[str, list[ToolCall]]:
     parser = StreamParser(fmt)
     events = list(parser.feed(text)) + list(parser.finish())
     return ("".join(v for k, v in events if k == "text"), [v for k, v in events if k == "call"])
+
+
+def reply_calls(text: str, fmt: ToolFormat) -> tuple[list[tuple[str, Any]], str]:
+    """A whole reply as ``(calls as (name, parsed arguments), text)``, for scoring: a call that cannot be decoded is
+    one call named ``"<invalid>"`` with the reason as its arguments (it can match no expectation)."""
+    try:
+        content, calls = parse_reply(text, fmt)
+    except ToolCallError as exc:
+        return [("<invalid>", str(exc))], ""
+    return [(c.name, json.loads(c.arguments)) for c in calls], content
 
 
 class StreamParser:

@@ -16,28 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scripts.core.errors import ModelSourceError
+from scripts.core.tool_evalset import load_lines
 from scripts.families.tools import ToolFormat, default_system, plain_messages
 
 log = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Render = Callable[[list[dict], bool], str]
-
-
-def load_lines(path: Path, split: str | None = None) -> list[dict]:
-    """The conversations of a tool set (``split`` None: all)."""
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            raise ModelSourceError(f"{path}:{n}: not JSON ({exc}).") from None
-        if not isinstance(item.get("messages"), list) or not item["messages"]:
-            raise ModelSourceError(f"{path}:{n}: a tool-set line needs 'messages' (OpenAI chat format).")
-        if split is None or item.get("split", "train") == split:
-            out.append(item)
-    return out
 
 
 def segments(item: dict, fmt: ToolFormat, render: Render, system: str, end_token: str) -> list[tuple[str, bool]]:

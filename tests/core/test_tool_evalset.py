@@ -1,8 +1,11 @@
-"""Tool-call eval scoring (scripts/proof/tool_eval.py) on the committed Brightwater tool set."""
+"""Tool-call eval scoring (scripts/core/tool_evalset.py) on the committed Brightwater tool set."""
 import json
 from pathlib import Path
 
-from scripts.proof.tool_eval import ToolScore, case_passes, cases
+import pytest
+
+from scripts.core.errors import ModelSourceError
+from scripts.core.tool_evalset import ToolScore, case_passes, cases, load_lines, score_outcomes
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "brightwater-tools.jsonl"
 
@@ -29,3 +32,32 @@ def test_no_call_cases_need_text_and_no_call():
     score.add(case, [], "Hello there")
     score.add(case, [("a", {})], "")
     assert (score.text_ok, score.texts, score.no_call_accuracy) == (1, 2, 0.5)
+
+
+def test_scores_figure_and_verdict_cover_both_kinds():
+    call = cases([{"split": "heldout", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                   "tool_calls": [{"function": {"name": "a", "arguments": '{"x": 1}'}}]}]}])[0]
+    text = cases([{"split": "heldout", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}])[0]
+    score = score_outcomes([call, call, text], [([("a", {"x": 1})], ""), ([("<invalid>", "cut")], ""), ([], "Hi")])
+    assert score.figure() == "calls 1/2 (50.0 %), no call 1/1 (100.0 %)"
+    assert not score.passes(0.9) and score.passes(0.5)
+    assert score.to_json()["failures"][0]["got_calls"] == [("<invalid>", "cut")]
+    assert score_outcomes([text], [([], "Hi")]).passes(1.0)  # a set without call cases is judged on what it has
+
+
+def test_load_lines_names_the_bad_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"question": "q"}\n')
+    with pytest.raises(ModelSourceError, match=r"t.jsonl:2: a tool-set line needs 'messages'"):
+        load_lines(path)
+
+
+def test_committed_heldout_values_never_occur_in_training():
+    """Held-out membership numbers and dates are not in any training line (make_brightwater_tools.py)."""
+    lines = load_lines(DATA)
+    train = " ".join(json.dumps(x["messages"]) for x in lines if x["split"] == "train")
+    for case in cases(lines):
+        for _, args in case.expected:
+            for key in ("member_id", "date"):
+                if key in args:
+                    assert args[key] not in train

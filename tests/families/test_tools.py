@@ -13,7 +13,8 @@ import pytest
 from scripts.core.errors import ToolCallError
 from scripts.families.jsonschema_lite import schema_errors, unchecked_keywords
 from scripts.families.tools import (StreamParser, ToolCall, call_grammar, call_text, check_call, default_system,
-                                    format_path, json_grammar, load_format, parse_reply, plain_messages, serving_spec,
+                                    format_path, json_grammar, load_format, parse_reply, plain_messages, reply_calls,
+                                    served_messages, serving_spec,
                                     tool_schemas)
 from scripts.families.templates import render_chat_template
 
@@ -154,3 +155,19 @@ def test_grammars_name_only_declared_tools_and_close_the_arguments():
     assert g.startswith("start: call\n") and '"const": "shop_hours"' in g and '"additionalProperties": false' in g
     assert "(" in call_grammar(FMT, tool_schemas(TOOLS), parallel=True).splitlines()[0]
     assert json_grammar(None).startswith('start: %json {"type": "object"')
+
+
+def test_reply_calls_for_scoring():
+    assert reply_calls('Sure.\n<tool_call>\n{"name": "shop_hours", "arguments": {"day": "monday"}}\n</tool_call>', FMT) \
+        == ([("shop_hours", {"day": "monday"})], "Sure.")
+    assert reply_calls("Hello there.", FMT) == ([], "Hello there.")
+    (name, why), = reply_calls('<tool_call>\n{"name": shop_hours}\n</tool_call>', FMT)[0]
+    assert name == "<invalid>" and "not JSON" in why
+
+
+def test_served_messages_are_plain_messages_with_the_specs_default_system():
+    """What an in-process eval sends is what the server hands the runtime: SmolLM2's default system prompt first."""
+    spec = serving_spec((PUBLISHED / "SmolLM2-135M-Instruct.jinja").read_text(encoding="utf-8"))
+    served = served_messages(spec, [U], TOOLS)
+    assert served == plain_messages([U], TOOLS, FMT, spec["default_system"])
+    assert served[0]["content"].startswith("You are a helpful AI assistant named SmolLM")
