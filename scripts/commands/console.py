@@ -27,6 +27,8 @@ def print_check(console: Console, result: dict[str, Any]) -> None:
                                      f"{result['generate_seconds']:.1f} s for all prompts")
     if "accuracy_figure" in result:
         table.add_row("eval accuracy", result["accuracy_figure"])
+    if result.get("tools"):
+        table.add_row("held-out tool cases", result["tools"]["figure"])
     if result.get("context"):
         table.add_row("context", result["context"])
     console.print(table)
@@ -156,6 +158,8 @@ def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     table.add_row("decode tok/s median", *(fmt(c["decode_tps"]) for c in cols))
     table.add_row("request s median", *(fmt(c["request_s"], 3) for c in cols))
     console.print(table)
+    for way, score in result.get("tools", {}).items():
+        console.print(f"held-out tool cases, {way}: {score['figure']}")
     console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
                   f"{result['answer']!r}")
     console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "

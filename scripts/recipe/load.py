@@ -137,7 +137,12 @@ SCHEMA = Obj({
     "runtime": RUNTIME_SCHEMA,  # genai_config.json session options (scripts/recipe/runtime.py)
     "eval": Obj({
         "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
-        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
+        "tools": Field(str, default=None, help="JSONL tool-calling set (OpenAI chat lines with tools, split train/"
+                                               "heldout): its held-out calls and no-call cases are asked with the "
+                                               "tools as `invoke serve` writes them"),
+        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0),
+                              help="share of eval answers right; with eval.tools also of the held-out calls (exact "
+                                   "names and arguments) and of the no-call cases (answered in text), each"),
         "max_new_tokens": Field(int, default=64, check=in_range(1, 4096)),
         "system_prompt": Field(str, default=None),
     }),
@@ -264,6 +269,7 @@ class EvalSpec:
     min_accuracy: float
     max_new_tokens: int
     system_prompt: str | None
+    tools: Path | None = None  # a tool-calling set (scripts/core/tool_evalset.py)
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,10 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     if dataset is not None and not dataset.is_file():
         raise RecipeError(f"{path}: eval.dataset: {dataset} does not exist. Point it at a JSONL file of "
                           "{\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+    tools = (path.parent / ev["tools"]).resolve() if ev["tools"] else None
+    if tools is not None and not tools.is_file():
+        raise RecipeError(f"{path}: eval.tools: {tools} does not exist. Point it at a JSONL tool-calling set (OpenAI "
+                          "chat lines with tools), relative to the recipe file.")
     return Recipe(
         name=data["name"] or path.stem,
         path=path,
@@ -374,7 +384,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
         conversion=_conversion(conv, path),
         foundry=FoundryTarget(**data["foundry"]),
         generation=Generation(**data["generation"]),
-        eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"]),
+        eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"], tools),
         adapter=_resolve_adapter(data["model"]["adapter"], path),
         finetune=_finetune(data["model"]["finetune"], data["model"]["adapter"], path),
         validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])

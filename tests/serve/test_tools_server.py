@@ -15,7 +15,7 @@ import pytest
 
 from scripts.families.jsonschema_lite import schema_errors
 from scripts.serve import server as sv
-from scripts.serve.client import openai_client
+from scripts.serve.client import openai_client, tool_answer
 
 MODEL_ID = "tiny-qwen2:1"
 DAY = {"type": "object", "properties": {"day": {"type": "string", "enum": ["monday", "saturday"]}}, "required": ["day"]}
@@ -143,3 +143,35 @@ def test_json_object_answer_is_an_object_or_a_clear_error(client):
         assert "response_format" in str(exc) and "max_tokens" in str(exc)
     else:
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_answer_reads_calls_as_a_client_does(client, stream):
+    """scripts/serve/client.py tool_answer (what `invoke serve --check` scores): calls as (name, arguments)."""
+    calls, text = tool_answer(client, MODEL_ID, ASK, TOOLS, stream=stream, max_tokens=150, tool_choice="required",
+                              parallel_tool_calls=False)
+    assert calls and text == ""
+    for name, arguments in calls:
+        assert_valid(name, json.dumps(arguments))
+    calls, text = tool_answer(client, MODEL_ID, ASK, TOOLS, stream=stream, max_tokens=20, tool_choice="none")
+    assert calls == [] and "<tool_call>" not in text
+
+
+def test_serve_check_scores_tool_cases_in_process_and_over_http(tmp_path, tiny_long_model):
+    """`invoke serve --check` with a tool set: the same cases asked in-process (as the server would write them) and
+    over HTTP streamed and not; a random model's scores are noise, the counts and the three ways are not."""
+    from scripts.commands.serve_check import run_serve_check
+    from scripts.core.tool_evalset import cases
+    model_dir = tmp_path / "cache" / "slmops" / "tiny-qwen2"
+    shutil.copytree(tiny_long_model, model_dir)
+    found = cases([{"split": "heldout", "tools": TOOLS, "messages": ASK + [{"role": "assistant", "content": None,
+                    "tool_calls": [{"function": {"name": "shop_hours", "arguments": '{"day": "saturday"}'}}]}]},
+                   {"split": "heldout", "tools": TOOLS, "messages": [{"role": "user", "content": "Hello!"},
+                                                                     {"role": "assistant", "content": "Hi."}]}])
+    home = tmp_path / "home"
+    result = run_serve_check(tmp_path / "cache", model_dir, MODEL_ID, [], 24, log_path=tmp_path / "server.log",
+                             env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}, tool_cases=found)
+    assert list(result["tools"]) == ["in-process (SDK)", "HTTP streaming", "HTTP non-streaming"]
+    for score in result["tools"].values():
+        assert (score["calls"], score["no_calls"]) == (1, 1) and score["figure"].startswith("calls ")
+    assert result["questions"] == 0
