@@ -382,9 +382,9 @@ class Pipeline:
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
                  outputs=[self.installed_dir], code=["scripts.convert.install"]),
-            Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
+            Step("check", self.check, inputs=[self.installed_dir] + [d for d in (r.eval.dataset, r.eval.tools) if d],
                  settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
-                 code=["scripts.runtimes.foundry", "scripts.core.evalset"]),
+                 code=["scripts.runtimes.foundry", "scripts.core.evalset", "scripts.core.tool_evalset"]),
         ]
         return out
 
