@@ -155,11 +155,13 @@ def check(c, model=DEFAULT_RECIPE, model_path=None, no_wait=False):
 @recipe_task(max_tokens="longest reply, in tokens (sized down to what the model's context leaves)",
             system="optional system message (/system changes it during the chat)")
 def run(c, model=DEFAULT_RECIPE, model_path=None, max_tokens=256, system=None, no_wait=False):
-    """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands)."""
+    """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands).
+
+    With ``eval.tools`` in the recipe, that set's tools are offered in every prompt and calls are shown readably."""
     from scripts.runtimes.chat import run_chat
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
     run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
-             int(max_tokens), system, lock=pipeline.cache_locked)
+             int(max_tokens), system, lock=pipeline.cache_locked, tools=pipeline.chat_tools())
 
 
 def _port(value, default: int) -> int:

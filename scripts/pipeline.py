@@ -30,12 +30,14 @@ from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
                                      with_stop_tokens)
 from scripts.families.templates import check_template_agreement, load_tokenizer
+from scripts.families.tools import ToolFormat, reply_calls, served_messages, serving_spec
 from scripts.core.fileops import atomic_dir, folder_size, recover_dir
 from scripts.core.locks import hold
 from scripts.core.evalset import conversations, score
 from scripts.core.evalset import load_qa
 from scripts.recipe.paths import Paths
 from scripts.recipe.spec import FinetuneSpec, Recipe
+from scripts.core.tool_evalset import load_cases, load_lines, score_outcomes
 from scripts.runtimes.foundry import cache_root, check_model
 from scripts.runtimes.foundry_api import RUNTIME_DIR_NAME, default_client_note
 from scripts.sources.registry import parse_source
@@ -138,6 +140,35 @@ class Pipeline:
     def eval_set(self):
         dataset = self.recipe.eval.dataset
         return load_qa(dataset) if dataset else []
+
+    def tool_cases(self):
+        """The held-out cases of ``eval.tools`` ([] when none)."""
+        tools = self.recipe.eval.tools
+        return load_cases(tools) if tools else []
+
+    def chat_tools(self) -> list[dict] | None:
+        """The tools ``invoke run`` offers: those of the first line of ``eval.tools`` (None without it)."""
+        tools = self.recipe.eval.tools
+        return (load_lines(tools)[0].get("tools") or None) if tools else None
+
+    def tool_chats(self, cases) -> tuple[list[list[dict]], ToolFormat | None]:
+        """``cases`` as the plain conversations ``invoke serve`` would hand the runtime for them (the tools written in
+        the installed model's family format), and that format to parse the replies with."""
+        if not cases:
+            return [], None
+        spec = serving_spec(read_chat_template(self.installed_dir))
+        if spec is None:
+            raise QualityError(f"{self.recipe.path}: eval.tools is set, but the installed model's chat template "
+                               "matches no family with a tool format (templates/families/<family>.tools.json).")
+        return ([served_messages(spec, c.messages, c.tools) for c in cases],
+                ToolFormat.from_json(spec["family"], spec["format"]))
+
+    def score_tools(self, cases, texts: list[str], fmt: ToolFormat | None, where: str):
+        """The :class:`~scripts.core.tool_evalset.ToolScore` of raw replies to ``cases``; :class:`QualityError` below
+        ``eval.min_accuracy``."""
+        tool_score = score_outcomes(cases, [reply_calls(t, fmt) for t in texts])
+        require_tool_score(tool_score, self.recipe, where)
+        return tool_score
 
     # ----- step bodies --------------------------------------------------------------------------------
     def _doctor(self) -> dict:
@@ -279,7 +310,11 @@ class Pipeline:
         """Listed, loads and answers through the Foundry Local runtime; scores the eval set."""
 
         qa = self.eval_set()
-        chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
+        cases = self.tool_cases()
+        tool_chats, fmt = self.tool_chats(cases)
+        chats = conversations(qa, self.recipe.eval.system_prompt) if qa or cases else [[{"role": "user",
+                                                                                          "content": "Hello"}]]
+        chats += tool_chats
         if self.status:
             self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
         with self.cache_locked():
@@ -287,10 +322,11 @@ class Pipeline:
                                  max_tokens=self.recipe.eval.max_new_tokens)
             context = default_client_note(check_context(self.installed_dir))
         answers = [a.text for a in result.answers]
+        answers, tool_texts = answers[:len(chats) - len(tool_chats)], answers[len(chats) - len(tool_chats):]
         summary: dict[str, Any] = {
             "model_id": result.model_id, "listed": result.listed, "registration": result.registration,
             "load_seconds": result.load_seconds, "generate_seconds": sum(a.seconds for a in result.answers),
-            "prompt": chats[0][-1]["content"], "answer": answers[0],
+            "prompt": chats[0][-1]["content"], "answer": (answers or tool_texts)[0],
             "first_answer_seconds": result.answers[0].seconds,
             "context": context,
         }
@@ -305,6 +341,8 @@ class Pipeline:
                     f"through Foundry Local; the recipe requires {100 * self.recipe.eval.min_accuracy:.0f} % "
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
+        if cases:
+            summary["tools"] = self.score_tools(cases, tool_texts, fmt, "through Foundry Local").to_json()
         return summary
 
     # ----- steps -----------------------------------------------------------------------------------------
@@ -347,9 +385,9 @@ class Pipeline:
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
                  outputs=[self.installed_dir], code=["scripts.convert.install"]),
-            Step("check", self.check, inputs=[self.installed_dir] + ([r.eval.dataset] if r.eval.dataset else []),
+            Step("check", self.check, inputs=[self.installed_dir] + [d for d in (r.eval.dataset, r.eval.tools) if d],
                  settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
-                 code=["scripts.runtimes.foundry", "scripts.core.evalset"]),
+                 code=["scripts.runtimes.foundry", "scripts.core.evalset", "scripts.core.tool_evalset"]),
         ]
         return out
 
@@ -392,3 +430,14 @@ def prepared_recipe(recipe: Recipe, main: Pipeline) -> Recipe:
         return recipe
     source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
     return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
+
+
+def require_tool_score(tool_score, recipe: Recipe, where: str) -> None:
+    """:class:`QualityError` unless both rates of ``tool_score`` reach the recipe's ``eval.min_accuracy``."""
+    if tool_score.passes(recipe.eval.min_accuracy):
+        return
+    examples = "\n".join(f"  - {f['ask']!r}: expected {f['expected']}, got calls {f['got_calls']} text {f['got_text']!r}"
+                         for f in tool_score.failures[:5])
+    raise QualityError(f"{recipe.foundry.model_id} on the held-out tool cases of {recipe.eval.tools.name} {where}: "
+                       f"{tool_score.figure()}; the recipe requires {100 * recipe.eval.min_accuracy:.0f} % of each "
+                       f"(eval.min_accuracy). Failures, e.g.:\n{examples}")

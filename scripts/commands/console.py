@@ -107,6 +107,8 @@ def print_check(console: Console, result: dict[str, Any]) -> None:
                                      f"{result['generate_seconds']:.1f} s for all prompts")
     if "accuracy_figure" in result:
         table.add_row("eval accuracy", result["accuracy_figure"])
+    if result.get("tools"):
+        table.add_row("held-out tool cases", result["tools"]["figure"])
     if result.get("context"):
         table.add_row("context", result["context"])
     console.print(table)
@@ -229,6 +231,8 @@ def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     print_rows(console, f"invoke serve --check: {result['model_id']} at {result['base_url']} "
                         f"({result['questions']} questions; streamed and in-process capped at {result['max_tokens']} "
                         "tokens)", ("", *(c["name"] for c in cols)), rows)
+    for way, score in result.get("tools", {}).items():
+        console.print(f"held-out tool cases, {way}: {score['figure']}")
     console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
                   f"{result['answer']!r}")
     console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import logging
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.core.evalset import conversations, score
 from scripts.core.evalset import QA
+from scripts.core.tool_evalset import ToolCase, score_outcomes
+from scripts.families.tools import ToolFormat, reply_calls, served_messages
 from scripts.runtimes.foundry import check_model
 from scripts.serve.server import ServerProcess, plan_serve
 from scripts.serve.api import DEFAULT_HOST
-from scripts.serve.client import complete_answer, openai_client, stream_answer
+from scripts.serve.client import complete_answer, openai_client, stream_answer, tool_answer
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,27 @@ def summarise(name: str, texts: list[str], ttft: list[float | None], decode: lis
 def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequence[QA], max_tokens: int,
                     system_prompt: str | None = None, host: str = DEFAULT_HOST,
                     port: int = 0, log_path: Path | None = None, env: dict[str, str] | None = None,
-                    status: Callable[[str], Any] = lambda s: None) -> dict[str, Any]:
+                    status: Callable[[str], Any] = lambda s: None,
+                    tool_cases: Sequence[ToolCase] = ()) -> dict[str, Any]:
     """Ask ``qa`` in-process, then over HTTP (streamed, then non-streamed with the client's defaults); return the
-    figures (see :func:`failure_message` for the verdict). Without ``qa`` one greeting is asked."""
+    figures (see :func:`failure_message` for the verdict). Without ``qa`` one greeting is asked. ``tool_cases``
+    (held-out cases of a tool set) are asked too: in-process as the plain messages the server would hand the runtime,
+    over HTTP with ``tools`` through the ``openai`` client (streamed and not); ``result["tools"]`` scores each way."""
     plan = plan_serve(cache_dir, model_dir, model_id, host, port)
-    chats = conversations(qa, system_prompt) if qa else [HELLO]
-    status(f"in-process: loading {model_id} in Foundry Local and answering {len(chats)} prompts…")
-    inproc = check_model(Path(cache_dir), Path(model_dir), model_id, chats, max_tokens=max_tokens)
+    chats = conversations(qa, system_prompt) if qa else ([] if tool_cases else [HELLO])
+    if tool_cases and plan.tools is None:
+        raise ValueError(f"{model_dir}: its chat template matches no family with a tool format; it cannot be asked "
+                         "the tool cases.")
+    tool_chats = [served_messages(plan.tools, c.messages, c.tools) for c in tool_cases]
+    status(f"in-process: loading {model_id} in Foundry Local and answering {len(chats) + len(tool_chats)} prompts…")
+    inproc = check_model(Path(cache_dir), Path(model_dir), model_id, chats + tool_chats, max_tokens=max_tokens)
+    tool_texts = [a.text for a in inproc.answers[len(chats):]]
+    inproc = replace(inproc, answers=inproc.answers[:len(chats)])
     ref = [a.text for a in inproc.answers]
+    tools: dict[str, Any] = {}
+    if tool_cases:
+        fmt = ToolFormat.from_json(plan.tools["family"], plan.tools["format"])
+        tools["in-process (SDK)"] = score_outcomes(tool_cases, [reply_calls(t, fmt) for t in tool_texts]).to_json()
     columns = [summarise("in-process (SDK)", ref, [a.first_token_seconds for a in inproc.answers],
                          [decode_rate(a.tokens, a.first_token_seconds, a.seconds) for a in inproc.answers],
                          [a.seconds for a in inproc.answers], qa, None)]
@@ -72,6 +88,11 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
         streamed = [stream_answer(client, model_id, chat, max_tokens=max_tokens) for chat in chats]
         status(f"HTTP: {len(chats)} non-streamed requests with the client's defaults…")
         plain = [complete_answer(client, model_id, chat) for chat in chats]
+        for name, stream in (("HTTP streaming", True), ("HTTP non-streaming", False)):
+            status(f"HTTP: {len(tool_cases)} tool cases with tools ({name[5:]})…")
+            tools[name] = score_outcomes(tool_cases, [
+                tool_answer(client, model_id, c.messages, c.tools, stream=stream, max_tokens=max_tokens)
+                for c in tool_cases]).to_json()
         base = server.base_url
         stopped = server.stop()
     columns.append(summarise("HTTP streaming", [a.text for a in streamed], [a.first_token_seconds for a in streamed],
@@ -82,12 +103,18 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
                              [None] * len(plain), [a.seconds for a in plain], qa, ref))
     result = {"model_id": model_id, "base_url": base, "listed": listed, "questions": len(chats),
               "max_tokens": max_tokens, "load_seconds": inproc.load_seconds, "server": stopped, "columns": columns,
-              "prompt": chats[0][-1]["content"], "answer": streamed[0].text}
+              "prompt": chats[0][-1]["content"] if chats else None, "answer": streamed[0].text if chats else None,
+              "tools": tools}
     return result
 
 
 def failure_message(result: dict[str, Any], min_accuracy: float) -> str | None:
     """Why the HTTP answers fail the recipe's ``eval.min_accuracy``, or None when they pass (or nothing was scored)."""
+    low_tools = [f"{way}: {t['figure']}" for way, t in result.get("tools", {}).items()
+                 if min(t["call_exact"] if t["calls"] else 1, t["no_call_text"] if t["no_calls"] else 1) < min_accuracy]
+    if low_tools:
+        return (f"{result['model_id']} on the held-out tool cases: {'; '.join(low_tools)}; the recipe requires "
+                f"{100 * min_accuracy:.0f} % of each (eval.min_accuracy).")
     low = [c for c in result["columns"][1:] if c.get("accuracy") is not None and c["accuracy"] < min_accuracy]
     if not low:
         return None
@@ -106,4 +133,5 @@ def serve_check(pipeline, host: str = DEFAULT_HOST, port: int = 0,
     r = pipeline.recipe
     return run_serve_check(pipeline.cache_root, pipeline.installed_dir, r.foundry.model_id, pipeline.eval_set(),
                            r.eval.max_new_tokens, r.eval.system_prompt, host, port,
-                           log_path=pipeline.paths.root / "serve-check.log", status=status)
+                           log_path=pipeline.paths.root / "serve-check.log", status=status,
+                           tool_cases=pipeline.tool_cases())

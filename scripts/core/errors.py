@@ -71,3 +71,8 @@ class PeerError(MeasurementError):
 
 class PeerUnavailableError(PeerError):
     """The optional peer is not installed; the message says how to install it."""
+
+
+class ToolCallError(SlmopsError):
+    """A tool call or tool format that cannot be honoured: a call that is not JSON, names an undeclared tool or breaks
+    its schema; a malformed ``tools`` list; a family without a tool format."""

@@ -76,12 +76,17 @@ class Family:
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
+TOOLS_SUFFIX = ".tools.json"
+
+
 @lru_cache(maxsize=None)
 def registry(folder: Path = FAMILIES_DIR) -> dict[str, Family]:
     """Every family defined in ``folder``, by name. Refuses duplicate architecture claims."""
     families: dict[str, Family] = {}
     owners: dict[str, list[str]] = {}
     for data_file in sorted(folder.glob("*.json")):
+        if data_file.name.endswith(TOOLS_SUFFIX):  # a family's tool format (scripts.families.tools), not a family
+            continue
         name = data_file.stem
         try:
             raw = json.loads(data_file.read_text(encoding="utf-8"))

@@ -6,6 +6,7 @@
 | format | share of eval answers with the expected structure (non-empty, no control tokens, ``validate.format_regex`` / ``format_json_keys``) | ≥ ``validate.min_format_rate`` |
 | leaks | RSS growth and slope (the smaller of the two halves' slopes: a leak grows in both, one allocator step in one) over a soak of ``validate.soak_requests`` requests on one loaded model | ≤ ``max_rss_growth_mb`` and ≤ ``max_rss_slope_kb_per_request`` |
 | lengths | median per-token latency from the shortest to the near-context prompt | ratio ≤ ``max_latency_ratio`` |
+| tool calls | with ``eval.tools``: held-out calls with exact names and arguments, and no-call cases answered in text, through Foundry Local (the tools written as ``invoke serve`` writes them); beside them the FP32 PyTorch model's | each ≥ ``eval.min_accuracy`` |
 | edge cases | empty/whitespace/over-context/non-UTF-8/emoji/control tokens/max tokens 0 and negative/concurrent | each gives a defined answer or a clear error and the runtime keeps serving |
 
 The pure functions (``*_item``) turn figures into verdicts and are unit-tested; :func:`run_validate` does the
@@ -25,6 +26,8 @@ from scripts.proof.edge_cases import edge_cases, edge_verdicts
 from scripts.core.evalset import conversations
 from scripts.proof.measure import bench_request, context_limit, run_worker, summarise_length
 from scripts.core.evalset import answers_match
+from scripts.core.tool_evalset import score_outcomes
+from scripts.families.tools import reply_calls
 from scripts.proof.stats import percentile, slope
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,20 @@ def domain_item(answers: Sequence[str], references: Sequence[str], reference_ans
     else:
         figure += "; FP32 reference not available"
     return Item("domain", title, PASS if ok else FAIL, figure, detail)
+
+
+def tool_item(score, reference, min_accuracy: float) -> Item:
+    """Held-out tool cases (:class:`scripts.core.tool_evalset.ToolScore` through Foundry Local; ``reference``: the
+    FP32 PyTorch model's, or None)."""
+    title = "tool calls"
+    if score is None:
+        return Item("tools", title, SKIP, "no eval.tools in the recipe: nothing to score")
+    figure = f"{score.figure()} (need {_pct(min_accuracy)} of each)"
+    detail: dict[str, Any] = score.to_json()
+    if reference is not None:
+        figure += f"; FP32 PyTorch {reference.figure()}"
+        detail["reference"] = reference.to_json()
+    return Item("tools", title, PASS if score.passes(min_accuracy) else FAIL, figure, detail)
 
 
 def format_problem(answer: str, regex: str | None, json_keys: Sequence[str] | None,
@@ -235,14 +252,17 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     convs = conversations(qa, recipe.eval.system_prompt) if qa else [[{"role": "user", "content": p}]
                                                                       for p in DEFAULT_PROMPTS]
     options = {"cache_dir": str(pipeline.cache_root), "model_id": recipe.foundry.model_id}
+    tool_cases = pipeline.tool_cases()
+    tool_chats, fmt = pipeline.tool_chats(tool_cases)
     context = context_limit(model_dir)
     soak = {"kind": "soak", "conversations": convs[:8], "requests": spec.soak_requests, "max_new_tokens": 8}
     status(f"validate: Foundry Local — {len(convs)} eval prompts, prompt lengths, soak of {spec.soak_requests} requests…")
     main = run_worker("foundry", model_dir, [
-        {"kind": "answers", "conversations": convs, "max_new_tokens": recipe.eval.max_new_tokens},
+        {"kind": "answers", "conversations": convs + tool_chats, "max_new_tokens": recipe.eval.max_new_tokens},
         bench_request(model_dir, profile, context), soak], options)
     jobs = {j["kind"]: j for j in main["jobs"]}
     answers = [a["text"] for a in jobs["answers"]["answers"]]
+    answers, tool_texts = answers[:len(convs)], answers[len(convs):]
 
     status("validate: Foundry Local — edge cases and invalid input…")
     controls = control_tokens(model_dir)
@@ -250,13 +270,19 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     edge = run_worker("foundry", model_dir, [{"kind": "edge", "cases": cases, "health": convs[0],
                                               "timeout": spec.edge_timeout_seconds}], options)["jobs"][0]
 
-    reference = None
+    reference = tool_reference = None
     source = Path(pipeline.model_dir)
-    if qa and _hf_folder(source):
+    if (qa or tool_cases) and _hf_folder(source):
         status("validate: FP32 reference answers (PyTorch)…")
-        ref = run_worker("torch", source, [{"kind": "answers", "conversations": convs,
+        asked = (convs if qa else []) + tool_chats
+        ref = run_worker("torch", source, [{"kind": "answers", "conversations": asked,
                                             "max_new_tokens": recipe.eval.max_new_tokens}])
-        reference = [a["text"] for a in ref["jobs"][0]["answers"]]
+        ref_texts = [a["text"] for a in ref["jobs"][0]["answers"]]
+        reference = ref_texts[:len(asked) - len(tool_chats)] if qa else None
+        if tool_cases:
+            tool_reference = score_outcomes(tool_cases, [reply_calls(t, fmt)
+                                                         for t in ref_texts[len(asked) - len(tool_chats):]])
+    tool_score = score_outcomes(tool_cases, [reply_calls(t, fmt) for t in tool_texts]) if tool_cases else None
 
     bench_lengths = [summarise_length(x) for x in jobs["bench"]["lengths"]]
     items = [
@@ -265,9 +291,10 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
         leak_item(jobs["soak"]["rss"], jobs["soak"]["n_errors"], spec.max_rss_growth_mb,
                   spec.max_rss_slope_kb_per_request),
         lengths_item(latency_rows(bench_lengths), spec.max_latency_ratio, spec.latency_floor_ms),
+        tool_item(tool_score, tool_reference, recipe.eval.min_accuracy),
         edge_item(edge_verdicts(cases, edge)),
     ]
-    raw = {"answers": answers, "reference_answers": reference, "soak": jobs["soak"],
+    raw = {"answers": answers, "reference_answers": reference, "tool_answers": tool_texts, "soak": jobs["soak"],
            "lengths": [x.to_json() for x in bench_lengths], "edge": edge, "load_seconds": main["load_seconds"],
            "peak_rss": main["peak_rss"], "context": context, "thresholds": asdict(spec)}
     return ValidateReport(recipe.foundry.model_id, profile.name, items, raw)

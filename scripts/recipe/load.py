@@ -84,6 +84,10 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     if dataset is not None and not dataset.is_file():
         raise RecipeError(f"{path}: eval.dataset: {dataset} does not exist. Point it at a JSONL file of "
                           "{\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+    tools = (path.parent / ev["tools"]).resolve() if ev["tools"] else None
+    if tools is not None and not tools.is_file():
+        raise RecipeError(f"{path}: eval.tools: {tools} does not exist. Point it at a JSONL tool-calling set (OpenAI "
+                          "chat lines with tools), relative to the recipe file.")
     return Recipe(
         name=data["name"] or path.stem,
         path=path,
@@ -93,7 +97,7 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
         conversion=_conversion(conv, path),
         foundry=FoundryTarget(**data["foundry"]),
         generation=Generation(**data["generation"]),
-        eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"]),
+        eval=EvalSpec(dataset, ev["min_accuracy"], ev["max_new_tokens"], ev["system_prompt"], tools),
         adapter=_resolve_adapter(data["model"]["adapter"], path),
         finetune=_finetune(data["model"]["finetune"], data["model"]["adapter"], path),
         validate=ValidateSpec(**{**data["validate"], "format_json_keys": tuple(data["validate"]["format_json_keys"])

@@ -10,7 +10,9 @@ ordinary use:
   leaves;
 - text holding a control string of the model's prompt format (``<|im_start|>``, …) is refused with the eval loader's
   reason (:func:`scripts.core.evalset.control_token_problem`);
-- a runtime error on one turn is printed and the session goes on.
+- a runtime error on one turn is printed and the session goes on;
+- with ``tools`` (the recipe's ``eval.tools`` set's), they are written into every prompt as ``invoke serve`` writes
+  them, and the model's calls are shown as ``call name {arguments}`` lines instead of their markup.
 
 :func:`chat_loop` takes the chat (anything with ``context``, ``count_tokens`` and ``stream``, e.g.
 :class:`~scripts.runtimes.foundry_sdk.LiveChat`), a console and an input function, so tests drive it with scripted
@@ -29,6 +31,8 @@ from scripts.core.errors import FoundryError
 from scripts.core.faults import checkpoint
 from scripts.core.hf_folder import control_tokens
 from scripts.core.evalset import control_token_problem
+from scripts.core.errors import ToolCallError
+from scripts.families.tools import StreamParser, ToolFormat, served_messages
 from scripts.runtimes.foundry_sdk import LiveChat
 
 #: The shortest reply a prompt must leave room for; a prompt leaving less is refused.
@@ -91,8 +95,10 @@ def fit_conversation(history: Sequence[dict], prompt: dict, count: Callable[[lis
 class Conversation:
     """The state of one chat: the history and its system message."""
 
-    def __init__(self, chat, console: Console, max_tokens: int, system: str | None, controls: Sequence[str]):
+    def __init__(self, chat, console: Console, max_tokens: int, system: str | None, controls: Sequence[str],
+                 tools: Sequence[dict] | None = None, tool_spec: dict | None = None):
         self.chat, self.console, self.controls = chat, console, tuple(controls)
+        self.tools, self.tool_spec = (list(tools), tool_spec) if tools and tool_spec else (None, None)
         self.context = chat.context
         self.max_tokens = max_tokens
         self.history: list[dict] = []
@@ -136,6 +142,32 @@ class Conversation:
             self.say(f"unknown command {name}; {HELP}", "yellow")
         return Turn(text, "command")
 
+    def prompt_messages(self, messages: list[dict]) -> list[dict]:
+        """What the runtime is given: with tools, the messages as ``invoke serve`` writes them."""
+        return served_messages(self.tool_spec, messages, self.tools) if self.tools else messages
+
+    def show(self, pieces: Sequence[str], parser: StreamParser | None, end: bool = False) -> None:
+        """Print reply pieces; with tools, calls as ``call name {arguments}`` lines."""
+        if parser is None:
+            for piece in pieces:
+                self.console.print(piece, end="", markup=False, highlight=False)
+            return
+        try:
+            for piece in pieces:
+                self._events(parser.feed(piece))
+            if end:
+                self._events(parser.finish())
+        except ToolCallError as exc:
+            self.say(f"\n(the model wrote a call that cannot be read: {exc})", "yellow")
+
+    def _events(self, events) -> None:
+        for kind, value in events:
+            if kind == "text":
+                self.console.print(value, end="", markup=False, highlight=False)
+            else:
+                self.console.print(f"\n→ call {value.name} {value.arguments}", end="", style="cyan", markup=False,
+                                   highlight=False)
+
     def ask(self, text: str) -> Turn:
         problem = control_token_problem(text, self.controls)
         if problem:
@@ -143,8 +175,9 @@ class Conversation:
             return Turn(text, "refused", note=problem)
         prompt = {"role": "user", "content": text}
         try:
-            messages, dropped, used, budget = fit_conversation(self.history, prompt, self.chat.count_tokens,
-                                                               self.context, self.max_tokens)
+            messages, dropped, used, budget = fit_conversation(
+                self.history, prompt, lambda ms: self.chat.count_tokens(self.prompt_messages(ms)), self.context,
+                self.max_tokens)
         except PromptTooLong as exc:
             why = (f"your message needs {exc.prompt_tokens} tokens" + (" with the system message" if self.system
                                                                        else "")
@@ -160,11 +193,13 @@ class Conversation:
         self.console.print("[bold]model>[/bold] ", end="")
         pieces: list[str] = []
         status, note = "answered", ""
-        replies = self.chat.stream(messages, budget)
+        replies = self.chat.stream(self.prompt_messages(messages), budget)
+        parser = StreamParser(ToolFormat.from_json(self.tool_spec["family"], self.tool_spec["format"])) \
+            if self.tools else None
         try:
             for piece in replies:
                 pieces.append(piece)
-                self.console.print(piece, end="", markup=False, highlight=False)
+                self.show([piece], parser)
                 if len(pieces) == 1:
                     checkpoint("chat:reply")
         except KeyboardInterrupt:
@@ -174,6 +209,7 @@ class Conversation:
         finally:
             with contextlib.suppress(Exception):
                 replies.close()  # cancels a reply still being generated
+        self.show([], parser, end=True)
         self.console.print()
         if status == "error":
             self.say(f"error: {note}\nThe conversation goes on without this message.", "red")
@@ -185,11 +221,13 @@ class Conversation:
 
 
 def chat_loop(chat, console: Console, max_tokens: int = 256, system: str | None = None,
-              read: Callable[[str], str] | None = None, controls: Sequence[str] = ()) -> list[Turn]:
+              read: Callable[[str], str] | None = None, controls: Sequence[str] = (),
+              tools: Sequence[dict] | None = None, tool_spec: dict | None = None) -> list[Turn]:
     """Read lines until ``/exit``, Ctrl-D (EOFError) or two Ctrl-C in a row at the prompt; answer each through
-    ``chat``. ``read`` defaults to ``console.input``; ``controls`` are the model's control strings."""
+    ``chat``. ``read`` defaults to ``console.input``; ``controls`` are the model's control strings; ``tools`` (OpenAI
+    tools) are offered in the prompt in the format of ``tool_spec`` (:func:`scripts.families.tools.serving_spec`)."""
     read = read or console.input
-    session = Conversation(chat, console, max_tokens, system, controls)
+    session = Conversation(chat, console, max_tokens, system, controls, tools, tool_spec)
     if max_tokens > session.context - MIN_REPLY:
         session.say(f"(--max-tokens {max_tokens} exceeds what the {session.context}-token context allows; replies "
                     "are sized to the room left)")
@@ -219,9 +257,13 @@ def chat_loop(chat, console: Console, max_tokens: int = 256, system: str | None 
 
 
 def run_chat(console: Console, cache_dir: Path, model_dir: Path, model_id: str, max_tokens: int,
-             system: str | None = None, lock: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Turn]:
+             system: str | None = None, lock: Callable[[], ContextManager] = contextlib.nullcontext,
+             tools: Sequence[dict] | None = None) -> list[Turn]:
     """``invoke run``: load the installed model (under ``lock``, the cache target's lock, so no install swaps it
-    while it loads) and chat with it in the terminal."""
+    while it loads) and chat with it in the terminal; ``tools`` offered in every prompt (calls shown, not run)."""
+    from scripts.core.hf_folder import read_chat_template
+    from scripts.families.tools import serving_spec
+    tool_spec = serving_spec(read_chat_template(model_dir)) if tools else None
     with lock():
         if not (model_dir / "inference_model.json").is_file():
             raise FoundryError(f"{model_id} is not installed at {model_dir}; run `invoke deploy` first.")
@@ -229,4 +271,8 @@ def run_chat(console: Console, cache_dir: Path, model_dir: Path, model_id: str, 
     with chat:
         console.print(f"Chatting with {model_id} through Foundry Local (context {chat.context} tokens, replies up to "
                       f"{max_tokens}). /help lists the commands; /exit or Ctrl-D leaves; Ctrl-C stops a reply.")
-        return chat_loop(chat, console, max_tokens, system, controls=control_tokens(model_dir))
+        if tool_spec:
+            console.print(f"Tools offered ({tool_spec['family']} format, calls shown, not run): "
+                          f"{', '.join(t['function']['name'] for t in tools)}.")
+        return chat_loop(chat, console, max_tokens, system, controls=control_tokens(model_dir), tools=tools,
+                         tool_spec=tool_spec)

@@ -31,6 +31,7 @@ class ServePlan:
     port: int = DEFAULT_PORT
     defaults: dict[str, Any] = field(default_factory=dict)
     max_length: int | None = None
+    tools: dict[str, Any] | None = None  # scripts.families.tools.serving_spec of the installed chat template
 
     @property
     def alias(self) -> str:

@@ -10,6 +10,7 @@ import contextlib
 from typing import Any, Callable
 
 from scripts.core.errors import FoundryError
+from scripts.serve import tools
 from scripts.serve.api import (CHAT_PATH, UPSTREAM_TIMEOUT, ApiError, ServePlan, apply_defaults,
                                         check_chat_request, needs_max_tokens, parse_json_body, resolve_model,
                                         runtime_error, sse_error)
@@ -74,6 +75,9 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
     async def chat(request):
         try:
             body = check_chat_request(parse_json_body(await request.body()), plan.model_id)
+            ctx = None
+            if tools.needs_layer(body):
+                body, ctx = tools.prepare(body, plan.tools)
             prompt_tokens = context_limit = None
             if needs_max_tokens(body):
                 try:
@@ -82,15 +86,17 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
                     raise ApiError(500, str(exc)) from exc
             body = apply_defaults(body, plan.defaults, prompt_tokens, context_limit, plan.max_length)
             if body.get("stream"):
-                return await stream_chat(body)
+                return await stream_chat(body, ctx)
             r = await upstream_call("POST", CHAT_PATH, json=body)
             if r.status_code != 200:
                 raise runtime_error(r.status_code, r.text)
+            if ctx is not None:
+                return JSONResponse(tools.finish_completion(ctx, r.json()))
             return Response(r.content, media_type="application/json")
         except ApiError as exc:
             return error_response(exc)
 
-    async def stream_chat(body: dict):
+    async def stream_chat(body: dict, ctx: "tools.ToolContext | None" = None):
         client = state["client"]
         try:
             resp = await client.send(client.build_request("POST", CHAT_PATH, json=body), stream=True)
@@ -120,7 +126,23 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
             finally:
                 await resp.aclose()
 
-        return StreamingResponse(relay(), media_type="text/event-stream",
+        async def rewritten():
+            """The runtime's events, one at a time, through the tool/JSON layer; an invalid answer ends the stream
+            with an OpenAI error event (the openai client raises it)."""
+            rewriter, pending = tools.StreamRewriter(ctx), b""
+            try:
+                async for chunk in relay():
+                    pending += chunk
+                    while b"\n\n" in pending:
+                        event, pending = pending.split(b"\n\n", 1)
+                        for out in rewriter.feed(event):
+                            yield out
+                for out in rewriter.finish():
+                    yield out
+            except ApiError as exc:
+                yield tools.error_event(exc)
+
+        return StreamingResponse(relay() if ctx is None else rewritten(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(request):

@@ -59,3 +59,33 @@ def complete_answer(client, model_id: str, messages: list[dict], **options: Any)
     end = time.perf_counter()
     return HttpAnswer(r.choices[0].message.content or "", start, [], r.usage.prompt_tokens if r.usage else 0,
                       r.usage.completion_tokens if r.usage else 0, r.choices[0].finish_reason, end - start)
+
+
+def tool_answer(client, model_id: str, messages: list[dict], tools: list[dict], stream: bool = False,
+                **options: Any) -> tuple[list[tuple[str, Any]], str]:
+    """One request with ``tools`` (``tool_choice`` auto): ``(calls as (name, parsed arguments), text)``, streamed calls
+    assembled from ``delta.tool_calls`` as a client does. A reply the server refuses as an invalid call (HTTP 500,
+    ``invalid_tool_call``) is one call named ``"<invalid>"`` (it matches no expectation)."""
+    import json
+
+    import openai
+    try:
+        if not stream:
+            message = client.chat.completions.create(model=model_id, messages=messages, tools=tools,
+                                                     **options).choices[0].message
+            return ([(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []],
+                    message.content or "")
+        text, calls = "", {}
+        for chunk in client.chat.completions.create(model=model_id, messages=messages, tools=tools, stream=True,
+                                                    **options):
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                for tc in choice.delta.tool_calls or []:
+                    c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    c["name"] += tc.function.name or ""
+                    c["arguments"] += tc.function.arguments or ""
+        return [(calls[i]["name"], json.loads(calls[i]["arguments"] or "{}")) for i in sorted(calls)], text
+    except openai.APIError as exc:  # streamed, the refusal is an error event: an APIError without a status
+        if "invalid_tool_call" not in str(exc) and "invalid_tool_call" not in str(getattr(exc, "body", "")):
+            raise
+        return [("<invalid>", str(exc))], ""

@@ -43,6 +43,8 @@ from scripts.core.errors import FoundryError, ServeError
 from scripts.core.fileops import write_text_atomic
 from scripts.runtimes import foundry_sdk
 from scripts.runtimes.foundry_api import validate_model_dir, validate_model_id
+from scripts.core.hf_folder import read_chat_template
+from scripts.families.tools import serving_spec
 from scripts.serve.api import (DEFAULT_HOST, DEFAULT_PORT, ServePlan, generation_defaults, is_loopback,
                                         url_host)
 from scripts.serve.app import build_app
@@ -75,7 +77,8 @@ def plan_serve(cache_dir: Path, model_dir: Path, model_id: str, host: str = DEFA
                           (genai_config.get("search") or {}).get("max_length")) if v]
     return ServePlan(cache_dir=str(Path(cache_dir).resolve()), model_dir=str(model_dir.resolve()), model_id=model_id,
                      host=host, port=port, defaults=generation_defaults(genai_config),
-                     max_length=min(int(v) for v in limits) if limits else None)
+                     max_length=min(int(v) for v in limits) if limits else None,
+                     tools=serving_spec(read_chat_template(model_dir)))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -40,7 +40,7 @@ from scripts.core.errors import ModelSourceError, RecipeError
 from scripts.sources.answers import generate_answers_hf
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, _tokenizer_texts, render_chatml, save_tokenizer,
                                           train_tokenizer)
-from scripts.core.evalset import answers_match, exact_match, load_qa, QA, question_messages
+from scripts.core.evalset import answers_match, exact_match, load_qa, QA
 from scripts.core.settings import build_dir, REPO_ROOT
 
 log = logging.getLogger(__name__)

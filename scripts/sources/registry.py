@@ -5,6 +5,7 @@ builds that folder.
 | kind | ``model.source`` | folder converted | built by step |
 |---|---|---|---|
 | ``demo`` | ``"demo"`` | ``build/demo/<dataset>/`` | ``demo-model`` (trains the bundled demo model) |
+| ``tools-demo`` | ``"tools-demo"`` | ``build/tools-demo/<tool set>/`` | ``tools-demo-model`` (trains the tool-calling demo model) |
 | ``synthetic`` | ``"synthetic:qwen2.5-0.5b"`` | ``build/synthetic/<shape>/`` | ``synthetic-model`` (random weights) |
 | ``tiny`` | ``"tiny:<family>"`` | ``build/tiny/<family>/`` | ``tiny-model`` (random weights) |
 | ``gguf`` | a ``.gguf`` file | ``build/gguf/<file stem>/`` | ``gguf-import`` (dequantized to FP32) |
@@ -30,6 +31,8 @@ TINY_PREFIX = "tiny:"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SHAPES = ("qwen2.5-0.5b",)  # scripts/sources/synthetic.py SHAPES
 DEMO_DATASET = Path("data") / "qwen-domain.jsonl"  # under the recipes folder
+TOOLS_DEMO = "tools-demo"
+TOOLS_DEMO_DATASET = Path("data") / "brightwater-tools.jsonl"  # under the recipes folder
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ def _demo(spec: str, base: Path) -> ModelSource | None:
     if spec != DEMO:
         return None
     return ModelSource(DEMO, spec, settings.build_dir() / "demo" / DEMO_DATASET.stem)
+
+
+def _tools_demo(spec: str, base: Path) -> ModelSource | None:
+    if spec != TOOLS_DEMO:
+        return None
+    return ModelSource(TOOLS_DEMO, spec, settings.build_dir() / TOOLS_DEMO / TOOLS_DEMO_DATASET.stem)
 
 
 def _synthetic(spec: str, base: Path) -> ModelSource | None:
@@ -141,6 +150,9 @@ SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
     SourceKind(DEMO, "the bundled fine-tuned demo model, trained locally", _demo, step="demo-model",
                builder="scripts.sources.demo:build", in_process=True,
                inputs=lambda s: [settings.recipes_dir() / DEMO_DATASET]),
+    SourceKind(TOOLS_DEMO, "the tool-calling demo model (a tiny Qwen2 trained on the Brightwater tool set), trained "
+               "locally", _tools_demo, step="tools-demo-model", builder="scripts.sources.tools_demo:build",
+               in_process=True, inputs=lambda s: [settings.recipes_dir() / TOOLS_DEMO_DATASET]),
     SourceKind("synthetic", "a published architecture's shape with random weights (size and speed only)", _synthetic,
                step="synthetic-model", builder="scripts.sources.synthetic:build", random_weights=True),
     SourceKind("tiny", "a tiny random model of a registered family (proves the family machinery)", _tiny,

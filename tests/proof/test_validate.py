@@ -8,7 +8,7 @@ from scripts.proof.measure import context_limit, run_worker
 from scripts.recipe.load import parse_recipe
 from scripts.core.errors import RecipeError
 from scripts.proof.validate import (FAIL, PASS, SKIP, domain_item, edge_item, format_item, format_problem, leak_figures,
-                              leak_item, lengths_item)
+                              leak_item, lengths_item, tool_item)
 
 
 def test_domain_item_accuracy_and_fp32_agreement():
@@ -115,3 +115,18 @@ def test_edge_cases_through_foundry_runtime(tiny_onnx_model, tmp_path):
     by = {v.name: v.outcome for v in verdicts}
     assert "context" in by["prompt longer than the context"]
     assert "UTF-8" in by["non-UTF-8 bytes"]
+
+
+def test_tool_item_judges_both_rates_and_shows_the_fp32_reference():
+    from scripts.core.tool_evalset import cases, score_outcomes
+    found = cases([{"split": "heldout", "messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                    "content": None, "tool_calls": [{"function": {"name": "a", "arguments": "{}"}}]}]},
+                   {"split": "heldout", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                          "content": "Hello"}]}])
+    good = score_outcomes(found, [([("a", {})], ""), ([], "Hi")])
+    bad = score_outcomes(found, [([], "no"), ([], "Hi")])
+    assert tool_item(None, None, 0.9).status == SKIP
+    item = tool_item(good, bad, 0.9)
+    assert item.status == PASS and item.figure.startswith("calls 1/1 (100.0 %), no call 1/1 (100.0 %) (need 90.0 %")
+    assert "FP32 PyTorch calls 0/1" in item.figure and item.detail["reference"]["call_exact"] == 0.0
+    assert tool_item(bad, None, 0.9).status == FAIL

@@ -274,3 +274,21 @@ def test_eight_bit_refuses_unknown_groups_duplicates_and_conflicts(recipes):
     message = load_error(recipes, {**MINIMAL, "conversion": {"quantization": {
         "eight_bit": ["lm_head"], "lm_head": False}}})
     assert "eight_bit lists \"lm_head\" but lm_head is false" in message
+
+
+def test_eval_tools_resolves_against_the_recipe_and_must_exist(recipes):
+    message = load_error(recipes, {**MINIMAL, "eval": {"tools": "data/none.jsonl"}})
+    assert "eval.tools:" in message and "none.jsonl does not exist" in message
+    (recipes / "data").mkdir()
+    (recipes / "data" / "t.jsonl").write_text("{}\n")
+    write(recipes, "r", {**MINIMAL, "eval": {"tools": "data/t.jsonl"}})
+    assert load_recipe("r").eval.tools == (recipes / "data" / "t.jsonl").resolve()
+
+
+def test_the_tools_demo_source_and_the_bundled_tool_recipe():
+    from scripts.core import settings
+    recipe = load_recipe("brightwater-tools")
+    assert recipe.source.kind == "tools-demo" and recipe.source.folder == settings.build_dir() / "tools-demo" / \
+        "brightwater-tools"
+    assert recipe.source.step_inputs() == [recipe.eval.tools]
+    assert recipe.source.info.builder == "scripts.sources.tools_demo:build" and not recipe.source.random_weights

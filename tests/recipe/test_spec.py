@@ -8,12 +8,12 @@ import pytest
 
 from scripts.core.schema import defaults_from, Field, Obj
 from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
-from scripts.recipe.spec import (Conversion, FidelitySpec, FinetuneSpec, Generation, Quantization, section,
+from scripts.recipe.spec import (Conversion, EvalSpec, FidelitySpec, FinetuneSpec, Generation, Quantization, section,
                                  ValidateSpec)
 
 SPECS = [(Quantization, section("conversion", "quantization")), (FidelitySpec, section("conversion", "fidelity")),
          (Conversion, section("conversion")), (FinetuneSpec, section("model", "finetune")),
-         (Generation, section("generation")), (ValidateSpec, section("validate")), (RuntimeSpec, RUNTIME_SCHEMA)]
+         (Generation, section("generation")), (EvalSpec, section("eval")), (ValidateSpec, section("validate")), (RuntimeSpec, RUNTIME_SCHEMA)]
 
 
 @pytest.mark.parametrize("spec, obj", SPECS, ids=[s.__name__ for s, _ in SPECS])

@@ -124,6 +124,32 @@ def test_commands_and_words_that_leave():
     assert all(m["content"] != "exit" for r in chat.requests for m in r[0]), "exit is never sent to the model"
 
 
+class CallingChat(FakeChat):
+    """Answers with a call in the chatml format, in small pieces (markers split across them)."""
+
+    context = 4000
+    REPLY = 'Let me look.\n<tool_call>\n{"name": "shop_hours", "arguments": {"day": "monday"}}\n</tool_call>'
+
+    def stream(self, messages, max_tokens):
+        self.requests.append(([dict(m) for m in messages], max_tokens))
+        yield from (self.REPLY[i:i + 5] for i in range(0, len(self.REPLY), 5))
+
+
+def test_with_tools_the_prompt_carries_them_and_calls_are_shown_readably():
+    from scripts.families.tools import serving_spec
+    from scripts.sources.demo_tokenizer import CHAT_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "shop_hours", "parameters": {"type": "object"}}}]
+    chat = CallingChat()
+    turns, out = drive(chat, ["When is the shop open on Monday?", "and Tuesday?"], tools=tools,
+                       tool_spec=serving_spec(CHAT_TEMPLATE))
+    first, second = (r[0] for r in chat.requests)
+    assert first[0]["role"] == "system" and '"name": "shop_hours"' in first[0]["content"]
+    assert first[1] == {"role": "user", "content": "When is the shop open on Monday?"}
+    assert second[2] == {"role": "assistant", "content": CallingChat.REPLY}, "the history keeps the model's own call"
+    assert 'Let me look.\n→ call shop_hours {"day": "monday"}' in out and "<tool_call>" not in out
+    assert turns[0].reply == CallingChat.REPLY
+
+
 @pytest.mark.parametrize("leave", [EOFError, "/exit", "quit", "/quit"])
 def test_leaving(leave):
     turns, out = drive(FakeChat(), ["hello", leave, "never"])

@@ -1,0 +1,195 @@
+"""Writes ``brightwater-tools.jsonl``: a function-calling set for the Brightwater Orchard Cooperative demo domain, in
+OpenAI chat format (``messages`` with assistant ``tool_calls`` and ``role: "tool"`` results, ``tools``), one
+conversation per line, each marked ``"split": "train"`` or ``"heldout"``. Seeded: the same file every time.
+
+    python recipes/data/make_brightwater_tools.py      # rewrites recipes/data/brightwater-tools.jsonl
+
+Four tools (farm shop hours, member lookup, cold-store stock, tour booking). Kinds of line: a single call, two calls
+in one turn (parallel), a call answered after its result (the agent loop: call -> result -> answer), and no call
+(the cooperative's own questions from ``qwen-domain.jsonl`` and small talk, answered in text). Held-out calls use
+phrasings and values not seen in training (no membership number or date of a held-out line occurs in a training
+line); held-out no-call lines are domain questions left out of training. ``TRAIN_PER_TEMPLATE`` was raised from 4 to 10
+(and parallel lines from 3 to 8 per phrasing) for the tiny tool model trained from scratch (scripts/sources/tools_demo.py):
+it needs many values per phrasing to learn to copy them; the held-out phrasings and their counts are unchanged.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "brightwater-tools.jsonl"
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+FRUITS = ["apples", "pears", "cherries", "plums", "quinces"]
+HOURS = {"monday": None, "tuesday": ("09:00", "17:00"), "wednesday": ("09:00", "17:00"), "thursday": ("07:00", "12:00"),
+         "friday": ("09:00", "18:00"), "saturday": ("08:00", "13:00"), "sunday": None}
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "shop_hours", "description": "Opening hours of the farm shop on a day of the week.",
+        "parameters": {"type": "object", "properties": {"day": {"type": "string", "enum": DAYS}},
+                       "required": ["day"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "member_lookup", "description": "Look up a member household by its membership number.",
+        "parameters": {"type": "object", "properties": {"member_id": {"type": "string", "pattern": "^BW-[0-9]{4}$"}},
+                       "required": ["member_id"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "cold_store_stock", "description": "Crates of a fruit in the cold stores now.",
+        "parameters": {"type": "object", "properties": {"fruit": {"type": "string", "enum": FRUITS}},
+                       "required": ["fruit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "book_tour", "description": "Book an orchard tour.",
+        "parameters": {"type": "object", "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                                                         "adults": {"type": "integer", "minimum": 1},
+                                                         "children": {"type": "integer", "minimum": 0}},
+                       "required": ["date", "adults"], "additionalProperties": False}}},
+]
+
+# (template, split): {day}/{Day}, {id}, {fruit}, {date}, {adults}, {children}
+ASK = {
+    "shop_hours": {"train": ["When is the farm shop open on {Day}?", "What are the shop hours on {Day}?",
+                             "Is the farm shop open on {Day}?", "What time does the farm shop close on {Day}?",
+                             "Opening times of the shop for {Day}, please.", "Can I visit the farm shop on {Day}?"],
+                   "heldout": ["Tell me the farm shop's hours for {Day}.", "How late is the shop open on {Day}?"]},
+    "member_lookup": {"train": ["Look up member {id}.", "Who is member {id}?", "Can you find membership number {id}?",
+                                "Check the membership record {id}.", "Which household is member {id}?"],
+                      "heldout": ["Find the household with membership {id}.", "I need the details of member {id}."]},
+    "cold_store_stock": {"train": ["How many crates of {fruit} are in the cold store?", "Do we have {fruit} in stock?",
+                                   "Check the cold store for {fruit}.", "How much {fruit} is in storage?",
+                                   "What is the stock of {fruit} right now?"],
+                         "heldout": ["Are there any {fruit} left in the cold stores?",
+                                     "Tell me how many crates of {fruit} we hold."]},
+    "book_tour": {"train": ["Book an orchard tour on {date} for {adults} adults.",
+                            "Please book a tour for {adults} adults and {children} children on {date}.",
+                            "Reserve the orchard tour on {date} for {adults} adults.",
+                            "I want a tour on {date}: {adults} adults, {children} children.",
+                            "Can you book {adults} adults on the orchard tour on {date}?"],
+                  "heldout": ["We are {adults} adults; book us an orchard tour for {date}.",
+                              "Book the tour on {date} for {adults} adults plus {children} children."]},
+}
+PARALLEL = {"train": ["What are the shop hours on {Day} and on {Day2}?", "Is the farm shop open on {Day} or {Day2}?",
+                      "How many crates of {fruit} and of {fruit2} are in the cold store?"],
+            "heldout": ["Give me the shop hours for {Day} and {Day2}.", "Check the cold store for {fruit} and {fruit2}."]}
+SMALL_TALK = {"train": [("Hello!", "Hello! How can I help you with the orchard cooperative today?"),
+                        ("Thank you.", "You are welcome."),
+                        ("Who are you?", "I am the assistant of Brightwater Orchard Cooperative."),
+                        ("Good morning.", "Good morning! How can I help?")],
+              "heldout": [("Hi there!", None), ("Thanks a lot.", None), ("What can you do?", None)]}
+
+
+TRAIN_PER_TEMPLATE, HELDOUT_PER_TEMPLATE = 10, 3
+TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 8, 2
+
+
+def _values(rng: random.Random, seen: set[str], split: str) -> dict:
+    """Values for one line; a held-out line's membership number and date are redrawn until no training line has them
+    (``seen`` collects the training ones)."""
+    while True:
+        day, day2 = rng.sample(DAYS, 2)
+        fruit, fruit2 = rng.sample(FRUITS, 2)
+        v = {"day": day, "Day": day.capitalize(), "day2": day2, "Day2": day2.capitalize(), "fruit": fruit,
+             "fruit2": fruit2, "id": f"BW-{rng.randrange(1, 10000):04d}", "adults": rng.randint(1, 9),
+             "children": rng.randint(1, 6), "date": f"2027-{rng.randint(4, 10):02d}-{rng.randint(1, 28):02d}"}
+        if split == "train":
+            seen.update((v["id"], v["date"]))
+            return v
+        if v["id"] not in seen and v["date"] not in seen:
+            return v
+
+
+def _arguments(tool: str, template: str, v: dict) -> dict:
+    if tool == "shop_hours":
+        return {"day": v["day"]}
+    if tool == "member_lookup":
+        return {"member_id": v["id"]}
+    if tool == "cold_store_stock":
+        return {"fruit": v["fruit"]}
+    args = {"date": v["date"], "adults": v["adults"]}
+    if "{children}" in template:
+        args["children"] = v["children"]
+    return args
+
+
+def _result_and_answer(tool: str, args: dict, rng: random.Random) -> tuple[dict, str]:
+    if tool == "shop_hours":
+        hours = HOURS[args["day"]]
+        if hours is None:
+            return {"day": args["day"], "open": None}, f"The farm shop is closed on {args['day'].capitalize()}."
+        return ({"day": args["day"], "open": hours[0], "close": hours[1]},
+                f"On {args['day'].capitalize()} the farm shop is open from {hours[0]} to {hours[1]}.")
+    if tool == "member_lookup":
+        name, since = rng.choice(["Ashcombe", "Reyes", "Olufemi", "Brandt", "Kowalczyk", "Nandakumar"]), rng.randint(1987, 2024)
+        return ({"member_id": args["member_id"], "household": name, "since": since},
+                f"Member {args['member_id']} is the {name} household, a member since {since}.")
+    if tool == "cold_store_stock":
+        crates = rng.randint(0, 400)
+        return {"fruit": args["fruit"], "crates": crates}, f"There are {crates} crates of {args['fruit']} in the cold store."
+    ref = f"T-{rng.randint(1000, 9999)}"
+    return {"booking": ref, "date": args["date"]}, f"Your orchard tour on {args['date']} is booked; the reference is {ref}."
+
+
+def _call(i: int, name: str, args: dict) -> dict:
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def build(seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    lines: list[dict] = []
+    seen: set[str] = set()
+    for split, per_template in (("train", TRAIN_PER_TEMPLATE), ("heldout", HELDOUT_PER_TEMPLATE)):
+        for tool, templates in ASK.items():
+            for template in templates[split]:
+                for k in range(per_template):
+                    v = _values(rng, seen, split)
+                    args = _arguments(tool, template, v)
+                    user = {"role": "user", "content": template.format(**v)}
+                    call = {"role": "assistant", "content": None, "tool_calls": [_call(1, tool, args)]}
+                    if split == "train" and k == 0:  # the agent loop: result back, answer in text
+                        result, answer = _result_and_answer(tool, args, rng)
+                        lines.append({"split": split, "kind": "loop", "messages": [
+                            user, call, {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
+                            {"role": "assistant", "content": answer}]})
+                    else:
+                        lines.append({"split": split, "kind": "call", "messages": [user, call]})
+        for template in PARALLEL[split]:
+            for _ in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
+                v = _values(rng, seen, split)
+                tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
+                                   else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
+                lines.append({"split": split, "kind": "parallel", "messages": [
+                    {"role": "user", "content": template.format(**v)},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [_call(1, tool, {key: a}), _call(2, tool, {key: b})]}]})
+    qa = []
+    seen = set()
+    for line in (HERE / "qwen-domain.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            if item["question"] not in seen:
+                seen.add(item["question"])
+                qa.append(item)
+    rng.shuffle(qa)
+    for i, item in enumerate(qa):
+        lines.append({"split": "heldout" if i < 12 else "train", "kind": "text", "messages": [
+            {"role": "user", "content": item["question"]}, {"role": "assistant", "content": item["answer"]}]})
+    for split, pairs in SMALL_TALK.items():
+        for q, a in pairs:
+            lines.append({"split": split, "kind": "text", "messages": [
+                {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    for line in lines:
+        line["tools"] = TOOLS
+    return lines
+
+
+def main() -> None:
+    lines = build()
+    OUT.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    counts: dict[str, int] = {}
+    for x in lines:
+        counts[f"{x['split']}/{x['kind']}"] = counts.get(f"{x['split']}/{x['kind']}", 0) + 1
+    print(f"{OUT.name}: {len(lines)} conversations {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""A tool-calling set (``recipes/data/brightwater-tools.jsonl``: OpenAI chat lines with ``tools``, each ``split``
+train or heldout) and how a model's answers to its held-out lines are scored, pure. Each held-out line's last
+assistant message is the expectation: its ``tool_calls`` (a call case) or text (a no-call case). A call case counts when the model's calls have exactly the expected names and JSON-equal arguments
+(order-free for parallel calls); a no-call case counts when the model answers in text and calls nothing."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from scripts.core.errors import ModelSourceError
+
+
+def load_lines(path: Path, split: str | None = None) -> list[dict]:
+    """The conversations of a tool set (``split`` None: all)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise ModelSourceError(f"{path}:{n}: not JSON ({exc}).") from None
+        if not isinstance(item.get("messages"), list) or not item["messages"]:
+            raise ModelSourceError(f"{path}:{n}: a tool-set line needs 'messages' (OpenAI chat format).")
+        if split is None or item.get("split", "train") == split:
+            out.append(item)
+    return out
+
+
+@dataclass(frozen=True)
+class ToolCase:
+    """The prompt (messages before the expected turn), the tools, and the expected calls (empty: answer in text)."""
+
+    messages: list[dict]
+    tools: list[dict]
+    expected: list[tuple[str, Any]]
+    kind: str
+
+
+def cases(lines: Sequence[dict]) -> list[ToolCase]:
+    out = []
+    for line in lines:
+        if line.get("split", "train") != "heldout":
+            continue
+        *prompt, last = line["messages"]
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"] or "{}")) for c in last.get("tool_calls") or []]
+        out.append(ToolCase(prompt, line.get("tools") or [], calls, line.get("kind", "call" if calls else "text")))
+    return out
+
+
+def _key(call: tuple[str, Any]) -> str:
+    return json.dumps([call[0], call[1]], sort_keys=True)
+
+
+def case_passes(case: ToolCase, calls: Sequence[tuple[str, Any]], text: str | None) -> bool:
+    """``calls``: the model's (name, parsed arguments); ``text``: its text."""
+    if not case.expected:
+        return not calls and bool((text or "").strip())
+    return Counter(map(_key, calls)) == Counter(map(_key, case.expected))
+
+
+@dataclass
+class ToolScore:
+    calls_ok: int = 0
+    calls: int = 0
+    text_ok: int = 0
+    texts: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def add(self, case: ToolCase, calls, text) -> None:
+        ok = case_passes(case, calls, text)
+        if case.expected:
+            self.calls, self.calls_ok = self.calls + 1, self.calls_ok + ok
+        else:
+            self.texts, self.text_ok = self.texts + 1, self.text_ok + ok
+        if not ok and len(self.failures) < 10:
+            self.failures.append({"ask": case.messages[-1].get("content"), "expected": case.expected,
+                                  "got_calls": list(calls), "got_text": (text or "")[:120]})
+
+    @property
+    def call_accuracy(self) -> float:
+        return self.calls_ok / self.calls if self.calls else 0.0
+
+    @property
+    def no_call_accuracy(self) -> float:
+        return self.text_ok / self.texts if self.texts else 0.0
+
+    def figure(self) -> str:
+        """``calls 27/28 (96.4 %), no call 15/15 (100.0 %)``."""
+        return (f"calls {self.calls_ok}/{self.calls} ({100 * self.call_accuracy:.1f} %), "
+                f"no call {self.text_ok}/{self.texts} ({100 * self.no_call_accuracy:.1f} %)")
+
+    def passes(self, min_accuracy: float) -> bool:
+        """Both rates (of the kinds the set has) at least ``min_accuracy``."""
+        return all(rate >= min_accuracy for n, rate in ((self.calls, self.call_accuracy),
+                                                        (self.texts, self.no_call_accuracy)) if n)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"call_exact": self.call_accuracy, "calls": self.calls, "no_call_text": self.no_call_accuracy,
+                "no_calls": self.texts, "figure": self.figure(), "failures": self.failures}
+
+
+def load_cases(path: Path) -> list[ToolCase]:
+    """The held-out cases of the tool set at ``path``."""
+    return cases(load_lines(path))
+
+
+def score_outcomes(found: Sequence[ToolCase], outcomes: Sequence[tuple[Sequence[tuple[str, Any]], str | None]]) -> ToolScore:
+    """``outcomes``: per case, the model's (calls as (name, parsed arguments), text)."""
+    score = ToolScore()
+    for case, (calls, text) in zip(found, outcomes, strict=True):
+        score.add(case, calls, text)
+    return score

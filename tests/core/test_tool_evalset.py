@@ -1,0 +1,63 @@
+"""Tool-call eval scoring (scripts/core/tool_evalset.py) on the committed Brightwater tool set."""
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts.core.errors import ModelSourceError
+from scripts.core.tool_evalset import ToolScore, case_passes, cases, load_lines, score_outcomes
+
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "brightwater-tools.jsonl"
+
+
+def test_heldout_cases_of_the_committed_set():
+    found = cases([json.loads(x) for x in DATA.read_text(encoding="utf-8").splitlines()])
+    kinds = {c.kind for c in found}
+    assert {"call", "parallel", "text"} <= kinds and len(found) >= 40
+    assert all(c.messages[-1]["role"] == "user" for c in found)
+
+
+def test_exact_names_and_json_equal_arguments_order_free():
+    case = cases([{"split": "heldout", "kind": "parallel", "tools": [], "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "a", "arguments": '{"x": 1, "y": 2}'}}, {"function": {"name": "a", "arguments": '{"x": 3}'}}]}]}])[0]
+    assert case_passes(case, [("a", {"x": 3}), ("a", {"y": 2, "x": 1})], None)
+    assert not case_passes(case, [("a", {"x": 3})], None)
+    assert not case_passes(case, [("a", {"x": 3}), ("a", {"x": 1, "y": "2"})], None)
+
+
+def test_no_call_cases_need_text_and_no_call():
+    case = cases([{"split": "heldout", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}])[0]
+    score = ToolScore()
+    score.add(case, [], "Hello there")
+    score.add(case, [("a", {})], "")
+    assert (score.text_ok, score.texts, score.no_call_accuracy) == (1, 2, 0.5)
+
+
+def test_scores_figure_and_verdict_cover_both_kinds():
+    call = cases([{"split": "heldout", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                   "tool_calls": [{"function": {"name": "a", "arguments": '{"x": 1}'}}]}]}])[0]
+    text = cases([{"split": "heldout", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}])[0]
+    score = score_outcomes([call, call, text], [([("a", {"x": 1})], ""), ([("<invalid>", "cut")], ""), ([], "Hi")])
+    assert score.figure() == "calls 1/2 (50.0 %), no call 1/1 (100.0 %)"
+    assert not score.passes(0.9) and score.passes(0.5)
+    assert score.to_json()["failures"][0]["got_calls"] == [("<invalid>", "cut")]
+    assert score_outcomes([text], [([], "Hi")]).passes(1.0)  # a set without call cases is judged on what it has
+
+
+def test_load_lines_names_the_bad_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}]}\n{"question": "q"}\n')
+    with pytest.raises(ModelSourceError, match=r"t.jsonl:2: a tool-set line needs 'messages'"):
+        load_lines(path)
+
+
+def test_committed_heldout_values_never_occur_in_training():
+    """Held-out membership numbers and dates are not in any training line (make_brightwater_tools.py)."""
+    lines = load_lines(DATA)
+    train = " ".join(json.dumps(x["messages"]) for x in lines if x["split"] == "train")
+    for case in cases(lines):
+        for _, args in case.expected:
+            for key in ("member_id", "date"):
+                if key in args:
+                    assert args[key] not in train
