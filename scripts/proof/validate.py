@@ -234,7 +234,7 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     qa = pipeline.eval_set()
     convs = conversations(qa, recipe.eval.system_prompt) if qa else [[{"role": "user", "content": p}]
                                                                       for p in DEFAULT_PROMPTS]
-    options = {"cache_dir": str(pipeline.cache_root), "model_id": recipe.foundry.model_id}
+    options = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.model_id}
     context = context_limit(model_dir)
     soak = {"kind": "soak", "conversations": convs[:8], "requests": spec.soak_requests, "max_new_tokens": 8}
     status(f"validate: Foundry Local — {len(convs)} eval prompts, prompt lengths, soak of {spec.soak_requests} requests…")
@@ -270,4 +270,4 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     raw = {"answers": answers, "reference_answers": reference, "soak": jobs["soak"],
            "lengths": [x.to_json() for x in bench_lengths], "edge": edge, "load_seconds": main["load_seconds"],
            "peak_rss": main["peak_rss"], "context": context, "thresholds": asdict(spec)}
-    return ValidateReport(recipe.foundry.model_id, profile.name, items, raw)
+    return ValidateReport(pipeline.model_id, profile.name, items, raw)

@@ -20,6 +20,7 @@ from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, LAYER_KIN
                                        translate_tutorial_conversion, TutorialFormError)
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
 from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
+from scripts.core.jsonfile import read_json_strict, text_limit
 from scripts.core.schema import Field, in_range, Obj, validate
 from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
 
@@ -55,7 +56,7 @@ def _families() -> tuple[str, ...]:
 
 SCHEMA = Obj({
     "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
-    "description": Field(str, default=""),
+    "description": Field(str, default="", check=text_limit),
     "model": Obj({
         "source": Field(str, required=True,
                         help=f"a Hugging Face model folder, a .gguf file, {DEMO!r} for the bundled fine-tuned demo "
@@ -122,7 +123,9 @@ SCHEMA = Obj({
         "name": Field(str, required=True, check=_name_check, help="the model name shown by Foundry Local"),
         "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
                          f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\""),
-        "description": Field(str, default=""),
+        "description": Field(str, default="", check=text_limit),
+        "keep_versions": Field(int, default=2, check=in_range(0, 100),
+                               help="earlier installed versions kept besides the current one (invoke rollback)"),
     }, required=True),
     # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
     # then BUILTIN_GENERATION: a recipe's own value always wins.
@@ -139,7 +142,7 @@ SCHEMA = Obj({
         "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs"),
         "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0)),
         "max_new_tokens": Field(int, default=64, check=in_range(1, 4096)),
-        "system_prompt": Field(str, default=None),
+        "system_prompt": Field(str, default=None, check=text_limit),
     }),
     "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
         "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
@@ -226,6 +229,7 @@ class FoundryTarget:
     name: str
     version: str
     description: str
+    keep_versions: int = 2
 
     @property
     def model_id(self) -> str:
@@ -332,12 +336,7 @@ def available_recipes() -> list[str]:
 def load_recipe(name_or_path: str, model_path: str | Path | None = None) -> Recipe:
     """Load and validate a recipe. ``model_path`` overrides ``model.source`` (``--model-path``)."""
     path = recipe_path(name_or_path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
-                          "Fix the syntax (a trailing comma or a missing quote is the usual cause).") from exc
-    return parse_recipe(doc, path, model_path)
+    return parse_recipe(read_json_strict(path), path, model_path)
 
 
 def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> Recipe:
