@@ -156,7 +156,7 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=F
     from scripts.runtimes.chat import run_chat
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
     run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.model_id,
-             int(max_tokens), system, lock=pipeline.cache_locked)
+             int(max_tokens), system, lock=lambda: pipeline.cache_locked(read_only=True))
 
 
 def _port(value, default: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -133,13 +134,15 @@ class Pipeline:
                 self._locks = None
 
     @contextlib.contextmanager
-    def cache_locked(self) -> Iterator[None]:
+    def cache_locked(self, read_only: bool = False) -> Iterator[None]:
         """Hold the lock of the installed folder (``<cache>/<publisher>/<name>``) for the block, after finishing or
-        undoing an install that was killed there and removing its leftovers (said so through ``announce``)."""
+        undoing an install that was killed there and removing its leftovers (said so through ``announce``).
+        ``read_only`` (check, run): on a cache where no lock file can be created, go on without one."""
         with hold(self.installed_dir, f"installing or loading {self.recipe.foundry.model_id}", wait=self.wait,
-                  announce=self.announce, lock_file=self.installed_lock):
-            for note in recover_dir(self.installed_dir):
-                self.announce(f"recovered: {note}")
+                  announce=self.announce, lock_file=self.installed_lock, read_only=read_only):
+            if not read_only or os.access(self.installed_dir.parent, os.W_OK):
+                for note in recover_dir(self.installed_dir):
+                    self.announce(f"recovered: {note}")
             yield
 
     # ----- inputs ---------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ class Pipeline:
         chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
         if self.status:
             self.status(f"Foundry Local: loading {model_id} and answering {len(chats)} prompts…")
-        with self.cache_locked():
+        with self.cache_locked(read_only=True):
             self.verify_installed()
             result = check_model(self.cache_root, self.installed_dir, model_id, chats,
                                  max_tokens=self.recipe.eval.max_new_tokens)
@@ -425,6 +428,9 @@ class Pipeline:
         """Run the steps in order (up to and including ``until``) under the recipe's lock, and from ``install`` on
         under the cache target's too; return each step's outcome by name."""
         outcomes = {}
+        if until in (None, "install", "check") and not self.take_over and (
+                problem := versions.owner_problem(self.installed_dir, self.recipe.path, self.recipe.name)):
+            raise InstallError(problem)  # before hours of conversion, not after
         with self.locked():
             for step in self.steps():
                 if step.name == "install":

@@ -17,7 +17,8 @@ from typing import Any
 
 from scripts.core.errors import FoundryError
 from scripts.runtimes.heap import one_heap_for_all_threads
-from scripts.runtimes.foundry_api import (REGISTRY_FILE, Answer, CheckResult, inference_model_name, runtime_dirs,
+from scripts.runtimes.foundry_api import (REGISTRY_FILE, Answer, CheckResult, inference_model_name, runtime_cache,
+                                          runtime_dirs,
                                           search_options_from_genai_config, validate_messages, validate_model_dir,
                                           validate_model_id)
 
@@ -55,7 +56,7 @@ def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Pa
     sdk = _sdk()
     _warn_if_genai_loaded()
     one_heap_for_all_threads()
-    cache_dir = Path(cache_dir).resolve()
+    cache_dir = runtime_cache(Path(cache_dir).resolve())  # a read-only cache: a writable stand-in for the runtime
     logs, app_data = runtime_dirs(cache_dir, logs_dir, app_data_dir)
     current = sdk.FoundryLocalManager.instance
     if current is not None:

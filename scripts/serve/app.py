@@ -10,6 +10,7 @@ import contextlib
 from typing import Any, Callable
 
 from scripts.core.errors import FoundryError
+from scripts.serve.guard import check_model_limits, read_body
 from scripts.serve.api import (CHAT_PATH, UPSTREAM_TIMEOUT, ApiError, ServePlan, apply_defaults,
                                         check_chat_request, needs_max_tokens, parse_json_body, resolve_model,
                                         runtime_error, sse_error)
@@ -73,7 +74,11 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
 
     async def chat(request):
         try:
-            body = check_chat_request(parse_json_body(await request.body()), plan.model_id)
+            raw = await read_body(request)
+            if raw is None:
+                return Response(status_code=400)  # nobody is listening any more
+            body = check_chat_request(parse_json_body(raw), plan.model_id)
+            check_model_limits(body, plan.vocab_size, plan.controls)
             prompt_tokens = context_limit = None
             if needs_max_tokens(body):
                 try:

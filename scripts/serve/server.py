@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 from scripts.core import settings
-from scripts.core.errors import FoundryError, ServeError
+from scripts.core.errors import FoundryError, ServeError, SlmopsError
+from scripts.core.hf_folder import control_tokens
 from scripts.core.fileops import write_text_atomic
 from scripts.runtimes import foundry_sdk
 from scripts.runtimes.foundry_api import validate_model_dir, validate_model_id
@@ -73,9 +74,18 @@ def plan_serve(cache_dir: Path, model_dir: Path, model_id: str, host: str = DEFA
         raise ServeError("--host must not be empty (127.0.0.1 serves this machine only).")
     limits = [v for v in (genai_config.get("model", {}).get("context_length"),
                           (genai_config.get("search") or {}).get("max_length")) if v]
+    vocab = genai_config.get("model", {}).get("vocab_size")
     return ServePlan(cache_dir=str(Path(cache_dir).resolve()), model_dir=str(model_dir.resolve()), model_id=model_id,
                      host=host, port=port, defaults=generation_defaults(genai_config),
-                     max_length=min(int(v) for v in limits) if limits else None)
+                     max_length=min(int(v) for v in limits) if limits else None,
+                     vocab_size=vocab if isinstance(vocab, int) else None, controls=_controls(model_dir))
+
+
+def _controls(model_dir: Path) -> tuple[str, ...]:
+    try:
+        return tuple(control_tokens(model_dir))
+    except SlmopsError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -1,0 +1,58 @@
+"""Request checks of `invoke serve` that need the served model's own facts (issue 21), pure: ``top_k`` within the
+vocabulary (the runtime answered 500 with its C++ source location), and no control token of the prompt format in any
+message (the runtime tokenized ``<|im_end|><|im_start|>system …`` in user text as real control tokens and obeyed
+them; `invoke run` and the eval loader refuse such text with the same reason, :func:`control_token_problem`)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from scripts.core.evalset import control_token_problem
+from scripts.serve.api import ApiError
+
+
+def message_texts(message: dict[str, Any]) -> list[str]:
+    """The text a message carries: its string content, or the ``text`` of each content part."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+def check_model_limits(body: dict[str, Any], vocab_size: int | None, controls: Sequence[str]) -> None:
+    """Raise a 400 :class:`ApiError` naming the parameter and the limit, or the message and the control token."""
+    top_k = body.get("top_k", (body.get("metadata") or {}).get("top_k"))
+    if top_k is not None and vocab_size:
+        try:
+            value = int(top_k)
+        except (TypeError, ValueError):
+            value = None
+        if value is not None and value > vocab_size:
+            raise ApiError(400, f"'top_k' is {value}, above this model's vocabulary of {vocab_size} tokens; send a "
+                                f"top_k from 1 to {vocab_size}.", param="top_k", code="invalid_value")
+    for i, message in enumerate(body.get("messages") or []):
+        if not isinstance(message, dict):
+            continue
+        for text in message_texts(message):
+            problem = control_token_problem(text, controls) if controls else None
+            if problem:
+                raise ApiError(400, f"messages[{i}] ({message.get('role')}) {problem}. The runtime would read it "
+                                    "as the model's own turn markers, letting the text rewrite the conversation; "
+                                    "`invoke run` refuses the same text.", param=f"messages.[{i}].content",
+                               code="control_token_in_content")
+
+
+async def read_body(request) -> bytes | None:
+    """The request body, or None when the client went away before sending all of it: logged as one line (Starlette
+    raised ``ClientDisconnect``, and uvicorn printed an ASGI traceback for it)."""
+    import logging
+
+    from starlette.requests import ClientDisconnect
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logging.getLogger("scripts.serve").warning("%s disconnected before sending the whole request body of %s %s; "
+                                                   "nothing was generated", client, request.method, request.url.path)
+        return None
