@@ -25,8 +25,8 @@ from scripts.convert.install import assemble_package, check_context, install_dir
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert import versions
 from scripts.convert.package import render_inference_model, with_search, with_session_options
-from scripts.doctor import run_doctor
-from scripts.core.errors import InstallError, ModelSourceError, QualityError
+from scripts.doctor import folder_problem, run_doctor
+from scripts.core.errors import InstallError, ModelSourceError, QualityError, StorageError
 from scripts.core.faults import checkpoint
 from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
@@ -431,6 +431,9 @@ class Pipeline:
         if until in (None, "install", "check") and not self.take_over and (
                 problem := versions.owner_problem(self.installed_dir, self.recipe.path, self.recipe.name)):
             raise InstallError(problem)  # before hours of conversion, not after
+        if until in (None, "install", "check") and (problem := folder_problem(self.cache_root)):
+            raise StorageError(f"Cannot install into the Foundry cache: {problem}. Point SLMOPS_FOUNDRY_CACHE at a "
+                               "writable folder (`check` and `run` still read a read-only cache).")
         with self.locked():
             for step in self.steps():
                 if step.name == "install":

@@ -153,7 +153,7 @@ def serve_job(request: dict) -> dict:
                     self.should_exit = True
                 return await super().on_tick(counter)
 
-        config = uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=10,
+        config = uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=STOP_TIMEOUT - 5,
                                 lifespan="on")
         server = Server(config)
         served = time.perf_counter()
@@ -302,13 +302,34 @@ def run_server(plan: ServePlan, announce: Callable[[str], None] = print) -> dict
                     plan.host)
     server = ServerProcess(plan)
     try:
-        server.start()
-        for line in usage_lines(plan, server.base_url):
-            announce(line)
-        announce("Ctrl-C stops the server.")
-        return server.wait()
+        with stop_on_sigterm():
+            server.start()
+            for line in usage_lines(plan, server.base_url):
+                announce(line)
+            announce("Ctrl-C (or SIGTERM) stops the server; requests in flight finish first.")
+            return server.wait()
     except KeyboardInterrupt:  # Ctrl-C reached both processes; the server is already shutting down
         return server.stop()
+    except Terminated:  # SIGTERM to this process: stop the server gracefully, remove our temporary folder, exit 0
+        return {**server.stop(), "stopped_by": "SIGTERM"}
     finally:
         if server.running():
             server.stop()
+
+
+class Terminated(Exception):
+    """SIGTERM reached `invoke serve` (a service manager, ``kill``, a container stop)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into :class:`Terminated` for the block. Without it SIGTERM ended `invoke serve` at once: the server
+    process lost its parent mid-request and the temporary folder of the server's files stayed behind."""
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one graceful stop; a second SIGTERM changes nothing
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
