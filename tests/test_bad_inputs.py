@@ -109,7 +109,7 @@ def test_a_cache_that_is_a_file_is_named(box, tmp_path):
     proc = invoke(box, "cache is a file", "check", "--model", "tiny", SLMOPS_FOUNDRY_CACHE=str(file))
     failed_with(proc, f"The Foundry cache {file} (SLMOPS_FOUNDRY_CACHE) is a file, not a folder")
     doctor = invoke(box, "doctor on a cache that is a file", "doctor", SLMOPS_FOUNDRY_CACHE=str(file))
-    assert doctor.returncode == 1 and f"{file} is a file, not a folder" in " ".join(doctor.stdout.split())
+    assert doctor.returncode == 1 and f"{file} is a file, not a folder" in " ".join(message(doctor).split())
 
 
 def mount(*args: str) -> None:
@@ -148,7 +148,7 @@ def test_a_read_only_cache_still_checks_and_chats(box, read_only_cache):
                     SLMOPS_FOUNDRY_CACHE=str(read_only_cache))
     failed_with(deploy, f"Cannot install into the Foundry cache: {read_only_cache} is not writable")
     doctor = invoke(box, "doctor on a read-only cache", "doctor", SLMOPS_FOUNDRY_CACHE=str(read_only_cache))
-    assert doctor.returncode == 1 and "is not writable" in " ".join(doctor.stdout.split())
+    assert doctor.returncode == 1 and f"{read_only_cache} is not writable" in message(doctor)
 
 
 @pytest.fixture

@@ -240,6 +240,34 @@ def test_keep_versions_drops_the_oldest(sandbox, deployed):
     assert current(sandbox) == 4 and kept(sandbox) == [3, 4]
 
 
+def test_a_running_serve_keeps_its_version_and_says_when_another_is_installed(sandbox, deployed):
+    """The decision (docs/reliability.md): a running server keeps answering from the version it loaded and says, in
+    its log and /health, that another is installed and a restart serves it; measured: the per-request check is one
+    stat."""
+    import httpx2 as httpx
+    from scripts.serve import server as sv
+    log = sandbox["root"] / "serve.log"
+    plan = sv.plan_serve(sandbox["cache"], sandbox["installed"], "tiny-ver:4", port=0)
+    env = {k: sandbox["env"][k] for k in ("HOME", "XDG_CACHE_HOME")}
+    body = {"model": "tiny-ver:4", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}
+    with sv.ServerProcess(plan, log_path=log, env=env) as srv:
+        before = httpx.post(srv.base_url + "/chat/completions", json=body, timeout=120).json()
+        rolled = invoke(sandbox, "rollback", "--model", "tiny", "--to", "3")
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        after = httpx.post(srv.base_url + "/chat/completions", json=body, timeout=120).json()
+        health = httpx.get(srv.url + "/health", timeout=30).json()
+        back = invoke(sandbox, "rollback", "--model", "tiny", "--to", "4")
+        assert back.returncode == 0
+        again = httpx.get(srv.url + "/health", timeout=30).json()
+    assert after["choices"][0]["message"] == before["choices"][0]["message"], "the loaded version answers on"
+    assert health["installed"] == "tiny-ver:3" and health["restart_to_serve_installed"] is True
+    assert again == {**again, "installed": "tiny-ver:4", "restart_to_serve_installed": False}
+    text = " ".join(log.read_text().split())
+    assert ("tiny-ver:3 is now the installed current version (a deploy or `invoke rollback`); this server keeps "
+            "serving tiny-ver:4 from the files it loaded. Restart `invoke serve` to serve tiny-ver:3.") in text
+    assert text.count("is now the installed current version") == 1 and "Traceback" not in text
+
+
 # ----- kill -9 during a rollback ---------------------------------------------------------------------------------------
 ROLLBACK_KILLS = [("rollback:start", False, "old"), ("rollback:staged", False, "old"),
                   ("rollback:swapped", False, "new"), ("rollback:staged", True, "old"),

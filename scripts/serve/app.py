@@ -7,10 +7,11 @@ is built."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
 from scripts.core.errors import FoundryError
-from scripts.serve.guard import check_model_limits, read_body
+from scripts.serve.guard import InstalledWatch, check_model_limits, read_body
 from scripts.serve.api import (CHAT_PATH, UPSTREAM_TIMEOUT, ApiError, ServePlan, apply_defaults,
                                         check_chat_request, needs_max_tokens, parse_json_body, resolve_model,
                                         runtime_error, sse_error)
@@ -30,6 +31,7 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
     from starlette.routing import Route
 
     state: dict[str, Any] = {}
+    watch = InstalledWatch(plan.model_dir, plan.model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -57,7 +59,13 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
         return r.json()
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": plan.model_id, "base_url": "/v1"})
+        watch_installed()
+        return JSONResponse({"status": "ok", "model": plan.model_id, "base_url": "/v1", **watch.state()})
+
+    def watch_installed() -> None:
+        note = watch.check()
+        if note:
+            logging.getLogger("scripts.serve").warning("%s", note)
 
     async def list_models(request):
         try:
@@ -74,6 +82,7 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
 
     async def chat(request):
         try:
+            watch_installed()
             raw = await read_body(request)
             if raw is None:
                 return Response(status_code=400)  # nobody is listening any more

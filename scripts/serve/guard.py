@@ -56,3 +56,49 @@ async def read_body(request) -> bytes | None:
         logging.getLogger("scripts.serve").warning("%s disconnected before sending the whole request body of %s %s; "
                                                    "nothing was generated", client, request.method, request.url.path)
         return None
+
+
+class InstalledWatch:
+    """Notices when the installed current version of the served model changes under a running server (a deploy or
+    `invoke rollback`). The server keeps serving the version it loaded — its files stay open after the folder
+    exchange, so its answers stay consistent — and says once, in its log and in ``/health``, what is installed now
+    and that a restart serves it. Why not reload in place: see docs/reliability.md ("A running serve and a new
+    version"). Costs one ``stat`` per request (the manifest is replaced, never rewritten in place, by every install
+    and rollback, so its inode changes)."""
+
+    def __init__(self, model_dir: str, served_id: str):
+        from pathlib import Path
+
+        from scripts.convert.versions import MANIFEST
+        self.manifest = Path(model_dir) / MANIFEST
+        self.served_id = served_id
+        self.installed_id = served_id
+        self._seen = self._stat()
+
+    def _stat(self):
+        import os
+        try:
+            st = os.stat(self.manifest)
+            return st.st_ino, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def check(self) -> str | None:
+        """The one-line message when the installed version changed since the last call (None otherwise)."""
+        seen = self._stat()
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        from scripts.convert.versions import read_manifest
+        manifest = read_manifest(self.manifest.parent) or {}
+        installed = manifest.get("model_id") or self.installed_id
+        if installed == self.installed_id:
+            return None
+        self.installed_id = installed
+        if installed == self.served_id:
+            return f"{installed} is installed again: this server serves it"
+        return (f"{installed} is now the installed current version (a deploy or `invoke rollback`); this server "
+                f"keeps serving {self.served_id} from the files it loaded. Restart `invoke serve` to serve {installed}.")
+
+    def state(self) -> dict:
+        return {"installed": self.installed_id, "restart_to_serve_installed": self.installed_id != self.served_id}
