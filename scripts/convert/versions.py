@@ -325,4 +325,4 @@ def models_table(cache_root: Path) -> list[str]:
                          f"({verify(installed) or 'unknown content'})"[:80])
     if not lines:
         return [f"No models installed by SLMOps in {cache_root}."]
-    return [header] + lines + ["* current (what check, run and serve use); `invoke rollback --model R --to N`"]
+    return [header] + lines + ["(* = current: what check, run and serve use; `invoke rollback --model R --to N`)"]
