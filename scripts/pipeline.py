@@ -375,7 +375,8 @@ class Pipeline:
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
         versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
-                              self.installed_dir, {"headline": summary.get("accuracy_figure") or "answers",
+                              self.installed_dir, {"headline": (summary.get("accuracy_figure") or "answers").replace(".0 %", "%")
+                                                   .replace(" %", "%"),
                                                    "check": {k: summary.get(k) for k in ("accuracy", "load_seconds")}})
         return summary
 

@@ -304,7 +304,7 @@ def _size(n: int) -> str:
 def models_table(cache_root: Path) -> list[str]:
     """`invoke models`: one line per kept version, at most 80 columns."""
     lines = []
-    header = f"{'':1} {'MODEL':<22} {'RECIPE':<10} {'PREC':<5} {'SIZE':>8} {'HASH':<8} {'INSTALLED':<11} {'PROOF':<8}"
+    header = f"{'':1} {'MODEL':<20} {'RECIPE':<10} {'PREC':<5} {'SIZE':>8} {'HASH':<8} {'INSTALLED':<11} {'PROOF':<10}"
     for publisher, name, installed in installed_models(cache_root):
         versions = kept_versions(cache_root, publisher, name, installed)
         if not versions and read_manifest(installed):
@@ -316,13 +316,13 @@ def models_table(cache_root: Path) -> list[str]:
             when = time.strftime("%m-%d %H:%M", time.localtime(m.get("installed_at", 0)))
             proof = v.proof.get("headline", "")
             model = f"{publisher}/{name}:{v.number}"
-            model = model if len(model) <= 22 else "…" + model[-21:]
-            lines.append(f"{'*' if v.current else ' ':1} {model:<22} {str(recipe.get('name', '?'))[:10]:<10} "
-                         f"{str(recipe.get('precision', '?'))[:5]:<5} {_size(m.get('bytes', 0)):>8} "
-                         f"{m.get('content', '')[:8]:<8} {when:<11} {proof[:8]:<8}")
+            model = model if len(model) <= 20 else "…" + model[-19:]
+            lines.append((f"{'*' if v.current else ' ':1} {model:<20} {str(recipe.get('name', '?'))[:10]:<10} "
+                          f"{str(recipe.get('precision', '?'))[:5]:<5} {_size(m.get('bytes', 0)):>8} "
+                          f"{m.get('content', '')[:8]:<8} {when:<11} {proof[:10]:<10}").rstrip())
         if not any(v.current for v in versions) and installed.is_dir():
             lines.append(f"  {publisher}/{name}: the installed folder is none of the kept versions "
                          f"({verify(installed) or 'unknown content'})"[:80])
     if not lines:
         return [f"No models installed by SLMOps in {cache_root}."]
-    return [header] + lines + ["(* = current: what check, run and serve use; `invoke rollback --model R --to N`)"]
+    return [header.rstrip()] + lines + ["(* = current: what check, run and serve use; `invoke rollback --model R --to N`)"]

@@ -149,9 +149,10 @@ def drop_other_versions(catalog, model_dir: Path, model_id: str) -> list[str]:
     catalog lists one variant per name (the highest version), so after a rollback from ``name:3`` to ``name:1`` the
     stale ``name:3`` hid ``name:1`` ("registered but not listed")."""
     alias = model_id.split(":")[0]
-    try:
-        registered = catalog.get_model_versions(alias, max_versions=0)
-    except Exception:  # noqa: BLE001 - no versions of that name
+    try:  # (get_model_versions returns nothing for the LOCAL catalog in 2.2.1; the model's variants are all there)
+        model = catalog.get_model(alias)
+        registered = list(model.variants) if model is not None else []
+    except Exception:  # noqa: BLE001 - no model of that name
         return []
     dropped = []
     for variant in registered:

@@ -95,6 +95,7 @@ def test_the_listing_fits_80_columns_and_marks_one_current(tmp_path):
     lines = v.models_table(tmp_path / "cache")
     assert all(len(line) <= 80 for line in lines)
     assert [line[:10] for line in lines if line.startswith("*")] == ["* pub/m:2 "]
+    assert lines[0].split() == ["MODEL", "RECIPE", "PREC", "SIZE", "HASH", "INSTALLED", "PROOF"]
 
 
 def test_duplicate_keys_are_named_with_their_path(tmp_path):
