@@ -298,3 +298,23 @@ def test_a_kill_during_rollback_leaves_one_current_version_that_loads_and_answer
     assert not [p for p in sandbox["installed"].parent.iterdir() if LEFTOVER.match(p.name)]
     assert [m["name"] for m in list_cache(sandbox["cache"])] == ["tiny-ver"]
     assert (sandbox["installed"] / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("point", ["version:staged", "version:swapped"])
+def test_a_kill_while_keeping_a_version_leaves_the_installed_one_and_the_next_deploy_completes(sandbox, deployed,
+                                                                                               point):
+    before = current(sandbox)
+    doc = json.loads((sandbox["recipes"] / "tiny.json").read_text())
+    doc["generation"]["max_length"] = 160 if doc["generation"]["max_length"] != 160 else 170
+    (sandbox["recipes"] / "tiny.json").write_text(json.dumps(doc))
+    killed = invoke(sandbox, "deploy", "--model", "tiny", "--skip-proof", **{KILL_ENV: point})
+    assert killed.returncode == KILLED, killed.stdout + killed.stderr
+    assert current(sandbox) == before and (sandbox["installed"] / MANIFEST).is_file()
+    check = invoke(sandbox, "check", "--model", "tiny")
+    assert check.returncode == 0 and f"tiny-ver:{before}" in check.stdout, check.stdout + check.stderr
+    proc = deploy(sandbox)
+    assert current(sandbox) > before and f"installed rel/tiny-ver:{current(sandbox)}" in proc.stdout
+    stars = [line for line in model_lines(sandbox) if line.startswith("*")]
+    assert len(stars) == 1 and stars[0].startswith(f"* rel/tiny-ver:{current(sandbox)}")
+    root = versions_root(sandbox["cache"], "rel", "tiny-ver")
+    assert not [p for p in root.iterdir() if LEFTOVER.match(p.name)], "the killed copy's leftovers are gone"
