@@ -33,7 +33,8 @@ QUESTIONS = ["Hello", "What is the capital of France?", "Foundry Local runs smal
 
 def recipe(model_dir: Path, name: str = "tiny-ver", max_length: int = 256, **foundry) -> dict:
     return {"model": {"source": str(model_dir), "family": "auto"},
-            "foundry": {"publisher": "rel", "name": name, **foundry}, "generation": {"max_length": max_length},
+            "foundry": {"publisher": "rel", "name": name, **foundry},
+            "generation": {"max_length": max_length, "do_sample": False},  # greedy: answers comparable across runs
             "eval": {"dataset": "qa.jsonl", "min_accuracy": 0.0, "max_new_tokens": 8}}
 
 
