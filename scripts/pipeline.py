@@ -199,6 +199,9 @@ class Pipeline:
             return f"{target} has no install manifest: reinstalling to record and verify it"
         if manifest.get("content") != versions.content_of(self.paths.package)["content"]:
             owner = (manifest.get("recipe") or {}).get("name", "?")
+            if manifest.get("rolled_back_from") is not None:
+                return (f"{manifest.get('model_id')} is current after `invoke rollback`: installing this recipe's "
+                        "build again (roll back after the deploy to keep the earlier version)")
             return (f"{target} holds {manifest.get('model_id')} (recipe {owner}), which is not this recipe's package: "
                     "reinstalling")
         problem = versions.verify(target, manifest)
