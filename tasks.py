@@ -155,7 +155,9 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=F
     """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands)."""
     from scripts.runtimes.chat import run_chat
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
-    run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.model_id,
+    with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
+        model_id = pipeline.model_id
+    run_chat(console, pipeline.cache_root, pipeline.installed_dir, model_id,
              int(max_tokens), system, lock=lambda: pipeline.cache_locked(read_only=True))
 
 
@@ -192,7 +194,9 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
         return
     from scripts.serve.server import plan_serve, run_server
     from scripts.serve.api import DEFAULT_PORT
-    plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.model_id, host,
+    with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
+        model_id = pipeline.model_id
+    plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")
     result = run_server(plan, lambda line: console.print(line, soft_wrap=True, markup=False))  # copy-pasteable lines

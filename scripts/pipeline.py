@@ -349,11 +349,11 @@ class Pipeline:
         """Listed, loads and answers through the Foundry Local runtime; scores the eval set."""
 
         qa = self.eval_set()
-        model_id = self.model_id
         chats = conversations(qa, self.recipe.eval.system_prompt) if qa else [[{"role": "user", "content": "Hello"}]]
         if self.status:
-            self.status(f"Foundry Local: loading {model_id} and answering {len(chats)} prompts…")
+            self.status(f"Foundry Local: loading {self.recipe.foundry.name} and answering {len(chats)} prompts…")
         with self.cache_locked(read_only=True):
+            model_id = self.model_id  # after the lock's recovery: a killed rollback or install may have changed it
             self.verify_installed()
             result = check_model(self.cache_root, self.installed_dir, model_id, chats,
                                  max_tokens=self.recipe.eval.max_new_tokens)
