@@ -157,6 +157,7 @@ def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=F
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
     with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
         model_id = pipeline.model_id
+        pipeline.verify_installed(deep=False)  # sizes and mtimes (check hashes everything)
     run_chat(console, pipeline.cache_root, pipeline.installed_dir, model_id,
              int(max_tokens), system, lock=lambda: pipeline.cache_locked(read_only=True))
 
@@ -196,6 +197,7 @@ def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=F
     from scripts.serve.api import DEFAULT_PORT
     with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
         model_id = pipeline.model_id
+        pipeline.verify_installed(deep=False)  # sizes and mtimes (check hashes everything)
     plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")

@@ -207,12 +207,13 @@ class Pipeline:
         problem = versions.verify(target, manifest)
         return f"the installed model is damaged ({problem}): reinstalling" if problem else None
 
-    def verify_installed(self) -> None:
-        """Hash every installed file against its manifest; a damaged install is an :class:`InstallError` naming the
-        file and the command that repairs it."""
+    def verify_installed(self, deep: bool = True) -> None:
+        """Check every installed file against its manifest (``deep``: by hash; else by size and mtime, hashing only
+        files whose stat differs); a damaged install is an :class:`InstallError` naming the file and the command that
+        repairs it."""
         if versions.read_manifest(self.installed_dir) is None:
             return
-        problem = versions.verify(self.installed_dir, deep=True)
+        problem = versions.verify(self.installed_dir, deep=deep)
         if problem:
             raise InstallError(f"{self.model_id} is damaged: {problem}. Repair it with `invoke deploy --model "
                                f"{self.recipe_arg}` (reinstalls it from the build), or make a kept version current "
