@@ -137,6 +137,10 @@ def test_a_cut_weight_file_fails_check_naming_it_and_the_next_deploy_reinstalls(
     message = flat(check)
     assert f"{data} is {min(1 << 20, size // 2):,} bytes; the install wrote {size:,}" in message
     assert "Repair it with `invoke deploy --model tiny`" in message
+    for command in (["serve", "--model", "tiny", "--port", "0"], ["run", "--model", "tiny"]):
+        refused = invoke(sandbox, *command)
+        no_traceback(refused)
+        assert refused.returncode == 1 and f"{data} is {min(1 << 20, size // 2):,} bytes" in flat(refused), command
 
     proc = deploy(sandbox)
     out = " ".join(proc.stdout.split())
