@@ -21,7 +21,7 @@ from scripts.core import settings
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
 from scripts.convert.graph_check import summarise_graph, verify_quantization
-from scripts.convert.install import assemble_package, check_context, install_dir, install_package
+from scripts.convert.install import assemble_package, check_context, install_dir
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert import versions
 from scripts.convert.package import render_inference_model, with_search, with_session_options
