@@ -378,10 +378,10 @@ class Pipeline:
                     f"through Foundry Local; the recipe requires {100 * self.recipe.eval.min_accuracy:.0f} % "
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
+        headline = (summary.get("accuracy_figure") or "answers").replace(".0 %", "%").replace(" %", "%")
         versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
-                              self.installed_dir, {"headline": (summary.get("accuracy_figure") or "answers").replace(".0 %", "%")
-                                                   .replace(" %", "%"),
-                                                   "check": {k: summary.get(k) for k in ("accuracy", "load_seconds")}})
+                              self.installed_dir, {"headline": headline, "check": {
+                                  k: summary.get(k) for k in ("accuracy", "load_seconds")}})
         return summary
 
     def _checked_stale(self) -> str | None:

@@ -103,7 +103,7 @@ def verify(folder: Path, manifest: dict[str, Any] | None = None, deep: bool = Fa
     return None
 
 
-# ----- the versions kept ------------------------------------------------------------------------------------------------
+# ----- the versions kept ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Version:
     number: int
@@ -281,7 +281,7 @@ def record_proof(cache_root: Path, publisher: str, name: str, installed: Path, p
             pass  # a read-only cache: the figures are not kept, nothing else changes
 
 
-# ----- listing ------------------------------------------------------------------------------------------------------------
+# ----- listing ----------------------------------------------------------------------------------------------------
 def installed_models(cache_root: Path) -> list[tuple[str, str, Path]]:
     """``(publisher, name, installed folder)`` of every model with kept versions or an install manifest."""
     out = set()
@@ -325,4 +325,5 @@ def models_table(cache_root: Path) -> list[str]:
                          f"({verify(installed) or 'unknown content'})"[:80])
     if not lines:
         return [f"No models installed by SLMOps in {cache_root}."]
-    return [header.rstrip()] + lines + ["(* = current: what check, run and serve use; `invoke rollback --model R --to N`)"]
+    return [header.rstrip()] + lines + [
+        "(* = current: what check, run and serve use; `invoke rollback --model R --to N`)"]
