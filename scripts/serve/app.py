@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable
 
 from scripts.core.errors import FoundryError
-from scripts.serve.guard import InstalledWatch, check_model_limits, read_body
+from scripts.serve.guard import InstalledWatch, check_model_limits, public_error, read_body
 from scripts.serve.api import (CHAT_PATH, UPSTREAM_TIMEOUT, ApiError, ServePlan, apply_defaults,
                                         check_chat_request, needs_max_tokens, parse_json_body, resolve_model,
                                         runtime_error, sse_error)
@@ -44,6 +44,7 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
             yield
 
     def error_response(exc: ApiError) -> JSONResponse:
+        exc = public_error(exc)  # no runtime internals; a runtime failure about a parameter is the client's 400
         return JSONResponse(exc.body(), status_code=exc.status)
 
     async def upstream_call(method: str, path: str, **kw):

@@ -4,6 +4,7 @@ message (the runtime tokenized ``<|im_end|><|im_start|>system …`` in user text
 them; `invoke run` and the eval loader refuse such text with the same reason, :func:`control_token_problem`)."""
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from scripts.core.evalset import control_token_problem
@@ -102,3 +103,24 @@ class InstalledWatch:
 
     def state(self) -> dict:
         return {"installed": self.installed_id, "restart_to_serve_installed": self.installed_id != self.served_id}
+
+
+#: A C++ source location the runtime puts into its messages (``search_options.cc:108 int fl::Validate…(int64_t, int)``).
+_SOURCE_LOCATION = re.compile(r"(?:[\w.-]*/)*[\w.-]+\.(?:cc|cpp|cxx|h|hpp):\d+(?:[^()\n]*\([^)\n]*\))?:?\s*")
+#: Request parameters a runtime failure may be about: such a failure is the client's (400), not the server's.
+_PARAMETERS = ("top_k", "top_p", "temperature", "max_tokens", "max_completion_tokens", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "seed", "stop")
+
+
+def public_error(exc: ApiError) -> ApiError:
+    """``exc`` as a client may see it: no C++ source locations, and a runtime failure that names a request parameter
+    answered as a 400 naming it (the runtime answered 500 for a ``top_k`` beyond the vocabulary)."""
+    message = _SOURCE_LOCATION.sub("", exc.message).strip() or "The Foundry Local runtime failed without a message."
+    status, param, code, type_ = exc.status, exc.param, exc.code, exc.type
+    if status >= 500:
+        named = next((p for p in _PARAMETERS if re.search(rf"\b{p}\b", message)), None)
+        if named:
+            status, param, code, type_ = 400, param or named, code or "invalid_value", None
+    if (status, message, param, code) == (exc.status, exc.message, exc.param, exc.code):
+        return exc
+    return ApiError(status, message, type_, param, code)

@@ -143,3 +143,18 @@ def test_sigterm_lets_the_request_in_flight_finish_removes_the_temporary_folder_
     assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks), "the reply ran to its end"
     assert "Stopped (SIGTERM)" in rest and "Traceback" not in rest
     assert not [p.name for p in Path(env["TMPDIR"]).iterdir() if p.name.startswith("slmops-serve-")]
+
+
+@pytest.mark.parametrize("status, text, expected_status, expected", [
+    (500, "search_options.cc:108 int fl::ValidateTopK(int64_t, int) top_k must be <= vocab size", 400,
+     "top_k must be <= vocab size"),
+    (500, "Invalid request: /src/fl/generator.cpp:42: something broke", 500, "Invalid request: something broke"),
+    (400, "plain message", 400, "plain message"),
+])
+def test_runtime_errors_reach_clients_without_internals(status, text, expected_status, expected):
+    from scripts.serve.api import ApiError
+    from scripts.serve.guard import public_error
+    out = public_error(ApiError(status, text))
+    assert (out.status, out.message) == (expected_status, expected)
+    if expected_status == 400 and status == 500:
+        assert out.param == "top_k" and out.type == "invalid_request_error"
