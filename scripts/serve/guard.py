@@ -109,7 +109,7 @@ class InstalledWatch:
 _SOURCE_LOCATION = re.compile(r"(?:[\w.-]*/)*[\w.-]+\.(?:cc|cpp|cxx|h|hpp):\d+(?:[^()\n]*\([^)\n]*\))?:?\s*")
 #: Request parameters a runtime failure may be about: such a failure is the client's (400), not the server's.
 _PARAMETERS = ("top_k", "top_p", "temperature", "max_tokens", "max_completion_tokens", "presence_penalty",
-               "frequency_penalty", "repetition_penalty", "seed", "stop")
+               "frequency_penalty", "repetition_penalty")
 
 
 def public_error(exc: ApiError) -> ApiError:
