@@ -127,9 +127,10 @@ def convert(c, model=DEFAULT_RECIPE, model_path=None, force=False, family=None, 
 
 
 @recipe_task(full="bench and validate with the full profile (more prompt lengths and repeats) instead of quick",
-            skip_proof="skip bench, validate and the report (for fast iteration)")
+            skip_proof="skip bench, validate and the report (for fast iteration)",
+            take_over="install even where another recipe installed a model with the same foundry.publisher/name")
 def deploy(c, model=DEFAULT_RECIPE, model_path=None, force=False, full=False, skip_proof=False, family=None,
-           precision=None, no_wait=False):
+           precision=None, no_wait=False, take_over=False):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
     from scripts.commands.deploy import deploy as run_deploy
     from scripts.commands.console import print_deploy_summary
@@ -137,7 +138,8 @@ def deploy(c, model=DEFAULT_RECIPE, model_path=None, force=False, full=False, sk
     recipe = _recipe(console, model, model_path, family, precision, not no_wait)
     with console.status("working…") as status:
         summary = run_deploy(recipe, force=force, announce=console.print, status=status.update,
-                             proof=None if skip_proof else ("full" if full else "quick"), wait=not no_wait)
+                             proof=None if skip_proof else ("full" if full else "quick"), wait=not no_wait,
+                             take_over=take_over)
     print_deploy_summary(console, summary)
 
 
@@ -160,8 +162,11 @@ def run(c, model=DEFAULT_RECIPE, model_path=None, max_tokens=256, system=None, n
     With ``eval.tools`` in the recipe, that set's tools are offered in every prompt and calls are shown readably."""
     from scripts.runtimes.chat import run_chat
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
-    run_chat(console, pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id,
-             int(max_tokens), system, lock=pipeline.cache_locked, tools=pipeline.chat_tools())
+    with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
+        model_id = pipeline.model_id
+        pipeline.verify_installed(deep=False)  # sizes and mtimes (check hashes everything)
+    run_chat(console, pipeline.cache_root, pipeline.installed_dir, model_id,
+             int(max_tokens), system, lock=lambda: pipeline.cache_locked(read_only=True), tools=pipeline.chat_tools())
 
 
 def _port(value, default: int) -> int:
@@ -195,11 +200,34 @@ def serve(c, model=DEFAULT_RECIPE, model_path=None, host="127.0.0.1", port=None,
         return
     from scripts.serve.server import plan_serve, run_server
     from scripts.serve.api import DEFAULT_PORT
-    plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, pipeline.recipe.foundry.model_id, host,
+    with pipeline.cache_locked(read_only=True):  # recovers a killed install or rollback before reading the version
+        model_id = pipeline.model_id
+        pipeline.verify_installed(deep=False)  # sizes and mtimes (check hashes everything)
+    plan = plan_serve(pipeline.cache_root, pipeline.installed_dir, model_id, host,
                       _port(port, DEFAULT_PORT))
     console.print(f"Starting {plan.model_id} (Foundry Local) on {host}:{plan.port}…")
     result = run_server(plan, lambda line: console.print(line, soft_wrap=True, markup=False))  # copy-pasteable lines
     console.print(f"Stopped ({result.get('stopped_by', 'exited')}).")
+
+
+@task
+@domain_errors
+def models(c):
+    """List the installed models and their kept versions (recipe, precision, size, content hash, time, proof)."""
+    from scripts.commands.models import models_lines
+    from scripts.runtimes.foundry import cache_root
+    for line in models_lines(cache_root()):
+        print(line)
+
+
+@recipe_task(to="the kept version to make current (default: the one before the current)")
+def rollback(c, model=DEFAULT_RECIPE, to=None, no_wait=False):
+    """Make an earlier installed version of the recipe's model current, atomically (`invoke models` lists them)."""
+    from scripts.commands.models import rollback as run_rollback
+    console, pipeline = _pipeline(model, wait=not no_wait)
+    manifest = run_rollback(pipeline, to)
+    console.print(f"Current: {pipeline.recipe.foundry.publisher}/{manifest['model_id']} (check, run and serve use it; "
+                  "a running serve keeps its version and says so)")
 
 
 @task

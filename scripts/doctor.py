@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -95,6 +96,7 @@ class DiskFact:
     label: str
     path: str
     free_bytes: int | None
+    problem: str | None = None  # not a folder, cannot be created, not writable (see :func:`folder_problem`)
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,23 @@ def _disk(label: str, path: Path) -> DiskFact:
     except OSError as exc:
         logger.warning("could not measure free disk at %s: %s", probe, exc)
         free = None
-    return DiskFact(label=label, path=str(path), free_bytes=free)
+    return DiskFact(label=label, path=str(path), free_bytes=free, problem=folder_problem(path))
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as a state folder (None: it is a writable folder, or can be created as one)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} cannot be created: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable (a read-only filesystem or its permissions)" if probe == path else \
+            f"{path} cannot be created: {probe} is not writable"
+    return None
 
 
 def _cmake_version() -> str | None:
@@ -431,6 +449,12 @@ def _check_ram(available: int | None, total: int | None, min_gib: float) -> Chec
 def _check_disk(disk: DiskFact, min_gib: float) -> Check:
     name = f"Disk free ({disk.label})"
     expected = f">= {min_gib:g} GiB"
+    if disk.problem:
+        variable = "SLMOPS_FOUNDRY_CACHE" if "cache" in disk.label.lower() else "SLMOPS_BUILD_DIR"
+        extra = " (`check` and `run` still read a read-only cache)" if "not writable" in disk.problem and \
+            variable == "SLMOPS_FOUNDRY_CACHE" else ""
+        return Check(f"{disk.label} folder", disk.problem, "a writable folder", Status.FAIL,
+                     f"make it a writable folder, or point {variable} at one{extra}")
     if disk.free_bytes is None:
         return Check(name, f"unknown ({disk.path})", expected, Status.WARN, "could not measure free space")
     found = f"{_gib(disk.free_bytes)} at {disk.path}"

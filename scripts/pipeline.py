@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 from dataclasses import dataclass, field, replace
@@ -20,11 +21,12 @@ from scripts.core import settings
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
 from scripts.convert.graph_check import summarise_graph, verify_quantization
-from scripts.convert.install import assemble_package, check_context, install_dir, install_package
+from scripts.convert.install import assemble_package, check_context, install_dir
 from scripts.convert.olive import olive_config, run_olive
+from scripts.convert import versions
 from scripts.convert.package import render_inference_model, with_search, with_session_options
-from scripts.doctor import run_doctor
-from scripts.core.errors import ModelSourceError, QualityError
+from scripts.doctor import folder_problem, run_doctor
+from scripts.core.errors import InstallError, ModelSourceError, QualityError, StorageError
 from scripts.core.faults import checkpoint
 from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
@@ -59,6 +61,7 @@ class Pipeline:
     cache_root: Path = field(default=None)  # type: ignore[assignment]
     root: Path | None = None  # build folder; default build/<recipe> (compare: build/<recipe>/precisions/<p>)
     wait: bool = True  # a folder locked by another command: wait for it (False: raise BusyError)
+    take_over: bool = False  # install over a model another recipe installed at the same publisher/name
 
     def __post_init__(self) -> None:
 
@@ -99,13 +102,15 @@ class Pipeline:
                 self._locks = None
 
     @contextlib.contextmanager
-    def cache_locked(self) -> Iterator[None]:
+    def cache_locked(self, read_only: bool = False) -> Iterator[None]:
         """Hold the lock of the installed folder (``<cache>/<publisher>/<name>``) for the block, after finishing or
-        undoing an install that was killed there and removing its leftovers (said so through ``announce``)."""
+        undoing an install that was killed there and removing its leftovers (said so through ``announce``).
+        ``read_only`` (check, run): on a cache where no lock file can be created, go on without one."""
         with hold(self.installed_dir, f"installing or loading {self.recipe.foundry.model_id}", wait=self.wait,
-                  announce=self.announce, lock_file=self.installed_lock):
-            for note in recover_dir(self.installed_dir):
-                self.announce(f"recovered: {note}")
+                  announce=self.announce, lock_file=self.installed_lock, read_only=read_only):
+            if not read_only or os.access(self.installed_dir.parent, os.W_OK):
+                for note in recover_dir(self.installed_dir):
+                    self.announce(f"recovered: {note}")
             yield
 
     # ----- inputs ---------------------------------------------------------------------------------------
@@ -136,6 +141,51 @@ class Pipeline:
         publisher folder holds nothing but models."""
         return (self.cache_root / RUNTIME_DIR_NAME / "locks" / self.recipe.foundry.publisher /
                 f"{self.recipe.foundry.name}.lock")
+
+    @property
+    def model_id(self) -> str:
+        """The id of the installed current version (``name:N``, :mod:`scripts.convert.versions`); the recipe's
+        ``foundry.name:foundry.version`` before the first install (or for a model installed without a manifest)."""
+        version = versions.current_version(self.installed_dir)
+        return f"{self.recipe.foundry.name}:{version}" if version is not None else self.recipe.foundry.model_id
+
+    @property
+    def recipe_arg(self) -> str:
+        """How to name this recipe on the command line (``--model ...``)."""
+        path = self.recipe.path
+        return self.recipe.name if path.parent == settings.recipes_dir() and path.stem == self.recipe.name \
+            else str(path)
+
+    def _installed_stale(self) -> str | None:
+        """Why the installed folder is not what the install step would install (None: it is): checked before trusting
+        the install step's stamp. Sizes and mtimes first, hashes only where they differ."""
+        target = self.installed_dir
+        if not target.is_dir() or not self.paths.package.is_dir():
+            return None
+        manifest = versions.read_manifest(target)
+        if manifest is None:
+            return f"{target} has no install manifest: reinstalling to record and verify it"
+        if manifest.get("content") != versions.content_of(self.paths.package)["content"]:
+            owner = (manifest.get("recipe") or {}).get("name", "?")
+            if manifest.get("rolled_back_from") is not None:
+                return (f"{manifest.get('model_id')} is current after `invoke rollback`: installing this recipe's "
+                        "build again (roll back after the deploy to keep the earlier version)")
+            return (f"{target} holds {manifest.get('model_id')} (recipe {owner}), which is not this recipe's package: "
+                    "reinstalling")
+        problem = versions.verify(target, manifest)
+        return f"the installed model is damaged ({problem}): reinstalling" if problem else None
+
+    def verify_installed(self, deep: bool = True) -> None:
+        """Check every installed file against its manifest (``deep``: by hash; else by size and mtime, hashing only
+        files whose stat differs); a damaged install is an :class:`InstallError` naming the file and the command that
+        repairs it."""
+        if versions.read_manifest(self.installed_dir) is None:
+            return
+        problem = versions.verify(self.installed_dir, deep=deep)
+        if problem:
+            raise InstallError(f"{self.model_id} is damaged: {problem}. Repair it with `invoke deploy --model "
+                               f"{self.recipe_arg}` (reinstalls it from the build), or make a kept version current "
+                               f"with `invoke rollback --model {self.recipe_arg}` (`invoke models` lists them).")
 
     def eval_set(self):
         dataset = self.recipe.eval.dataset
@@ -302,9 +352,24 @@ class Pipeline:
         return result.to_json()
 
     def _install(self) -> dict:
-        target = install_package(self.paths.package, self.cache_root, self.recipe.foundry.publisher,
-                                 self.recipe.foundry.name)
-        return {"path": str(target), "bytes": folder_size(target)}
+        f = self.recipe.foundry
+        if not self.take_over and (problem := versions.owner_problem(self.installed_dir, self.recipe.path,
+                                                                     self.recipe.name)):
+            raise InstallError(problem)
+        missing = [n for n in ("model.onnx", "genai_config.json", "inference_model.json")
+                   if not (self.paths.package / n).is_file()]
+        if missing:
+            raise InstallError(f"{self.paths.package} is not a complete package (missing {', '.join(missing)}); "
+                               f"rerun `invoke deploy --model {self.recipe_arg} --force` to rebuild it.")
+        check_context(self.paths.package)
+        owner = {"name": self.recipe.name, "path": str(self.recipe.path),
+                 "precision": self.recipe.conversion.precision}
+        manifest = versions.install_version(self.paths.package, self.cache_root, f.publisher, f.name,
+                                            self.installed_dir, recipe=owner, first_version=int(f.version),
+                                            keep=f.keep_versions, announce=self.announce)
+        self.announce(f"       installed {f.publisher}/{manifest['model_id']} (content {manifest['content'][:8]})")
+        return {"path": str(self.installed_dir), "bytes": folder_size(self.installed_dir),
+                "model_id": manifest["model_id"], "content": manifest["content"]}
 
     def check(self) -> dict:
         """Listed, loads and answers through the Foundry Local runtime; scores the eval set."""
@@ -316,9 +381,11 @@ class Pipeline:
                                                                                           "content": "Hello"}]]
         chats += tool_chats
         if self.status:
-            self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
-        with self.cache_locked():
-            result = check_model(self.cache_root, self.installed_dir, self.recipe.foundry.model_id, chats,
+            self.status(f"Foundry Local: loading {self.recipe.foundry.name} and answering {len(chats)} prompts…")
+        with self.cache_locked(read_only=True):
+            model_id = self.model_id  # after the lock's recovery: a killed rollback or install may have changed it
+            self.verify_installed()
+            result = check_model(self.cache_root, self.installed_dir, model_id, chats,
                                  max_tokens=self.recipe.eval.max_new_tokens)
             context = default_client_note(check_context(self.installed_dir))
         answers = [a.text for a in result.answers]
@@ -337,13 +404,24 @@ class Pipeline:
             if ev.accuracy < self.recipe.eval.min_accuracy:
                 examples = "\n".join(f"  - {q!r}: got {g!r}, expected {e!r}" for q, g, e in ev.wrong[:5])
                 raise QualityError(
-                    f"{self.recipe.foundry.model_id} answered {ev.figure()} of {self.recipe.eval.dataset.name} "
+                    f"{model_id} answered {ev.figure()} of {self.recipe.eval.dataset.name} "
                     f"through Foundry Local; the recipe requires {100 * self.recipe.eval.min_accuracy:.0f} % "
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
         if cases:
             summary["tools"] = self.score_tools(cases, tool_texts, fmt, "through Foundry Local").to_json()
+        headline = (summary.get("accuracy_figure") or "answers").replace(".0 %", "%").replace(" %", "%")
+        versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
+                              self.installed_dir, {"headline": headline, "check": {
+                                  k: summary.get(k) for k in ("accuracy", "load_seconds")}})
         return summary
+
+    def _checked_stale(self) -> str | None:
+        """The check step's stamp vouches for the version it checked; another current version is checked again."""
+        stamp = self.runner.recorded_result(Step("check", self.check)) or {}
+        checked = stamp.get("model_id")
+        return f"the current version is {self.model_id}, not the {checked} checked" if checked and \
+            checked != self.model_id else None
 
     # ----- steps -----------------------------------------------------------------------------------------
     def steps(self) -> list:
@@ -384,9 +462,10 @@ class Pipeline:
         out += [
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
-                 outputs=[self.installed_dir], code=["scripts.convert.install"]),
+                 outputs=[self.installed_dir], code=["scripts.convert.install", "scripts.convert.versions"],
+                 verify=self._installed_stale),
             Step("check", self.check, inputs=[self.installed_dir] + [d for d in (r.eval.dataset, r.eval.tools) if d],
-                 settings={"eval": hashed["eval"], "model_id": r.foundry.model_id},
+                 settings={"eval": hashed["eval"], "model_id": r.foundry.model_id}, verify=self._checked_stale,
                  code=["scripts.runtimes.foundry", "scripts.core.evalset", "scripts.core.tool_evalset"]),
         ]
         return out
@@ -404,6 +483,12 @@ class Pipeline:
         """Run the steps in order (those named in ``only``, else all; up to and including ``until``) under the recipe's
         lock, and from ``install`` on under the cache target's too; return each step's outcome by name."""
         outcomes = {}
+        if until in (None, "install", "check") and not self.take_over and (
+                problem := versions.owner_problem(self.installed_dir, self.recipe.path, self.recipe.name)):
+            raise InstallError(problem)  # before hours of conversion, not after
+        if until in (None, "install", "check") and (problem := folder_problem(self.cache_root)):
+            raise StorageError(f"Cannot install into the Foundry cache: {problem}. Point SLMOPS_FOUNDRY_CACHE at a "
+                               "writable folder (`check` and `run` still read a read-only cache).")
         with self.locked():
             for step in self.steps():
                 if only is not None and step.name not in only:

@@ -30,11 +30,12 @@ class DeploySummary:
 
 
 def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
-           status: Callable[[str], Any] | None = None, proof: str | None = "quick", wait: bool = True) -> DeploySummary:
+           status: Callable[[str], Any] | None = None, proof: str | None = "quick", wait: bool = True,
+           take_over: bool = False) -> DeploySummary:
     """Run the whole chain for ``recipe`` and summarise the result. ``proof``: the bench/validate profile
     (``quick`` or ``full``) run after ``check``, or None to skip them. ``wait``: when another command holds the
     recipe's build folder or the cache target, wait for it (False: raise :class:`~scripts.core.errors.BusyError`)."""
-    pipeline = Pipeline(recipe, force=force, announce=announce, status=status, wait=wait)
+    pipeline = Pipeline(recipe, force=force, announce=announce, status=status, wait=wait, take_over=take_over)
     with pipeline.locked():
         outcomes = pipeline.run()
         skipped, ran = [n for n, o in outcomes.items() if o.skipped], [n for n, o in outcomes.items() if not o.skipped]
@@ -44,5 +45,5 @@ def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
             skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
         size = folder_size(pipeline.installed_dir)
     gate = outcomes.get("fidelity")
-    return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir, size,
+    return DeploySummary(recipe.name, pipeline.model_id, pipeline.installed_dir, size,
                          outcomes["check"].result or {}, skipped, ran, proven, gate.result if gate else None)

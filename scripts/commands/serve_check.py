@@ -131,7 +131,7 @@ def serve_check(pipeline, host: str = DEFAULT_HOST, port: int = 0,
     """:func:`run_serve_check` for a recipe's installed model and eval set (the server log goes to
     ``build/<recipe>/serve-check.log``)."""
     r = pipeline.recipe
-    return run_serve_check(pipeline.cache_root, pipeline.installed_dir, r.foundry.model_id, pipeline.eval_set(),
+    return run_serve_check(pipeline.cache_root, pipeline.installed_dir, pipeline.model_id, pipeline.eval_set(),
                            r.eval.max_new_tokens, r.eval.system_prompt, host, port,
                            log_path=pipeline.paths.root / "serve-check.log", status=status,
                            tool_cases=pipeline.tool_cases())

@@ -43,6 +43,11 @@ class InstallError(SlmopsError):
     """Installing a model into the Foundry Local cache failed."""
 
 
+class StorageError(SlmopsError):
+    """A folder the project keeps state in (the Foundry cache, the build folder) is not a folder, is read-only or is
+    full; the message names it and says how to fix it."""
+
+
 class FoundryError(SlmopsError):
     """The Foundry Local runtime could not list, load or run a model."""
 

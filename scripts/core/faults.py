@@ -10,7 +10,8 @@
 - ``SLMOPS_TEST_NO_EXCHANGE=1``: :func:`scripts.core.fileops.exchange` fails with EINVAL, as on a filesystem without
   ``RENAME_EXCHANGE``, so the two-rename replacement and its recovery can be tested here.
 
-The points (``<label>`` is the folder being replaced: ``install``, ``convert``, ``package``, ``source``, ``merge``):
+The points (``<label>`` is the folder being replaced: ``install``, ``convert``, ``package``, ``source``, ``merge``;
+``version``: the kept copy of a version, ``rollback``: the installed folder during `invoke rollback`):
 
 | point | where |
 |---|---|
@@ -21,6 +22,7 @@ The points (``<label>`` is the folder being replaced: ``install``, ``convert``, 
 | ``<label>:staged`` | the new folder is complete beside the old one, nothing swapped yet |
 | ``<label>:swapped`` | the new folder is in place, the old one not yet removed |
 | ``<label>:old-moved`` | (no ``RENAME_EXCHANGE``) the old folder is renamed away, the new one not yet in place |
+| ``rollback:start`` | `invoke rollback` has verified the kept version and holds the lock; nothing copied yet |
 | ``chat:reply`` | ``invoke run`` has printed the first piece of a reply |
 """
 from __future__ import annotations

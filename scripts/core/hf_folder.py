@@ -73,6 +73,9 @@ def inspect_model_folder(folder: Path) -> ModelFolder:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelSourceError(f"{folder} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)}). Copy the "
                                "tokenizer of the model you fine-tuned into it: tokenizer.save_pretrained(folder).")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # read by the builder and the runtime much later
+        if (folder / name).is_file():
+            _read_json(folder / name, f"Replace it with the tokenizer's own file: tokenizer.save_pretrained({folder}).")
     for key in ("eos_token_id", "bos_token_id"):
         if config.get(key, 0) is None:
             raise ModelSourceError(f"{config_file}: {key} is null; ONNX Runtime GenAI refuses to load such a model. "
@@ -80,13 +83,17 @@ def inspect_model_folder(folder: Path) -> ModelFolder:
     return ModelFolder(folder, config, read_chat_template(folder), weights)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, fix: str = "") -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        raise ModelSourceError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})."
+                               + (f" {fix}" if fix else "")) from None
+    except UnicodeDecodeError as exc:
+        raise ModelSourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})." + (f" {fix}" if fix else
+                                                                                               "")) from None
     if not isinstance(data, dict):
-        raise ModelSourceError(f"{path}: expected a JSON object.")
+        raise ModelSourceError(f"{path}: expected a JSON object." + (f" {fix}" if fix else ""))
     return data
 
 
@@ -95,5 +102,6 @@ def control_tokens(model_dir: Path) -> list[str]:
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         return []
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return [t["content"] for t in doc.get("added_tokens", []) if t.get("special")]
+    doc = _read_json(path)
+    return [t["content"] for t in doc.get("added_tokens", []) if isinstance(t, dict) and t.get("special")
+            and isinstance(t.get("content"), str)]

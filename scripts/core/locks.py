@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from scripts.core.errors import BusyError
+from scripts.core.errors import BusyError, StorageError
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
@@ -113,10 +113,14 @@ def _write_fd(fd: int, holder: Holder | None) -> None:
 
 @contextlib.contextmanager
 def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = log.info,
-         lock_file: Path | None = None) -> Iterator[Lock]:
+         lock_file: Path | None = None, read_only: bool = False) -> Iterator[Lock]:
     """Hold the lock of ``folder`` for the ``with`` block. Busy: with ``wait`` say who holds it and wait (Ctrl-C
     stops waiting), else raise :class:`BusyError` naming the holder. ``purpose`` says what the folder is used for
-    (shown to whoever has to wait for us). ``lock_file``: where the lock lives when not beside the folder."""
+    (shown to whoever has to wait for us). ``lock_file``: where the lock lives when not beside the folder.
+
+    The lock file cannot be created (a read-only or full filesystem): a ``read_only`` user (one that only reads the
+    folder: ``check``, ``run``) goes on without the lock and says so; any other gets a :class:`StorageError` naming
+    the lock file and the fix. A lock whose holder record cannot be written (a full filesystem) is held without it."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no flock
@@ -124,7 +128,6 @@ def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = 
         yield Lock(Path(folder), lock_path(folder))
         return
     path = Path(lock_file) if lock_file else lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
     if key in _held:
         _held[key][1] += 1
@@ -133,7 +136,16 @@ def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = 
         finally:
             _held[key][1] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if not read_only:
+            raise StorageError(unwritable(path, exc, "the lock file of " + str(folder))) from None
+        announce(f"note: no lock taken on {folder}: its lock file {path} cannot be created ({exc.strerror or exc}); "
+                 "reading it without one (an install at the same time could change it under this command)")
+        yield Lock(Path(folder), path)
+        return
     try:
         waited = False
         try:
@@ -153,16 +165,36 @@ def hold(folder: Path, purpose: str, *, wait: bool = True, announce: Announce = 
         if previous is not None:
             announce(f"taking over the lock of {folder} from {previous.describe()}, which ended without releasing it "
                      "(it was killed); checking what it left behind")
-        _write_fd(fd, Holder.me(purpose))
+        try:
+            _write_fd(fd, Holder.me(purpose))
+        except OSError as exc:  # ENOSPC, EDQUOT: the lock is held; only who holds it cannot be recorded
+            announce(f"note: holding the lock {path} without recording who holds it ({exc.strerror or exc}); a "
+                     "command waiting for it will not be able to name this one. Free space on that filesystem.")
         _held[key] = [fd, 1]
         try:
             yield Lock(Path(folder), path, previous, waited)
         finally:
             del _held[key]
-            _write_fd(fd, None)
+            with contextlib.suppress(OSError):
+                _write_fd(fd, None)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def unwritable(path: Path, exc: OSError, what: str) -> str:
+    """One-screen message for a path that cannot be written: what, why, and the fix for that errno."""
+    import errno
+    other = "mount it read-write, or set SLMOPS_FOUNDRY_CACHE / SLMOPS_BUILD_DIR to another folder"
+    fixes = {errno.EROFS: f"The filesystem is read-only: `check` and `run` still work, installing does not ({other})",
+             errno.ENOSPC: "The filesystem is full: free space on it (`invoke doctor` shows how much is free)",
+             errno.EDQUOT: "The disk quota is used up: free space or raise the quota",
+             errno.EACCES: f"This user may not write there: fix the permissions ({other})",
+             errno.EPERM: f"This user may not write there: fix the permissions ({other})",
+             errno.ENOTDIR: "A file stands where a folder is needed: move it away or choose another folder",
+             errno.EEXIST: "A file stands where a folder is needed: move it away or choose another folder"}
+    return (f"Cannot write {what} ({path}): {exc.strerror or exc}. "
+            f"{fixes.get(exc.errno, 'Check that folder with `invoke doctor`')}.")
 
 
 def held(folder: Path) -> bool:

@@ -32,6 +32,9 @@ class Step:
     settings: Any = None
     outputs: list[Path] = field(default_factory=list)
     code: list[str] = field(default_factory=list)
+    #: When the stamp says "unchanged": what is wrong with the outputs anyway (None: nothing), e.g. the installed
+    #: model no longer being the package (scripts.convert.versions.verify). A reason reruns the step and is said.
+    verify: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,13 @@ class StepRunner:
     def run(self, step: Step) -> StepOutcome:
         start = time.perf_counter()
         fingerprint = self.fingerprint(step)
+        stale = None
         if self.is_fresh(step, fingerprint):
-            self.announce(f"• {step.name}: skipped (inputs unchanged)")
-            return StepOutcome(step.name, True, time.perf_counter() - start, self.recorded_result(step))
-        self.announce(f"▶ {step.name}")
+            stale = step.verify() if step.verify else None
+            if stale is None:
+                self.announce(f"• {step.name}: skipped (inputs unchanged)")
+                return StepOutcome(step.name, True, time.perf_counter() - start, self.recorded_result(step))
+        self.announce(f"▶ {step.name}" + (f" (inputs unchanged, but {stale})" if stale else ""))
         # No stamp while the step runs: a run killed after replacing its outputs must not leave the old stamp vouching
         # for them (outputs are checked for existence, not content). A step that raises has left its outputs as they
         # were (atomic_dir), so its old stamp comes back.

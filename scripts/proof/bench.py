@@ -44,7 +44,7 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
         chosen.require()  # not installed: say how to get it before measuring anything
     installed, source = pipeline.installed_dir, Path(pipeline.model_dir)
     context = context_limit(installed)
-    foundry = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.recipe.foundry.model_id}
+    foundry = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.model_id}
     if profile.exact_new_tokens:  # Foundry Local reads the minimum length from the folder only
         installed = fixed_length_copy(installed, pipeline.paths.root / "bench" / "fixed-length")
         foundry = {"cache_dir": str(pipeline.paths.root / "bench" / "foundry-cache"),
@@ -112,7 +112,7 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
     if threads is None:
         notes.append("The deployed genai_config.json sets no intra_op_num_threads: ONNX Runtime chose its own thread "
                      "count (recipe runtime.intra_op_threads sets it at the package step).")
-    return {"recipe": pipeline.recipe.name, "model_id": pipeline.recipe.foundry.model_id, "profile": profile.to_json(),
+    return {"recipe": pipeline.recipe.name, "model_id": pipeline.model_id, "profile": profile.to_json(),
             "rounds": rounds,
             "context": context, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                             "load_average_at_start": load_at_start},

@@ -74,7 +74,7 @@ def proof_steps(pipeline, profile, status: Callable[[str], Any] = lambda s: None
                               if b["lengths"] and b["lengths"][0]["decode_tps"] else None,
                               "fraction_of_bound": b["fraction_of_bound"]} for b in data["backends"]]}
 
-    settings = {"profile": profile.to_json(), "model_id": r.foundry.model_id, "cache": str(pipeline.cache_root)}
+    settings = {"profile": profile.to_json(), "model_id": pipeline.model_id, "cache": str(pipeline.cache_root)}
     out = proof_dir(pipeline)
     return [
         Step("bench", bench_body, inputs=inputs, settings=settings, outputs=[out / "bench.json"],

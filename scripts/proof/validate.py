@@ -251,7 +251,7 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     qa = pipeline.eval_set()
     convs = conversations(qa, recipe.eval.system_prompt) if qa else [[{"role": "user", "content": p}]
                                                                       for p in DEFAULT_PROMPTS]
-    options = {"cache_dir": str(pipeline.cache_root), "model_id": recipe.foundry.model_id}
+    options = {"cache_dir": str(pipeline.cache_root), "model_id": pipeline.model_id}
     tool_cases = pipeline.tool_cases()
     tool_chats, fmt = pipeline.tool_chats(tool_cases)
     context = context_limit(model_dir)
@@ -297,4 +297,4 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
     raw = {"answers": answers, "reference_answers": reference, "tool_answers": tool_texts, "soak": jobs["soak"],
            "lengths": [x.to_json() for x in bench_lengths], "edge": edge, "load_seconds": main["load_seconds"],
            "peak_rss": main["peak_rss"], "context": context, "thresholds": asdict(spec)}
-    return ValidateReport(recipe.foundry.model_id, profile.name, items, raw)
+    return ValidateReport(pipeline.model_id, profile.name, items, raw)

@@ -7,7 +7,6 @@ Relative paths inside a recipe are relative to the recipe file. The keys are dec
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from scripts.core import settings
 from scripts.core.errors import RecipeError
+from scripts.core.jsonfile import read_json_strict
 from scripts.core.schema import Field, Obj, validate
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
 from scripts.recipe.precisions import AUTO, CHOICES, PRECISIONS, refusal, translate_tutorial_conversion, TutorialFormError
@@ -51,12 +51,7 @@ def available_recipes() -> list[str]:
 def load_recipe(name_or_path: str, model_path: str | Path | None = None) -> Recipe:
     """Load and validate a recipe. ``model_path`` overrides ``model.source`` (``--model-path``)."""
     path = recipe_path(name_or_path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
-                          "Fix the syntax (a trailing comma or a missing quote is the usual cause).") from exc
-    return parse_recipe(doc, path, model_path)
+    return parse_recipe(read_json_strict(path), path, model_path)
 
 
 def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> Recipe:

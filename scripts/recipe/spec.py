@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts.core.jsonfile import text_limit
 from scripts.core.schema import defaults_from, Field, in_range, Obj
 from scripts.families.registry import AUTO_TEMPLATE, family_names
 from scripts.recipe.precisions import CHOICES, INT4_ALGORITHMS, LAYER_KINDS
@@ -46,7 +47,7 @@ def families() -> tuple[str, ...]:
 
 SCHEMA = Obj({
     "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
-    "description": Field(str, default="", help="free text, for people reading the recipe"),
+    "description": Field(str, default="", check=text_limit, help="free text, for people reading the recipe"),
     "model": Obj({
         "source": Field(str, required=True,
                         help=f"a Hugging Face model folder, a .gguf file, {DEMO!r} for the bundled fine-tuned demo "
@@ -123,7 +124,9 @@ SCHEMA = Obj({
         "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
                          f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\"",
                          help="the model version; name:version is the runtime's model id"),
-        "description": Field(str, default="", help="written into inference_model.json"),
+        "description": Field(str, default="", check=text_limit, help="written into inference_model.json"),
+        "keep_versions": Field(int, default=2, check=in_range(0, 100),
+                               help="earlier installed versions kept besides the current one (invoke rollback)"),
     }, required=True),
     # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
     # then BUILTIN_GENERATION: a recipe's own value always wins.
@@ -156,7 +159,7 @@ SCHEMA = Obj({
                                    "of the held-out calls (exact names and arguments) and of the no-call cases "
                                    "(answered in text), each"),
         "max_new_tokens": Field(int, default=64, check=in_range(1, 4096), help="longest answer generated per question"),
-        "system_prompt": Field(str, default=None, help="system message sent with every eval question"),
+        "system_prompt": Field(str, default=None, check=text_limit, help="system message sent with every eval question"),
     }),
     "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
         "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
@@ -255,11 +258,13 @@ class Conversion:
 
 
 @dataclass(frozen=True)
+@defaults_from(section("foundry"))
 class FoundryTarget:
     publisher: str
     name: str
     version: str
     description: str
+    keep_versions: int
 
     @property
     def model_id(self) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.core import settings
-from scripts.core.errors import FoundryError
+from scripts.core.errors import FoundryError, StorageError
 from scripts.runtimes.foundry_api import (CheckResult, runtime_dirs, search_options_from_genai_config,
                                           validate_messages, validate_model_dir, validate_model_id)
 from scripts.runtimes.foundry_cli import Runner, cli_cache_location, cli_check_model, foundry_cli_available
@@ -46,7 +46,12 @@ def cache_root() -> Path:
     (default ``~/.foundry/cache/models``)."""
     if foundry_cli_available():
         return cli_cache_location()
-    return settings.default_foundry_cache()
+    root = settings.default_foundry_cache()
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"The Foundry cache {root} (SLMOPS_FOUNDRY_CACHE) is a file, not a folder. Point "
+                           "SLMOPS_FOUNDRY_CACHE at a folder (it is created when missing), or unset it for the "
+                           "default ~/.foundry/cache/models.")
+    return root
 
 
 def check_model(cache_dir: Path, model_dir: Path, model_id: str, conversations: list[list[dict]],

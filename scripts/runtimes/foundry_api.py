@@ -76,6 +76,34 @@ def runtime_dirs(cache_dir: Path, logs_dir: Path | None = None,
             Path(app_data_dir) if app_data_dir else base / "app-data")
 
 
+#: Free space below which the cache counts as full for the runtime's own files (its logs and registry).
+RUNTIME_MIN_FREE = 16 << 20
+
+
+def runtime_cache(cache_dir: Path) -> Path:
+    """The folder to give the Foundry runtime as its ``model_cache_dir``: the cache itself, unless it is read-only.
+    The runtime writes its registry, a lock file and logs there (measured, SDK 2.2.1: "FileLock: failed to open
+    <cache>/foundry.local.modelinfo.lock" on a read-only cache; "Failed opening file … for writing" for its log on a
+    full one); then a writable folder under the user's cache
+    (``~/.cache/slmops/read-only-caches/<hash>``) takes that role, and models are registered at their real, read-only
+    paths, which the runtime loads from without writing."""
+    import hashlib
+    import os
+
+    import shutil
+
+    cache_dir = Path(cache_dir)
+    runtime = cache_dir / RUNTIME_DIR_NAME
+    try:
+        full = shutil.disk_usage(cache_dir).free < RUNTIME_MIN_FREE
+    except OSError:
+        full = False
+    if not full and os.access(cache_dir, os.W_OK) and (not runtime.exists() or os.access(runtime, os.W_OK)):
+        return cache_dir
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "slmops" / "read-only-caches" / hashlib.sha256(str(cache_dir).encode()).hexdigest()[:16]
+
+
 def validate_model_id(model_id: str) -> None:
     if not _MODEL_ID_RE.match(model_id or ""):
         raise FoundryError(

@@ -17,7 +17,8 @@ from typing import Any
 
 from scripts.core.errors import FoundryError
 from scripts.runtimes.heap import one_heap_for_all_threads
-from scripts.runtimes.foundry_api import (REGISTRY_FILE, Answer, CheckResult, inference_model_name, runtime_dirs,
+from scripts.runtimes.foundry_api import (REGISTRY_FILE, Answer, CheckResult, inference_model_name, runtime_cache,
+                                          runtime_dirs,
                                           search_options_from_genai_config, validate_messages, validate_model_dir,
                                           validate_model_id)
 
@@ -55,7 +56,7 @@ def open_manager(cache_dir: Path, logs_dir: Path | None = None, app_data_dir: Pa
     sdk = _sdk()
     _warn_if_genai_loaded()
     one_heap_for_all_threads()
-    cache_dir = Path(cache_dir).resolve()
+    cache_dir = runtime_cache(Path(cache_dir).resolve())  # a read-only cache: a writable stand-in for the runtime
     logs, app_data = runtime_dirs(cache_dir, logs_dir, app_data_dir)
     current = sdk.FoundryLocalManager.instance
     if current is not None:
@@ -108,6 +109,7 @@ def ensure_registered(catalog, model_dir: Path, model_id: str,
     validate_model_dir(model_dir)
     model_dir = Path(model_dir).resolve()
     status = "registered"
+    drop_other_versions(catalog, model_dir, model_id)
     existing = catalog.get_model_variant(model_id)
     if existing is not None:
         old = Path(existing.get_path())
@@ -133,6 +135,33 @@ def ensure_registered(catalog, model_dir: Path, model_id: str,
         raise FoundryError(f"Foundry Local refused to register {model_dir} as {model_id}: {exc}") from exc
     log.info("%s %s at %s", status.capitalize(), model_id, model_dir)
     return model, status
+
+
+def drop_other_versions(catalog, model_dir: Path, model_id: str) -> list[str]:
+    """Unregister the other versions of ``model_id``'s name registered at ``model_dir`` (an install or rollback
+    replaced their files there: scripts.convert.versions), so that one id names the folder. Measured, SDK 2.2.1: the
+    catalog lists one variant per name (the highest version), so after a rollback from ``name:3`` to ``name:1`` the
+    stale ``name:3`` hid ``name:1`` ("registered but not listed")."""
+    alias = model_id.split(":")[0]
+    try:  # (get_model_versions returns nothing for the LOCAL catalog in 2.2.1; the model's variants are all there)
+        model = catalog.get_model(alias)
+        registered = list(model.variants) if model is not None else []
+    except Exception:  # noqa: BLE001 - no model of that name
+        return []
+    dropped = []
+    for variant in registered:
+        if variant.id != model_id and Path(variant.get_path()).resolve() == Path(model_dir).resolve():
+            try:
+                if variant.is_loaded:
+                    variant.unload()
+                catalog.unregister_model(variant.id)
+                dropped.append(variant.id)
+            except Exception as exc:  # noqa: BLE001
+                raise FoundryError(f"Could not unregister {variant.id}, whose files at {model_dir} are now "
+                                   f"{model_id}'s: {exc}") from exc
+    if dropped:
+        log.info("Unregistered %s (replaced at %s by %s)", ", ".join(dropped), model_dir, model_id)
+    return dropped
 
 
 def load_model(model) -> float:

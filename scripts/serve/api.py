@@ -32,6 +32,8 @@ class ServePlan:
     defaults: dict[str, Any] = field(default_factory=dict)
     max_length: int | None = None
     tools: dict[str, Any] | None = None  # scripts.families.tools.serving_spec of the installed chat template
+    vocab_size: int | None = None  # genai_config.json model.vocab_size: top_k's limit (scripts.serve.guard)
+    controls: tuple[str, ...] = ()  # the tokenizer's control tokens, refused in messages (scripts.serve.guard)
 
     @property
     def alias(self) -> str:
@@ -42,7 +44,7 @@ class ServePlan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ServePlan":
-        return cls(**data)
+        return cls(**{**data, "controls": tuple(data.get("controls") or ())})
 
 
 def generation_defaults(genai_config: dict[str, Any]) -> dict[str, Any]:

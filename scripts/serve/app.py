@@ -7,10 +7,12 @@ is built."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
 from scripts.core.errors import FoundryError
 from scripts.serve import tools
+from scripts.serve.guard import InstalledWatch, check_model_limits, public_error, read_body
 from scripts.serve.api import (CHAT_PATH, UPSTREAM_TIMEOUT, ApiError, ServePlan, apply_defaults,
                                         check_chat_request, needs_max_tokens, parse_json_body, resolve_model,
                                         runtime_error, sse_error)
@@ -30,6 +32,7 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
     from starlette.routing import Route
 
     state: dict[str, Any] = {}
+    watch = InstalledWatch(plan.model_dir, plan.model_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -42,6 +45,7 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
             yield
 
     def error_response(exc: ApiError) -> JSONResponse:
+        exc = public_error(exc)  # no runtime internals; a runtime failure about a parameter is the client's 400
         return JSONResponse(exc.body(), status_code=exc.status)
 
     async def upstream_call(method: str, path: str, **kw):
@@ -57,7 +61,13 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
         return r.json()
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": plan.model_id, "base_url": "/v1"})
+        watch_installed()
+        return JSONResponse({"status": "ok", "model": plan.model_id, "base_url": "/v1", **watch.state()})
+
+    def watch_installed() -> None:
+        note = watch.check()
+        if note:
+            logging.getLogger("scripts.serve").warning("%s", note)
 
     async def list_models(request):
         try:
@@ -74,7 +84,12 @@ def build_app(plan: ServePlan, upstream: str, count_prompt: Callable[[dict], tup
 
     async def chat(request):
         try:
-            body = check_chat_request(parse_json_body(await request.body()), plan.model_id)
+            watch_installed()
+            raw = await read_body(request)
+            if raw is None:
+                return Response(status_code=400)  # nobody is listening any more
+            body = check_chat_request(parse_json_body(raw), plan.model_id)
+            check_model_limits(body, plan.vocab_size, plan.controls)
             ctx = None
             if tools.needs_layer(body):
                 body, ctx = tools.prepare(body, plan.tools)

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 from scripts.core import settings
-from scripts.core.errors import FoundryError, ServeError
+from scripts.core.errors import FoundryError, ServeError, SlmopsError
+from scripts.core.hf_folder import control_tokens
 from scripts.core.fileops import write_text_atomic
 from scripts.runtimes import foundry_sdk
 from scripts.runtimes.foundry_api import validate_model_dir, validate_model_id
@@ -75,10 +76,19 @@ def plan_serve(cache_dir: Path, model_dir: Path, model_id: str, host: str = DEFA
         raise ServeError("--host must not be empty (127.0.0.1 serves this machine only).")
     limits = [v for v in (genai_config.get("model", {}).get("context_length"),
                           (genai_config.get("search") or {}).get("max_length")) if v]
+    vocab = genai_config.get("model", {}).get("vocab_size")
     return ServePlan(cache_dir=str(Path(cache_dir).resolve()), model_dir=str(model_dir.resolve()), model_id=model_id,
                      host=host, port=port, defaults=generation_defaults(genai_config),
                      max_length=min(int(v) for v in limits) if limits else None,
-                     tools=serving_spec(read_chat_template(model_dir)))
+                     tools=serving_spec(read_chat_template(model_dir)),
+                     vocab_size=vocab if isinstance(vocab, int) else None, controls=_controls(model_dir))
+
+
+def _controls(model_dir: Path) -> tuple[str, ...]:
+    try:
+        return tuple(control_tokens(model_dir))
+    except SlmopsError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -146,7 +156,7 @@ def serve_job(request: dict) -> dict:
                     self.should_exit = True
                 return await super().on_tick(counter)
 
-        config = uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=10,
+        config = uvicorn.Config(app, log_config=None, access_log=True, timeout_graceful_shutdown=STOP_TIMEOUT - 5,
                                 lifespan="on")
         server = Server(config)
         served = time.perf_counter()
@@ -295,13 +305,34 @@ def run_server(plan: ServePlan, announce: Callable[[str], None] = print) -> dict
                     plan.host)
     server = ServerProcess(plan)
     try:
-        server.start()
-        for line in usage_lines(plan, server.base_url):
-            announce(line)
-        announce("Ctrl-C stops the server.")
-        return server.wait()
+        with stop_on_sigterm():
+            server.start()
+            for line in usage_lines(plan, server.base_url):
+                announce(line)
+            announce("Ctrl-C (or SIGTERM) stops the server; requests in flight finish first.")
+            return server.wait()
     except KeyboardInterrupt:  # Ctrl-C reached both processes; the server is already shutting down
         return server.stop()
+    except Terminated:  # SIGTERM to this process: stop the server gracefully, remove our temporary folder, exit 0
+        return {**server.stop(), "stopped_by": "SIGTERM"}
     finally:
         if server.running():
             server.stop()
+
+
+class Terminated(Exception):
+    """SIGTERM reached `invoke serve` (a service manager, ``kill``, a container stop)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into :class:`Terminated` for the block. Without it SIGTERM ended `invoke serve` at once: the server
+    process lost its parent mid-request and the temporary folder of the server's files stayed behind."""
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one graceful stop; a second SIGTERM changes nothing
+        raise Terminated()
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

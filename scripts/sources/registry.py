@@ -175,6 +175,10 @@ def parse_source(spec: str, base: Path, where: str, user_path: bool = False) -> 
             source = kind.parse(spec, base)
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}.") from None
+        except (RuntimeError, OSError) as exc:  # Path.resolve(): "Symlink loop from …", ELOOP, EACCES
+            raise RecipeError(f"{where}: {spec!r} cannot be followed: {exc}. A symbolic link in it points back to "
+                              "itself (a link loop) or cannot be read; pass the real model folder or .gguf file.") \
+                from None
         if source is not None:
             return source
     raise RecipeError(f"{where}: {spec!r} is not a model source.")  # unreachable: folder takes any path
