@@ -102,6 +102,10 @@ class InstalledWatch:
                 f"keeps serving {self.served_id} from the files it loaded. Restart `invoke serve` to serve {installed}.")
 
     def state(self) -> dict:
+        """For ``/health``: what is installed and whether a restart serves it (nothing for a model installed without a
+        manifest: no versions to tell apart)."""
+        if self._seen is None and self.installed_id == self.served_id:
+            return {}
         return {"installed": self.installed_id, "restart_to_serve_installed": self.installed_id != self.served_id}
 
 

@@ -309,7 +309,7 @@ def run_server(plan: ServePlan, announce: Callable[[str], None] = print) -> dict
             server.start()
             for line in usage_lines(plan, server.base_url):
                 announce(line)
-            announce("Ctrl-C (or SIGTERM) stops the server; requests in flight finish first.")
+            announce("Ctrl-C stops the server (SIGTERM too); requests in flight finish first.")
             return server.wait()
     except KeyboardInterrupt:  # Ctrl-C reached both processes; the server is already shutting down
         return server.stop()
