@@ -3,6 +3,7 @@ Domain errors (``scripts.core.errors.SlmopsError``) become ``Exit`` with their m
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -22,6 +23,11 @@ NO_WAIT_HELP = ("when another command is using this recipe's build folder or its
                 "naming it instead of waiting for it")
 FAMILY_HELP = ("prompt-format family instead of the recipe's model.family: a name from `invoke families`, auto "
                "(detect), or auto-template (derive PromptTemplate from the tokenizer's chat template)")
+#: The recipe a task works on when --model is not given.
+DEFAULT_RECIPE = "qwen"
+#: Help of the flags that tasks on one recipe share; :func:`recipe_task` gives each task those it takes.
+SHARED_HELP = {"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP, "family": FAMILY_HELP,
+               "precision": PRECISION_HELP, "no_wait": NO_WAIT_HELP}
 
 
 def _console():
@@ -49,18 +55,28 @@ def domain_errors(func):
     return wrapper
 
 
+def recipe_task(**help):
+    """``@task`` for a command on one recipe: the shared flags' help (those in :data:`SHARED_HELP` that the function
+    takes) plus ``help`` for its own, and domain errors turned into clean exits."""
+
+    def wrap(func):
+        params = inspect.signature(func).parameters
+        return task(help={**{k: v for k, v in SHARED_HELP.items() if k in params}, **help})(domain_errors(func))
+
+    return wrap
+
+
 def _recipe(console, model, model_path=None, family=None, precision=None, wait=True):
     """Load the recipe, apply the --family / --precision overrides and print any translation notes."""
     from scripts.families.select import override_family
-    from scripts.pipeline import Pipeline
+    from scripts.pipeline import recipe_locked
     from scripts.recipe.load import load_recipe, with_precision
     from scripts.recipe.precisions import AUTO
     recipe = with_precision(override_family(load_recipe(model, model_path), family), precision)
     _print_notes(console, recipe)
     if recipe.conversion.precision == AUTO:  # measuring the candidates: the proof layer's job
         from scripts.commands.compare import resolve_auto
-        with console.status("choosing the precision…") as status, \
-                Pipeline(recipe, announce=console.print, wait=wait).locked():
+        with console.status("choosing the precision…") as status, recipe_locked(recipe, console.print, wait):
             recipe = resolve_auto(recipe, console.print, status.update)
     return recipe
 
@@ -92,21 +108,16 @@ def doctor(c):
     run_doctor(_console())
 
 
-@task(help={"force": "retrain even if the dataset and settings did not change", "no_wait": NO_WAIT_HELP})
-@domain_errors
+@recipe_task(force="retrain even if the dataset and settings did not change")
 def demo_model(c, force=False, no_wait=False):
     """Build (train) the bundled fine-tuned demo model, offline and seeded; cached until its inputs change."""
-    console, pipeline = _pipeline("qwen", force=force, wait=not no_wait)
-    steps = {s.name: s for s in pipeline.steps()}
-    with pipeline.locked():
-        pipeline.runner.run(steps["demo-model"])
+    console, pipeline = _pipeline(DEFAULT_RECIPE, force=force, wait=not no_wait)
+    pipeline.run(only=("demo-model",))
     console.print(f"Demo model: {pipeline.model_dir}")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP, "family": FAMILY_HELP,
-            "precision": PRECISION_HELP, "no_wait": NO_WAIT_HELP})
-@domain_errors
-def convert(c, model="qwen", model_path=None, force=False, family=None, precision=None, no_wait=False):
+@recipe_task()
+def convert(c, model=DEFAULT_RECIPE, model_path=None, force=False, family=None, precision=None, no_wait=False):
     """Convert the recipe's model with Olive and render its Foundry package (no install)."""
     console, pipeline = _pipeline(model, model_path, force, family, precision, not no_wait)
     with console.status("working…") as status:
@@ -115,13 +126,10 @@ def convert(c, model="qwen", model_path=None, force=False, family=None, precisio
     console.print(f"Package ready: {pipeline.paths.package}")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "force": FORCE_HELP,
-            "full": "bench and validate with the full profile (more prompt lengths and repeats) instead of quick",
-            "skip_proof": "skip bench, validate and the report (for fast iteration)", "family": FAMILY_HELP,
-            "precision": PRECISION_HELP, "no_wait": NO_WAIT_HELP})
-@domain_errors
-def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof=False, family=None, precision=None,
-           no_wait=False):
+@recipe_task(full="bench and validate with the full profile (more prompt lengths and repeats) instead of quick",
+            skip_proof="skip bench, validate and the report (for fast iteration)")
+def deploy(c, model=DEFAULT_RECIPE, model_path=None, force=False, full=False, skip_proof=False, family=None,
+           precision=None, no_wait=False):
     """Doctor → demo model → convert → render → install → check → bench → validate → report (unchanged steps skipped)."""
     from scripts.commands.deploy import deploy as run_deploy
     from scripts.commands.console import print_deploy_summary
@@ -133,9 +141,8 @@ def deploy(c, model="qwen", model_path=None, force=False, full=False, skip_proof
     print_deploy_summary(console, summary)
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "no_wait": NO_WAIT_HELP})
-@domain_errors
-def check(c, model="qwen", model_path=None, no_wait=False):
+@recipe_task()
+def check(c, model=DEFAULT_RECIPE, model_path=None, no_wait=False):
     """Foundry checks on the installed model: listed, loads, answers (prints answer, load and generation time)."""
     from scripts.commands.console import print_check
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
@@ -145,11 +152,9 @@ def check(c, model="qwen", model_path=None, no_wait=False):
     print_check(console, result)
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "max_tokens": "longest reply, in tokens (sized down to what the model's context leaves)",
-            "system": "optional system message (/system changes it during the chat)", "no_wait": NO_WAIT_HELP})
-@domain_errors
-def run(c, model="qwen", model_path=None, max_tokens=256, system=None, no_wait=False):
+@recipe_task(max_tokens="longest reply, in tokens (sized down to what the model's context leaves)",
+            system="optional system message (/system changes it during the chat)")
+def run(c, model=DEFAULT_RECIPE, model_path=None, max_tokens=256, system=None, no_wait=False):
     """Interactive streaming chat with the installed model through Foundry Local (/help lists the chat commands)."""
     from scripts.runtimes.chat import run_chat
     console, pipeline = _pipeline(model, model_path, wait=not no_wait)
@@ -167,14 +172,12 @@ def _port(value, default: int) -> int:
         raise ServeError(f"--port must be an integer, got {value!r}.") from None
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "host": "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the endpoint, "
+@recipe_task(host="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the endpoint, "
                     "which has no authentication, to the network)",
-            "port": "port to listen on (default 5272; with --check a free one; 0 picks a free one)",
-            "check": "start the server, ask it the eval questions through the openai client (streamed and not), "
-                     "print accuracy, TTFT and tokens/s over HTTP beside the in-process figures, stop it"})
-@domain_errors
-def serve(c, model="qwen", model_path=None, host="127.0.0.1", port=None, check=False):
+            port="port to listen on (default 5272; with --check a free one; 0 picks a free one)",
+            check="start the server, ask it the eval questions through the openai client (streamed and not), "
+                     "print accuracy, TTFT and tokens/s over HTTP beside the in-process figures, stop it")
+def serve(c, model=DEFAULT_RECIPE, model_path=None, host="127.0.0.1", port=None, check=False):
     """Serve the installed model as an OpenAI-compatible endpoint (http://HOST:PORT/v1) through Foundry Local."""
     console, pipeline = _pipeline(model, model_path)
     if check:
@@ -251,14 +254,12 @@ PEER_HELP = ("also measure a peer runtime on the same weights, prompts and threa
              "folder; needs the optional `pip install -r requirements-peer.txt`)")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "peer": PEER_HELP,
-            "fp32": "also measure the same model's FP32 ONNX build through raw GenAI (built, or reused, where "
+@recipe_task(profile=PROFILE_HELP, peer=PEER_HELP,
+            fp32="also measure the same model's FP32 ONNX build through raw GenAI (built, or reused, where "
                     "`invoke compare` builds it: build/<recipe>/precisions/fp32/)",
-            "rounds": "measure every backend this many times, interleaved (each once per round), and pool the runs: "
-                      "on shared cores a load change then hits every backend alike (default 1)",
-            "no_wait": NO_WAIT_HELP})
-@domain_errors
-def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=False, rounds=1, no_wait=False):
+            rounds="measure every backend this many times, interleaved (each once per round), and pool the runs: "
+                      "on shared cores a load change then hits every backend alike (default 1)")
+def bench(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", peer=None, fp32=False, rounds=1, no_wait=False):
     """Speed and memory of the installed model: Foundry Local vs raw ONNX Runtime GenAI vs PyTorch (vs a peer), vs the bandwidth bound."""
     from scripts.proof.run import bench_and_save
     from scripts.commands.console import print_bench
@@ -267,15 +268,14 @@ def bench(c, model="qwen", model_path=None, profile="quick", peer=None, fp32=Fal
     _proof(model, model_path, profile, measure, print_bench, "bench", not no_wait)
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP,
-            "threads": "intra_op_num_threads variants to compare, comma-separated: default (ONNX Runtime's choice) "
+@recipe_task(profile=PROFILE_HELP,
+            threads="intra_op_num_threads variants to compare, comma-separated: default (ONNX Runtime's choice) "
                        "or a number, e.g. default,1,2",
-            "rounds": "interleaved rounds (each variant measured once per round)",
-            "foundry": "also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)",
-            "peer": "also measure this peer (llama.cpp) at each thread count, interleaved, with ours ÷ peer ratios"})
-@domain_errors
-def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="default,1,2", rounds=3, foundry=False,
-                  peer=None):
+            rounds="interleaved rounds (each variant measured once per round)",
+            foundry="also measure through the Foundry Local runtime (raw ONNX Runtime GenAI always)",
+            peer="also measure this peer (llama.cpp) at each thread count, interleaved, with ours ÷ peer ratios")
+def bench_threads(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", threads="default,1,2", rounds=3,
+                  foundry=False, peer=None):
     """What ONNX Runtime's intra-op thread count moves on the installed model: interleaved A/B, proof/threads.{json,md}."""
     from scripts.commands.console import print_markdown
     from scripts.proof.measure import get_profile
@@ -289,11 +289,9 @@ def bench_threads(c, model="qwen", model_path=None, profile="quick", threads="de
     console.print(f"Saved {proof_dir(pipeline) / 'threads.json'} and threads.md")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "prompt_tokens": "prompt length in tokens (the bench's filler text in the model's chat template)",
-            "new_tokens": "tokens to generate after the prompt (the decode steps profiled)"})
-@domain_errors
-def profile(c, model="qwen", model_path=None, prompt_tokens=128, new_tokens=16):
+@recipe_task(prompt_tokens="prompt length in tokens (the bench's filler text in the model's chat template)",
+            new_tokens="tokens to generate after the prompt (the decode steps profiled)")
+def profile(c, model=DEFAULT_RECIPE, model_path=None, prompt_tokens=128, new_tokens=16):
     """Per-operator time of one generation in ONNX Runtime's profiler (prefill and decode), proof/profile.{json,md}."""
     from scripts.commands.console import print_markdown
     from scripts.proof.run import profile_and_save, proof_dir
@@ -305,9 +303,8 @@ def profile(c, model="qwen", model_path=None, prompt_tokens=128, new_tokens=16):
     console.print(f"Saved {proof_dir(pipeline) / 'profile.json'} and profile.md")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP, "profile": PROFILE_HELP, "no_wait": NO_WAIT_HELP})
-@domain_errors
-def validate(c, model="qwen", model_path=None, profile="quick", no_wait=False):
+@recipe_task(profile=PROFILE_HELP)
+def validate(c, model=DEFAULT_RECIPE, model_path=None, profile="quick", no_wait=False):
     """The deployment checklist, measured through Foundry Local; non-zero exit when an item fails."""
     from scripts.core.errors import QualityError
     from scripts.proof.run import failure_message, validate_and_save
@@ -317,9 +314,8 @@ def validate(c, model="qwen", model_path=None, profile="quick", no_wait=False):
         raise QualityError(failure_message(report))
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP})
-@domain_errors
-def report(c, model="qwen", model_path=None):
+@recipe_task()
+def report(c, model=DEFAULT_RECIPE, model_path=None):
     """Write report.md and a self-contained report.html (plots) from the last bench, validate and compare results."""
     from scripts.proof.run import write_report
     console, pipeline = _pipeline(model, model_path)
@@ -328,41 +324,39 @@ def report(c, model="qwen", model_path=None):
     console.print(f"Report: {md}\n        {html}")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "precisions": f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)",
-            "precision": "auto: also say which precision --precision auto would deploy, and why",
-            "no_wait": NO_WAIT_HELP})
-@domain_errors
-def compare(c, model="qwen", model_path=None, precisions=",".join(TABLE_ORDER), precision=None, no_wait=False):
+@recipe_task(precisions=f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)",
+            precision="auto: also say which precision --precision auto would deploy, and why")
+def compare(c, model=DEFAULT_RECIPE, model_path=None, precisions=",".join(TABLE_ORDER), precision=None, family=None,
+            no_wait=False):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
-    from scripts.pipeline import Pipeline
+    from scripts.pipeline import recipe_locked
     from scripts.commands.compare import run_compare
+    from scripts.families.select import override_family
     from scripts.recipe.load import load_recipe
     from scripts.commands.console import print_compare
     console = _console()
-    recipe = load_recipe(model, model_path)
+    recipe = override_family(load_recipe(model, model_path), family)
     _print_notes(console, recipe)
-    with console.status("working…") as status, Pipeline(recipe, announce=console.print, wait=not no_wait).locked():
+    with console.status("working…") as status, recipe_locked(recipe, console.print, not no_wait):
         report = run_compare(recipe, [p.strip() for p in precisions.split(",") if p.strip()],
                              announce=console.print, status=status.update)
     print_compare(console, report, show_auto=precision == "auto")
 
 
-@task(help={"model": RECIPE_HELP, "model_path": MODEL_PATH_HELP,
-            "candidates": "a JSON list of candidates ({\"name\": ..., <conversion.quantization keys>}); default: the "
+@recipe_task(candidates="a JSON list of candidates ({\"name\": ..., <conversion.quantization keys>}); default: the "
                           "built-in grid (scripts/commands/tune.py GRID)",
-            "max_size_ratio": "largest size allowed, as a fraction of the FP32 ONNX build (default 0.25)",
-            "no_wait": NO_WAIT_HELP})
-@domain_errors
-def tune(c, model="qwen", model_path=None, candidates=None, max_size_ratio="0.25", no_wait=False):
+            max_size_ratio="largest size allowed, as a fraction of the FP32 ONNX build (default 0.25)")
+def tune(c, model=DEFAULT_RECIPE, model_path=None, candidates=None, max_size_ratio="0.25", family=None,
+         no_wait=False):
     """Search INT4 layouts (block size, symmetry, 8-bit weight groups) for the fastest that keeps the recipe's eval
     accuracy and fidelity thresholds, measured through Foundry Local; prints the winner's recipe keys."""
-    from scripts.pipeline import Pipeline
+    from scripts.pipeline import recipe_locked
     from scripts.commands.tune import load_candidates, run_tune
+    from scripts.families.select import override_family
     from scripts.recipe.load import load_recipe
     from scripts.commands.console import print_tune
     console = _console()
-    recipe = load_recipe(model, model_path)
+    recipe = override_family(load_recipe(model, model_path), family)
     from scripts.core.errors import RecipeError
     try:
         ratio = float(max_size_ratio)
@@ -372,6 +366,6 @@ def tune(c, model="qwen", model_path=None, candidates=None, max_size_ratio="0.25
         raise RecipeError(f"--max-size-ratio {max_size_ratio!r}: give a fraction of the FP32 size, e.g. 0.25.")
     grid = load_candidates(candidates)
     _print_notes(console, recipe)
-    with console.status("working…") as status, Pipeline(recipe, announce=console.print, wait=not no_wait).locked():
+    with console.status("working…") as status, recipe_locked(recipe, console.print, not no_wait):
         report = run_tune(recipe, grid, ratio, announce=console.print, status=status.update)
     print_tune(console, report)

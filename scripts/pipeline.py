@@ -11,10 +11,10 @@ import json
 import logging
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from scripts.core import settings
 from scripts.runtimes.genai_smoke import smoke_test
@@ -34,52 +34,18 @@ from scripts.core.fileops import atomic_dir, folder_size, recover_dir
 from scripts.core.locks import hold
 from scripts.core.evalset import conversations, score
 from scripts.core.evalset import load_qa
-from scripts.recipe.load import Recipe
+from scripts.recipe.paths import Paths
+from scripts.recipe.spec import FinetuneSpec, Recipe
 from scripts.runtimes.foundry import cache_root, check_model
 from scripts.runtimes.foundry_api import RUNTIME_DIR_NAME, default_client_note
+from scripts.sources.registry import parse_source
+from scripts.proof.gate import describe, failure_message, gate_windows, measure_gate
 from scripts.core.hf_folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
 from scripts.core.steps import Step, StepRunner
 from scripts.core.workers import resolve, run_in_worker
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
-
-
-@dataclass
-class Paths:
-    """Where a recipe's build outputs live."""
-
-    root: Path
-
-    @classmethod
-    def for_recipe(cls, recipe: Recipe) -> "Paths":
-        return cls(settings.build_dir() / recipe.name)
-
-    @property
-    def stamps(self) -> Path:
-        return self.root / "stamps"
-
-    @property
-    def olive_work(self) -> Path:
-        return self.root / "olive"
-
-    @property
-    def onnx(self) -> Path:
-        return self.root / "onnx"
-
-    @property
-    def package(self) -> Path:
-        return self.root / "package"
-
-    @property
-    def adapter(self) -> Path:
-        """The LoRA adapter the recipe's ``model.finetune`` trains."""
-        return self.root / "adapter"
-
-    @property
-    def merged(self) -> Path:
-        """The base model with the recipe's LoRA adapter merged in."""
-        return self.root / "merged"
 
 
 @dataclass
@@ -276,6 +242,34 @@ class Pipeline:
         return {"family": family.name, "verified": [c.case for c in compared],
                 "generation": {k: v for k, v in vars(generation).items()}, "session_options": session}
 
+    @property
+    def gated(self) -> bool:
+        """Whether the build is held to ``conversion.fidelity`` before it is installed: quantized builds of models
+        with real weights (an FP32 build is its own reference; random weights make the figures noise)."""
+        r = self.recipe
+        return r.conversion.fidelity.gate and r.conversion.precision != "fp32" and not r.source.random_weights
+
+    def _fidelity_gate(self) -> dict:
+        """The build against the FP32 ONNX build of the same model (built, or reused, in
+        ``build/<recipe>/precisions/fp32/``, where ``compare`` builds it), on the eval answers and held-out text
+        (:mod:`scripts.proof.gate`); refuses to go on below ``conversion.fidelity``."""
+        r = self.recipe
+        if self.status:
+            self.status("fidelity gate: building (or reusing) the FP32 reference…")
+        prepared = prepared_recipe(r, self)
+        reference = Pipeline(replace(prepared, conversion=replace(r.conversion, precision="fp32")), root=self.paths.root
+                             / "precisions" / "fp32", announce=self.announce, status=self.status)  # as compare's
+        reference.run(only=("convert", "package"))
+        if self.status:
+            self.status("fidelity gate: scoring the build against FP32 (eval answers, held-out text)…")
+        windows = gate_windows(self.paths.package, self.eval_set(), r.eval.system_prompt,
+                               r.conversion.fidelity.heldout_tokens)
+        result = measure_gate(self.paths.package, reference.paths.package, windows, r.conversion.fidelity)
+        self.announce(f"       fidelity vs FP32: {describe(result.figures)} (scored in {result.seconds:.0f} s)")
+        if not result.passed:
+            raise QualityError(failure_message(result, r.name, r.conversion.precision))
+        return result.to_json()
+
     def _install(self) -> dict:
         target = install_package(self.paths.package, self.cache_root, self.recipe.foundry.publisher,
                                  self.recipe.foundry.name)
@@ -318,6 +312,7 @@ class Pipeline:
 
         r = self.recipe
         hashed = r.settings_for_hash()
+        judged_only = ("fidelity", "auto_threshold")  # thresholds: changing one re-judges, it rebuilds nothing
         out = [Step("doctor", self._doctor, settings={"python": platform.python_version(), "packages": {
             d.metadata["Name"].lower(): d.version for d in metadata.distributions()}}, code=["scripts.doctor"])]
         kind = r.source.info
@@ -333,7 +328,8 @@ class Pipeline:
             out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, self.adapter_dir],
                             outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [
-            Step("convert", self._convert, inputs=[self.model_dir], settings=hashed["conversion"],
+            Step("convert", self._convert, inputs=[self.model_dir],
+                 settings={k: v for k, v in hashed["conversion"].items() if k not in judged_only},
                  outputs=[self.paths.onnx], code=["scripts.convert.olive", "scripts.convert.graph_check"]),
             Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
                  settings={**{k: hashed[k] for k in ("family", "foundry", "generation", "name", "description")},
@@ -341,6 +337,13 @@ class Pipeline:
                  outputs=[self.paths.package],
                  code=["scripts.convert.package", "scripts.convert.install", "scripts.families.select",
                        "scripts.runtimes.genai_smoke"]),
+        ]
+        if self.gated:
+            out.append(Step("fidelity", self._fidelity_gate,
+                            inputs=[self.paths.package] + ([r.eval.dataset] if r.eval.dataset else []),
+                            settings={"fidelity": hashed["conversion"]["fidelity"], "system": r.eval.system_prompt},
+                            code=["scripts.proof.gate"]))
+        out += [
             Step("install", self._install, inputs=[self.paths.package],
                  settings={"cache": str(self.cache_root), "foundry": hashed["foundry"]},
                  outputs=[self.installed_dir], code=["scripts.convert.install"]),
@@ -350,15 +353,42 @@ class Pipeline:
         ]
         return out
 
-    def run(self, until: str | None = None) -> dict[str, Any]:
-        """Run the steps in order (up to and including ``until``) under the recipe's lock, and from ``install`` on
-        under the cache target's too; return each step's outcome by name."""
+    def step(self, name: str) -> Step | None:
+        """The step called ``name`` in this recipe's chain (None: the recipe has no such step)."""
+        return next((s for s in self.steps() if s.name == name), None)
+
+    def model_steps(self) -> tuple[str, ...]:
+        """The names of the steps that make the model to convert: the source's build, the fine-tune, the merge."""
+        return tuple(s.name for s in self.steps()[1:] if s.name != "convert" and
+                     s.name in {self.recipe.source.info.step, "finetune", "merge-adapter"})
+
+    def run(self, only: Collection[str] | None = None, until: str | None = None) -> dict[str, Any]:
+        """Run the steps in order (those named in ``only``, else all; up to and including ``until``) under the recipe's
+        lock, and from ``install`` on under the cache target's too; return each step's outcome by name."""
         outcomes = {}
         with self.locked():
             for step in self.steps():
+                if only is not None and step.name not in only:
+                    continue
                 if step.name == "install":
                     self._locks.enter_context(self.cache_locked())
                 outcomes[step.name] = self.runner.run(step)
                 if step.name == until:
                     break
         return outcomes
+
+
+def recipe_locked(recipe: Recipe, announce: Announce = log.info, wait: bool = True):
+    """Hold ``recipe``'s build lock (after recovering what a killed run left) for a ``with`` block: for commands that
+    run their own steps (compare, tune, ``--precision auto``) on the recipe's folders."""
+    return Pipeline(recipe, announce=announce, wait=wait).locked()
+
+
+# ----- variants of a recipe's build (the fidelity gate's reference, compare, tune) --------------------------------
+def prepared_recipe(recipe: Recipe, main: Pipeline) -> Recipe:
+    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
+    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
+    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
+        return recipe
+    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
+    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -109,6 +110,20 @@ def tiny_ggufs(tmp_path_factory, tiny_hf_model):
     paths = build_ggufs(tiny_hf_model, out, ["q4_0", "q4_k_m"], require_installed(), 2, announce=announced.append,
                         downloads=out / "downloads")
     return out, paths, announced
+
+
+@pytest.fixture(scope="session")
+def perturbed_onnx(tiny_onnx_model, tmp_path_factory):
+    """The tiny converted model with its final norm scaled: same graph, different distributions."""
+    import onnx
+    from onnx import numpy_helper
+    folder = shutil.copytree(tiny_onnx_model, tmp_path_factory.mktemp("perturbed") / "model")
+    model = onnx.load(str(folder / "model.onnx"))
+    norm = next(t for t in model.graph.initializer if "final_norm" in t.name or t.name.endswith("norm.weight"))
+    norm.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(norm) * 3.0, norm.name))
+    (folder / "model.onnx.data").unlink(missing_ok=True)
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,7 @@ def test_deploy_installs_registers_and_answers(sandbox, first_deploy):
     assert "tiny-e2e:1" in registry
     out = first_deploy.stdout
     assert "family: chatml (detected from Qwen2ForCausalLM" in out
+    assert "fidelity vs FP32: heldout: top-1" in out and "fidelity vs FP32 ONNX (gate passed)" in out
     assert "listed" in out and "yes" in out and "load time" in out
     assert not list(sandbox["cache"].glob("e2e/.*")), "no staging folder may be left in the cache"
 
@@ -83,9 +84,28 @@ def test_deploy_installs_registers_and_answers(sandbox, first_deploy):
 def test_rerun_skips_every_step(sandbox, first_deploy):
     proc = invoke(sandbox, "deploy", "--model", "tiny")
     assert proc.returncode == 0, proc.stderr
-    for step in ("doctor", "convert", "package", "install", "check"):
+    for step in ("doctor", "convert", "package", "fidelity", "install", "check"):
         assert f"{step}: skipped (inputs unchanged)" in proc.stdout
     assert "steps run: none" in proc.stdout
+
+
+def test_a_build_below_the_fidelity_bar_is_not_installed_and_the_message_says_what_to_run(sandbox, first_deploy):
+    path = sandbox["recipes"] / "tiny.json"
+    original = path.read_text()
+    before = hash_path(sandbox["installed"])
+    recipe = json.loads(original)
+    recipe["conversion"]["fidelity"] = {"min_top1": 0.999, "max_kld": 1e-9}
+    path.write_text(json.dumps(recipe))
+    try:
+        proc = subprocess.run(INVOKE + ["deploy", "--model", "tiny", "--skip-proof"], cwd=REPO, env=sandbox["env"],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode != 0
+        out = proc.stdout + proc.stderr
+        assert "was not installed" in out and "invoke tune --model tiny" in out and "mean KLD" in out
+        assert "Traceback" not in out and "▶ install" not in out
+        assert hash_path(sandbox["installed"]) == before, "the installed model must be the one installed before"
+    finally:
+        path.write_text(original)
 
 
 def test_changed_generation_setting_reruns_only_downstream_steps(sandbox, first_deploy):

@@ -21,65 +21,24 @@ from typing import Any, Callable, Sequence
 
 from scripts.convert.graph_check import summarise_graph
 from scripts.core.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
-from scripts.pipeline import Paths, Pipeline
+from scripts.commands.variants import build_package, precision_pipeline, prepare_model
+from scripts.pipeline import prepared_recipe
 from scripts.core.evalset import conversations, score
-from scripts.proof.measure import (_tokenizer, bench_request, context_limit, Profile, run_worker, to_backend_bench,
+from scripts.proof.measure import (bench_request, context_limit, Profile, run_worker, to_backend_bench,
                                    weights_size)
 from scripts.commands.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
                                           perplexity, token_agreement, write_outputs)
-from scripts.proof.fidelity import DEFAULT_WINDOW, failures as fidelity_failures, heldout_text, token_windows
+from scripts.proof.fidelity import failures as fidelity_failures
+from scripts.proof.gate import heldout_windows
 from scripts.proof.peer_bench import PeerRun
-from scripts.recipe.load import FinetuneSpec, Recipe
+from scripts.recipe.spec import Recipe
 from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
-from scripts.sources.registry import parse_source
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
 
 #: One prompt length, short runs: enough to rank precisions; `invoke bench` has the full profile.
 COMPARE_PROFILE = Profile("compare", lengths=(128,), max_prompt_tokens=128, new_tokens=32, warmup=1, repeats=3)
-
-
-def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce, status=None) -> Pipeline:
-    """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/``."""
-    return Pipeline(replace(recipe, conversion=conversion), announce=announce, status=status,
-                    root=Paths.for_recipe(recipe).root / folder)
-
-
-def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):
-    """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/``."""
-    return variant_pipeline(recipe, replace(recipe.conversion, precision=precision), f"precisions/{precision}",
-                            announce, status)
-
-
-def build_package(pipe: Pipeline) -> None:
-    """Convert and package ``pipe``'s model (cached steps, graph-checked, smoke-tested) under its lock: the recipe's
-    (held by the caller: re-entered) and recovery of its build folder. Raises what the steps raise."""
-    with pipe.locked():
-        for step in pipe.steps():
-            if step.name in ("convert", "package"):
-                pipe.runner.run(step)
-
-
-def prepare_model(recipe: Recipe, announce: Announce, status=None):
-    """Run the steps that produce the model to convert (demo/synthetic model, fine-tune, adapter merge); return the
-    pipeline."""
-    main = Pipeline(recipe, announce=announce, status=status)
-    for step in main.steps():
-        if step.name == "convert":
-            break
-        if step.name != "doctor":
-            main.runner.run(step)
-    return main
-
-
-def prepared_recipe(recipe: Recipe, main: Pipeline) -> Recipe:
-    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
-    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
-    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
-        return recipe
-    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
-    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
 
 
 def build_precision(recipe: Recipe, precision: str, announce: Announce, status=None) -> tuple[Row, Any]:
@@ -111,15 +70,9 @@ def fp32_bench_run(pipeline, status=None) -> PeerRun:
     return PeerRun("genai:fp32", "genai", "ONNX Runtime GenAI FP32 (raw, same model)", Path(row.folder), {})
 
 
-def heldout_windows(recipe: Recipe, model_dir: Path, context: int) -> list[list[int]]:
-    """The held-out text (:func:`scripts.proof.fidelity.heldout_text`) in windows that fit the context."""
-    ids = _tokenizer(model_dir).encode(heldout_text(), add_special_tokens=False).ids
-    return token_windows(ids, min(DEFAULT_WINDOW, context), recipe.conversion.fidelity.heldout_tokens)
-
-
-def _measure_row(row: Row, backend: str, folder: Path, jobs: list[dict], prompt_dir: Path, context: int,
-                 speed: bool) -> dict:
-    result = run_worker(backend, folder, jobs)
+def _measure_row(row: Row, backend: str, folder: Path, jobs: list[dict], speed: bool,
+                 options: dict | None = None) -> dict:
+    result = run_worker(backend, folder, jobs, options)
     row.load_seconds = result["load_seconds"]
     row.peak_rss_mb = result["peak_rss"] / 1e6
     if speed:
@@ -154,16 +107,19 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         pipes[p] = pipe
     ok = [r for r in rows if r.ok]
     context = min(context_limit(Path(r.folder)) for r in ok) if ok else 512
-    heldout = heldout_windows(recipe, hf_dir, context) if quality else []
+    heldout = heldout_windows(hf_dir, context, recipe.conversion.fidelity.heldout_tokens) if quality else []
     chats = conversations(qa, recipe.eval.system_prompt) if qa else []
     answers_job = {"kind": "answers", "conversations": chats, "max_new_tokens": recipe.eval.max_new_tokens}
     logits_job = {"kind": "logits", "windows": heldout}
     logits: dict[str, dict] = {}
 
     hf_row = Row(HF_ROW, "ok", folder=str(hf_dir), bytes=weights_size(hf_dir), graph="PyTorch, FP32 safetensors")
+    # prompts in the chat template the package step chose (the tokenizer's, or the family's for a base model that has
+    # none): the one every build is measured with, and the one Foundry Local applies
+    chat_dir = Path(ok[0].folder) if ok else hf_dir
     jobs: list[dict] = []
     if speed:
-        jobs.append(bench_request(hf_dir, COMPARE_PROFILE, context))
+        jobs.append(bench_request(chat_dir, COMPARE_PROFILE, context))
     if quality and chats:
         jobs.append(answers_job)
     if quality and heldout:
@@ -172,7 +128,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         announce("hf-fp32: measuring the Hugging Face original with PyTorch…")
         status("PyTorch: measuring the original model…")
         try:
-            done = _measure_row(hf_row, "torch", hf_dir, jobs, hf_dir, context, speed)
+            done = _measure_row(hf_row, "torch", hf_dir, jobs, speed, {"chat_dir": str(chat_dir)})
             _quality_from(hf_row, done, qa, score)
             logits["torch"] = done.get("logits")
         except MeasurementError as exc:
@@ -185,7 +141,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         status(f"Foundry Local: measuring {row.precision}…")
         try:
             if jobs:
-                _quality_from(row, _measure_row(row, "foundry", folder, jobs, folder, context, speed), qa, score)
+                _quality_from(row, _measure_row(row, "foundry", folder, jobs, speed), qa, score)
             if quality and heldout:
                 status(f"ONNX Runtime GenAI: scoring held-out text with {row.precision}…")
                 reference = next((r.folder for r in ok if r.precision == "fp32"), None)

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from scripts.commands.compare_report import markdown_table
+from scripts.proof.gate import describe as describe_fidelity
 from scripts.proof.peer_bench import peer_markdown
 from scripts.commands.tune import markdown as tune_markdown
 
@@ -116,6 +117,9 @@ def print_deploy_summary(console: Console, summary) -> None:
     console.print(f"  installed: {summary.installed}  ({_mb(summary.size_bytes)})")
     console.print(f"  steps run: {', '.join(summary.ran) or 'none'}; skipped (unchanged): "
                   f"{', '.join(summary.skipped) or 'none'}")
+    if summary.fidelity:
+        console.print(f"  fidelity vs FP32 ONNX (gate {'passed' if summary.fidelity['passed'] else 'FAILED'}): "
+                      f"{describe_fidelity(summary.fidelity['figures'])}")
     if summary.check:
         print_check(console, summary.check)
     proof = getattr(summary, "proof", None) or {}

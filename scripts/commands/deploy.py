@@ -11,7 +11,7 @@ from scripts.core.fileops import folder_size
 from scripts.pipeline import Announce, Pipeline
 from scripts.proof.measure import get_profile
 from scripts.proof.run import run_proof
-from scripts.recipe.load import Recipe
+from scripts.recipe.spec import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class DeploySummary:
     skipped: list[str]
     ran: list[str]
     proof: dict[str, Any] = field(default_factory=dict)  # bench/validate summary and the report path
+    fidelity: dict[str, Any] | None = None  # the fidelity gate's figures (scripts.proof.gate), None: not gated
 
 
 def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
@@ -42,5 +43,6 @@ def deploy(recipe: Recipe, force: bool = False, announce: Announce = log.info,
             proven = run_proof(pipeline, get_profile(proof), status or (lambda s: None))
             skipped, ran = skipped + proven["skipped"], ran + proven["ran"]
         size = folder_size(pipeline.installed_dir)
+    gate = outcomes.get("fidelity")
     return DeploySummary(recipe.name, recipe.foundry.model_id, pipeline.installed_dir, size,
-                         outcomes["check"].result or {}, skipped, ran, proven)
+                         outcomes["check"].result or {}, skipped, ran, proven, gate.result if gate else None)

@@ -28,14 +28,15 @@ from typing import Any, Callable, Sequence
 
 from scripts.core.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
 from scripts.core.fileops import write_text_atomic
-from scripts.pipeline import Pipeline
-from scripts.commands.compare import (build_package, build_precision, heldout_windows, prepare_model, prepared_recipe,
-                                   variant_pipeline)
+from scripts.commands.variants import build_package, prepare_model, variant_pipeline
+from scripts.pipeline import Pipeline, prepared_recipe
+from scripts.commands.compare import build_precision
+from scripts.proof.gate import heldout_windows
 from scripts.core.evalset import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import context_limit
 from scripts.commands.tune_measure import measure_candidate, runoff, RUNOFF_ROUNDS, TUNE_PROFILE
-from scripts.recipe.load import default_quantization, Quantization, Recipe
+from scripts.recipe.spec import default_quantization, Quantization, Recipe
 from scripts.sources.gguf import requantization_note
 from scripts.core.steps import Step
 
@@ -156,7 +157,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         raise ConversionError(f"tune needs the FP32 ONNX build as its reference: {fp32_row.reason}")
     fp32_folder = Path(fp32_row.folder)
     context = context_limit(fp32_folder)
-    heldout = heldout_windows(recipe, main.model_dir, context)
+    heldout = heldout_windows(main.model_dir, context, recipe.conversion.fidelity.heldout_tokens)
     spec = recipe.conversion.fidelity
     settings = {"profile": TUNE_PROFILE.to_json(), "max_new_tokens": recipe.eval.max_new_tokens,
                 "heldout_tokens": spec.heldout_tokens, "system_prompt": recipe.eval.system_prompt}
@@ -232,7 +233,7 @@ def apply_runoff(rows: Sequence[TuneRow], figures: dict[str, dict]) -> None:
 def source_weight_types(main: Pipeline) -> dict[str, int] | None:
     """Parameters per GGUF storage type of the model source, as its import step recorded them (None: not a GGUF)."""
     name = main.recipe.source.info.step
-    step = next((s for s in main.steps() if s.name == name), None) if name else None
+    step = main.step(name) if name else None
     return (main.runner.recorded_result(step) or {}).get("weight_types") if step else None
 
 

@@ -15,7 +15,7 @@ from onnx import helper
 
 from scripts.convert.lm_head_prune import last_token_logits
 from scripts.core.errors import GraphCheckError
-from scripts.recipe.load import Conversion
+from scripts.recipe.spec import Conversion
 from scripts.recipe.precisions import get_precision, layer_kind
 
 QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")

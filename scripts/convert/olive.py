@@ -18,7 +18,7 @@ from typing import Any
 
 from scripts.core.errors import ConversionError
 from scripts.core.faults import checkpoint
-from scripts.recipe.load import Conversion
+from scripts.recipe.spec import Conversion
 from scripts.recipe.precisions import EMBED_GATHER, get_precision, LM_HEAD, matmul_names, PRECISIONS
 from scripts.core.workers import die_with_parent, worker_env
 

@@ -23,7 +23,7 @@ from scripts.core.errors import TemplateError
 from scripts.core.fileops import atomic_dir, link_or_copy, write_json_atomic
 from scripts.families.registry import Family
 from scripts.families.templates import PLACEHOLDER
-from scripts.recipe.load import Generation, Recipe
+from scripts.recipe.spec import Generation, Recipe
 
 log = logging.getLogger(__name__)
 

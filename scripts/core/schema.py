@@ -121,3 +121,21 @@ def in_range(low: float, high: float) -> Callable[[Any], str | None]:
 
     check.bounds = (low, high)  # type: ignore[attr-defined]  # read by the generated docs (docs/recipe.md)
     return check
+
+
+def defaults_from(obj: Obj):
+    """Class decorator, applied under ``@dataclass``: every annotated field of the class that ``obj`` declares as a
+    :class:`Field` gets that field's default, so a key's default is written once (in the schema) and the spec
+    dataclass built from validated data restates only names and types. A field the class already defaults is left
+    alone; an annotated name the schema does not declare is an error (the two would drift)."""
+
+    def apply(cls):
+        for name in cls.__dict__.get("__annotations__", {}):
+            spec = obj.fields.get(name)
+            if spec is None:
+                raise TypeError(f"{cls.__name__}.{name} is not a key of its schema section")
+            if isinstance(spec, Field) and name not in cls.__dict__:
+                setattr(cls, name, spec.default)
+        return cls
+
+    return apply

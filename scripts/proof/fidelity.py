@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-DEFAULT_TOKENS = 10240
 DEFAULT_WINDOW = 512
 
 
@@ -37,14 +36,28 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def compare_window(candidate_logits, reference_logits, ids: Sequence[int]) -> dict[str, list]:
-    """Per position (each predicts the next token of ``ids``): KL(reference ‖ candidate), whether the top-1 tokens
-    agree, and each model's negative log-likelihood of the true next token."""
+def window_ids(window) -> list[int]:
+    """The token ids of a window: a plain list (held-out text: every position scored), or ``{"ids", "from"}`` (an
+    eval answer after its prompt: only the positions that predict answer tokens are scored)."""
+    return list(window["ids"] if isinstance(window, dict) else window)
+
+
+def answer_window(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> dict[str, Any]:
+    """A window that scores only the answer: the prompt (the chat template rendered up to the assistant turn) then the
+    reference answer's tokens; position ``from`` is the first that predicts an answer token."""
+    return {"ids": [*prompt_ids, *answer_ids], "from": len(prompt_ids) - 1}
+
+
+def compare_window(candidate_logits, reference_logits, window) -> dict[str, list]:
+    """Per scored position (each predicts the next token of the window): KL(reference ‖ candidate), whether the top-1
+    tokens agree, and each model's negative log-likelihood of the true next token."""
     import numpy as np
+    ids = window_ids(window)
+    start = window.get("from", 0) if isinstance(window, dict) else 0
     n = len(ids) - 1
-    lc, lr = log_softmax(candidate_logits)[:n], log_softmax(reference_logits)[:n]
-    targets = np.asarray(ids[1:])
-    rows = np.arange(n)
+    lc, lr = log_softmax(candidate_logits)[start:n], log_softmax(reference_logits)[start:n]
+    targets = np.asarray(ids[start + 1:])
+    rows = np.arange(n - start)
     kld = (np.exp(lr) * (lr - lc)).sum(axis=-1)
     return {"kld": np.maximum(kld, 0.0).tolist(), "top1": (lc.argmax(-1) == lr.argmax(-1)).tolist(),
             "nll": (-lc[rows, targets]).tolist(), "nll_reference": (-lr[rows, targets]).tolist()}
@@ -78,14 +91,17 @@ def summarise(windows: Sequence[dict[str, list]]) -> Fidelity:
                     perplexity_reference=float(np.exp(np.mean(np.concatenate([w["nll_reference"] for w in windows])))))
 
 
-def failures(figures: dict[str, Any], spec) -> list[str]:
+MEASURES = ("kld", "top1", "ppl")
+
+
+def failures(figures: dict[str, Any], spec, measures: Sequence[str] = MEASURES) -> list[str]:
     """What ``figures`` (a :meth:`Fidelity.to_json`) misses of ``spec`` (the recipe's ``conversion.fidelity``:
-    ``max_kld``, ``min_top1``, ``max_ppl_increase``), one phrase each; empty when all are met."""
+    ``max_kld``, ``min_top1``, ``max_ppl_increase``), one phrase each, among ``measures``; empty when all are met."""
     out = []
-    if figures["kld_mean"] > spec.max_kld:
+    if "kld" in measures and figures["kld_mean"] > spec.max_kld:
         out.append(f"mean KLD {figures['kld_mean']:.4f} > {spec.max_kld}")
-    if figures["top1"] < spec.min_top1:
+    if "top1" in measures and figures["top1"] < spec.min_top1:
         out.append(f"top-1 agreement {100 * figures['top1']:.1f} % < {100 * spec.min_top1:.0f} %")
-    if figures["ppl_increase"] > spec.max_ppl_increase:
+    if "ppl" in measures and figures["ppl_increase"] > spec.max_ppl_increase:
         out.append(f"ΔPPL {100 * figures['ppl_increase']:+.1f} % > {100 * spec.max_ppl_increase:.0f} %")
     return out

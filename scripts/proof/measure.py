@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from scripts.core.errors import MeasurementError, SlmopsError
 from scripts.proof.edge_cases import run_edge_cases
-from scripts.proof.fidelity import compare_window, summarise as summarise_fidelity
+from scripts.proof.fidelity import compare_window, summarise as summarise_fidelity, window_ids
 from scripts.proof.stats import percentile, rates_from_token_times, summarise, Summary
 from scripts.runtimes import llamacpp as _llamacpp  # noqa: F401 (registers the "llama.cpp" peer backend)
 from scripts.serve import backend as _http  # noqa: F401 (registers the "http" backend: invoke serve's server)
@@ -103,12 +103,12 @@ def prompt_lengths(profile: Profile, context: int, margin: int = CONTEXT_MARGIN)
 
 def template_overhead(model_dir: Path) -> int:
     """Tokens the chat template and the instruction add around the filler."""
-    tok = _tokenizer(model_dir)
+    tok = fast_tokenizer(model_dir)
     return len(tok.encode(render_chat(model_dir, [{"role": "user", "content": INSTRUCTION}]),
                           add_special_tokens=False).ids)
 
 
-def _tokenizer(model_dir: Path):
+def fast_tokenizer(model_dir: Path):
     from tokenizers import Tokenizer
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
@@ -118,7 +118,7 @@ def _tokenizer(model_dir: Path):
 
 def filler_text(model_dir: Path, n_tokens: int) -> str:
     """Neutral text of about ``n_tokens`` tokens in this model's tokenizer."""
-    tok = _tokenizer(model_dir)
+    tok = fast_tokenizer(model_dir)
     per = max(1, len(tok.encode(FILLER, add_special_tokens=False).ids))
     ids = tok.encode(FILLER * (n_tokens // per + 2), add_special_tokens=False).ids[:max(n_tokens, 0)]
     return tok.decode(ids)
@@ -220,7 +220,8 @@ def fidelity_job(backend, job: dict) -> dict:
     reference = make_backend(backend.name, Path(job["reference_dir"]))
     reference.load()
     try:
-        per_window = [compare_window(backend.score(ids), reference.score(ids), ids) for ids in job["windows"]]
+        per_window = [compare_window(backend.score(window_ids(w)), reference.score(window_ids(w)), w)
+                      for w in job["windows"]]
     finally:
         reference.close()
     return summarise_fidelity(per_window).to_json()

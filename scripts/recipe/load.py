@@ -2,332 +2,28 @@
 
 A recipe says where the model comes from, which prompt family it uses, how to convert and quantize it,
 what to call it in Foundry Local, its generation defaults, and the evaluation set that proves it works.
-Relative paths inside a recipe are relative to the recipe file.
+Relative paths inside a recipe are relative to the recipe file. The keys are declared in
+:mod:`scripts.recipe.spec`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from scripts.core import settings
 from scripts.core.errors import RecipeError
-from scripts.families.registry import AUTO_TEMPLATE, family_names
-from scripts.recipe.precisions import (AUTO, CHOICES, INT4_ALGORITHMS, LAYER_KINDS, PRECISIONS, refusal,
-                                       translate_tutorial_conversion, TutorialFormError)
+from scripts.core.schema import Field, Obj, validate
 from scripts.recipe.olive_workflow import is_olive_workflow, translate_olive_workflow
-from scripts.recipe.runtime import RuntimeSpec, SCHEMA as RUNTIME_SCHEMA
-from scripts.core.schema import Field, in_range, Obj, validate
-from scripts.sources.registry import DEMO, ModelSource, parse_source, SOURCE_KINDS, TINY_PREFIX
+from scripts.recipe.precisions import AUTO, CHOICES, PRECISIONS, refusal, translate_tutorial_conversion, TutorialFormError
+from scripts.recipe.runtime import RuntimeSpec
+from scripts.recipe.spec import (Conversion, EvalSpec, families, FinetuneSpec, FoundryTarget, Generation, Quantization,
+                                 Recipe, SCHEMA, FidelitySpec, ValidateSpec)
+from scripts.sources.registry import parse_source
 
 log = logging.getLogger(__name__)
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def _name_check(value: str) -> str | None:
-    return None if _NAME.match(value) else (
-        f"{value!r} is not a valid name; use letters, digits, '.', '_' or '-' (max 64), starting with a letter or digit")
-
-
-def _regex_check(value: str) -> str | None:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        return f"{value!r} is not a valid regular expression ({exc})"
-    return None
-
-
-def _kinds_check(value: list) -> str | None:
-    unknown = [v for v in value if v not in LAYER_KINDS]
-    if unknown:
-        return f"{unknown[0]!r} is not a weight group; choose from: {', '.join(LAYER_KINDS)}"
-    return None if len(set(value)) == len(value) else "a weight group is listed twice"
-
-
-def _families() -> tuple[str, ...]:
-    return ("auto", AUTO_TEMPLATE, *family_names())
-
-
-SCHEMA = Obj({
-    "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
-    "description": Field(str, default="", help="free text, for people reading the recipe"),
-    "model": Obj({
-        "source": Field(str, required=True,
-                        help=f"a Hugging Face model folder, a .gguf file, {DEMO!r} for the bundled fine-tuned demo "
-                             f"model, or {TINY_PREFIX}<family> for a tiny random model of a family (built locally); "
-                             f"kinds: {', '.join(SOURCE_KINDS)}"),
-        "family": Field(str, default="auto",
-                        help="prompt-format family (`invoke families`), 'auto' to detect it from config.json confirmed "
-                             "by the tokenizer's chat template, or 'auto-template' to derive PromptTemplate from the "
-                             "tokenizer's own chat template"),
-        "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
-                         "conversion; relative to the recipe"),
-        "finetune": Obj({
-            "dataset": Field(str, default=None, help="JSONL question/answer pairs to LoRA-fine-tune model.source on "
-                             "(a `finetune` step; the adapter is then merged); relative to the recipe"),
-            "rank": Field(int, default=16, check=in_range(1, 512), help="LoRA rank"),
-            "alpha": Field(int, default=32, check=in_range(1, 4096), help="LoRA alpha (scale = alpha / rank)"),
-            "epochs": Field(int, default=8, check=in_range(1, 1000), help="passes over the dataset"),
-            "lr": Field(float, default=2e-3, check=in_range(1e-7, 1.0), help="AdamW learning rate"),
-            "batch_size": Field(int, default=8, check=in_range(1, 1024), help="question/answer pairs per step"),
-            "seed": Field(int, default=0, help="seed of the adapter's initialisation and the data order"),
-            "threads": Field(int, default=2, check=in_range(1, 256), help="torch threads while training"),
-        }),
-    }, required=True),
-    "conversion": Obj({
-        "precision": Field(str, default="int4", choices=CHOICES,
-                           help="fp32, int8, int4 (fp16 is refused on CPU), or auto: the smallest precision whose "
-                                "eval accuracy is within auto_threshold of FP32's"),
-        "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
-                                help="--precision auto: minimum eval accuracy relative to FP32"),
-        "prune_lm_head": Field(bool, default=True,
-                               help="compute logits for the last prompt position only (ModelBuilder prune_lm_head): "
-                                    "prefill skips the LM head for every other position (-25 to -30 % prompt time "
-                                    "at 0.5B); fidelity scoring loads a copy returning every position's logits"),
-        "fold_attention_scale": Field(bool, default=True,
-                                      help="multiply the query projection by the attention scale and set "
-                                           "GroupQueryAttention's scale to 1, where that is exact (a power of two): "
-                                           "ONNX Runtime's CPU kernel then skips packing the key cache per head "
-                                           "and token (decode at long context)"),
-        "fidelity": Obj({
-            "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
-                             help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
-            "min_top1": Field(float, default=0.9, check=in_range(0.0, 1.0),
-                              help="teacher-forced top-1 agreement with FP32 ONNX required"),
-            "max_ppl_increase": Field(float, default=0.08, check=in_range(0.0, 100.0),
-                                      help="perplexity increase over FP32 ONNX allowed, as a fraction (0.08 = 8 %)"),
-            "heldout_tokens": Field(int, default=10240, check=in_range(256, 1_000_000),
-                                    help="tokens of held-out text (Python's pydoc topics) the fidelity is scored on"),
-        }),
-        "quantization": Obj({
-            "block_size": Field(int, default=32, choices=BLOCK_SIZES,
-                                help="weights per quantization block (Olive's int4_block_size)"),
-            "symmetric": Field(bool, default=True, help="symmetric quantization, no zero points (int4_is_symmetric)"),
-            "accuracy_level": Field(int, default=4, choices=(0, 1, 2, 3, 4),
-                                    help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"),
-            "algorithm": Field(str, default="default", choices=INT4_ALGORITHMS,
-                               help="int4_algo_config of the builder (int8 is always round-to-nearest)"),
-            "embeddings": Field(bool, default=False,
-                                help="quantize the embedding table too (GatherBlockQuantized, same bits/block size)"),
-            "lm_head": Field(bool, default=True, help="quantize the LM head (false keeps it in FP32)"),
-            "eight_bit": Field(list, default=(), item_type=str, check=_kinds_check,
-                               help="int4 only: weight groups kept at 8 bits (mixed INT4, like llama.cpp's Q4_K_M "
-                                    f"keeps some at 6): any of {', '.join(LAYER_KINDS)}"),
-            "eight_bit_block_size": Field(int, default=64, choices=BLOCK_SIZES,
-                                          help="block size of the 8-bit groups (symmetric)"),
-        }),
-    }),
-    "foundry": Obj({
-        "publisher": Field(str, default="slmops", check=_name_check,
-                           help="the folder under the Foundry cache the model is installed in"),
-        "name": Field(str, required=True, check=_name_check, help="the model name shown by Foundry Local"),
-        "version": Field(str, default="1", check=lambda v: None if v.isdigit() else
-                         f"{v!r} is not a valid version; Foundry Local model versions are whole numbers like \"1\"",
-                         help="the model version; name:version is the runtime's model id"),
-        "description": Field(str, default="", help="written into inference_model.json"),
-    }, required=True),
-    # Unset (None) generation keys take the family's defaults (templates/families/<name>.json "generation"),
-    # then BUILTIN_GENERATION: a recipe's own value always wins.
-    "generation": Obj({
-        "max_length": Field(int, default=None, check=in_range(8, 131072),
-                            help="prompt + reply tokens (genai_config.json search.max_length); unset: the family's "
-                                 "default, else the model's whole context. Below the context it lowers "
-                                 "model.context_length to it: Foundry Local goes by the context alone and sizes "
-                                 "each request's KV cache for it"),
-        "do_sample": Field(bool, default=None, help="sample (true) or greedy (false); unset: the family's default, "
-                                                    "else greedy"),
-        "temperature": Field(float, default=None, check=in_range(0.0, 2.0),
-                             help="sampling temperature; unset: the family's default, else 1.0"),
-        "top_p": Field(float, default=None, check=in_range(0.0, 1.0),
-                       help="nucleus sampling; unset: the family's default, else 1.0"),
-        "top_k": Field(int, default=None, check=in_range(0, 100000),
-                       help="top-k sampling; unset: the family's default, else 50"),
-        "repetition_penalty": Field(float, default=None, check=in_range(0.5, 2.0),
-                                    help="unset: the family's default, else 1.0"),
-    }),
-    "runtime": RUNTIME_SCHEMA,  # genai_config.json session options (scripts/recipe/runtime.py)
-    "eval": Obj({
-        "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs asked through Foundry Local "
-                                                 "(`check`); relative to the recipe"),
-        "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0),
-                              help="share of exact answers required; below it the deploy fails"),
-        "max_new_tokens": Field(int, default=64, check=in_range(1, 4096), help="longest answer generated per question"),
-        "system_prompt": Field(str, default=None, help="system message sent with every eval question"),
-    }),
-    "validate": Obj({  # thresholds of `invoke validate` (the tutorial's checklist, measured)
-        "min_reference_agreement": Field(float, default=0.9, check=in_range(0.0, 1.0),
-                                         help="share of eval answers equal to the FP32 PyTorch model's"),
-        "format_regex": Field(str, default=None, check=_regex_check,
-                              help="regular expression every eval answer must match in full"),
-        "format_json_keys": Field(list, default=None, item_type=str,
-                                  help="every eval answer must be a JSON object with these keys"),
-        "min_format_rate": Field(float, default=1.0, check=in_range(0.0, 1.0),
-                                 help="share of answers that must have the expected format"),
-        "soak_requests": Field(int, default=300, check=in_range(10, 1000000),
-                               help="requests of the leak soak on one loaded model"),
-        "max_rss_growth_mb": Field(float, default=32.0, check=in_range(0.0, 1e6),
-                                   help="RSS growth allowed over the soak (last tenth − first tenth after warm-up)"),
-        "max_rss_slope_kb_per_request": Field(float, default=16.0, check=in_range(0.0, 1e6),
-                                              help="the smaller of the two soak halves' least-squares slopes"),
-        "max_latency_ratio": Field(float, default=3.0, check=in_range(1.0, 1000.0),
-                                   help="longest-prompt ÷ shortest-prompt median per-token latency"),
-        "latency_floor_ms": Field(float, default=1.0, check=in_range(0.0, 1e6),
-                                  help="per-token latencies all below this pass the length item whatever the ratio"),
-        "edge_timeout_seconds": Field(float, default=120.0, check=in_range(1.0, 3600.0),
-                                      help="an edge case with no reply by then is a hang (fails)"),
-    }),
-})
-
-
-@dataclass(frozen=True)
-class Quantization:
-    block_size: int
-    symmetric: bool
-    accuracy_level: int
-    algorithm: str
-    embeddings: bool = False
-    lm_head: bool = True
-    eight_bit: tuple[str, ...] = ()
-    eight_bit_block_size: int = 64
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eight_bit", tuple(self.eight_bit))
-
-
-def default_quantization() -> Quantization:
-    """``conversion.quantization`` with every key at its schema default (what a recipe that sets none gets)."""
-    fields = SCHEMA.fields["conversion"].fields["quantization"].fields
-    return Quantization(**{key: field.default for key, field in fields.items()})
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """A seeded LoRA fine-tune of ``model.source`` (``model.finetune``); ``dataset`` None means none."""
-
-    dataset: Path | None = None
-    rank: int = 16
-    alpha: int = 32
-    epochs: int = 8
-    lr: float = 2e-3
-    batch_size: int = 8
-    seed: int = 0
-    threads: int = 2
-
-    def settings(self) -> dict[str, Any]:
-        """The training settings (no paths), as the ``finetune`` step hashes and the trainer reads them."""
-        return {k: v for k, v in asdict(self).items() if k != "dataset"}
-
-
-@dataclass(frozen=True)
-class FidelitySpec:
-    """What a quantized build must keep relative to FP32 ONNX on held-out text (``conversion.fidelity``)."""
-
-    max_kld: float = 0.1
-    min_top1: float = 0.9
-    max_ppl_increase: float = 0.08
-    heldout_tokens: int = 10240
-
-
-@dataclass(frozen=True)
-class Conversion:
-    precision: str
-    quantization: Quantization
-    auto_threshold: float = 0.98
-    fidelity: FidelitySpec = FidelitySpec()
-    prune_lm_head: bool = True  # logits for the last position only (ModelBuilder ``prune_lm_head``)
-    fold_attention_scale: bool = True  # scripts/convert/attention_scale.py
-
-
-@dataclass(frozen=True)
-class FoundryTarget:
-    publisher: str
-    name: str
-    version: str
-    description: str
-
-    @property
-    def model_id(self) -> str:
-        """The id the Foundry Local runtime knows the model by (``name:version``)."""
-        return f"{self.name}:{self.version}"
-
-
-#: Generation settings used when neither the recipe nor the model's family sets a key (greedy, 512 tokens).
-BUILTIN_GENERATION: dict[str, Any] = {"max_length": 512, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
-                                      "top_k": 50, "repetition_penalty": 1.0}
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Generation settings; ``None`` means "not set in the recipe" until :meth:`resolved` fills it."""
-
-    max_length: int | None = None
-    do_sample: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-
-    def resolved(self, family_defaults: dict[str, Any] | None = None, context_length: int | None = None) -> "Generation":
-        """Every key filled: the recipe's value, else the family default, else the model's ``context_length`` for
-        ``max_length`` (the whole context: a prompt of any length the model takes gets an answer), else
-        :data:`BUILTIN_GENERATION`."""
-        builtin = {**BUILTIN_GENERATION, **({"max_length": context_length} if context_length else {})}
-        merged = {**builtin, **{k: v for k, v in (family_defaults or {}).items() if k in BUILTIN_GENERATION}}
-        return Generation(**{k: merged[k] if v is None else v for k, v in asdict(self).items()})
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    dataset: Path | None
-    min_accuracy: float
-    max_new_tokens: int
-    system_prompt: str | None
-
-
-@dataclass(frozen=True)
-class ValidateSpec:
-    """Thresholds of ``invoke validate`` (see the ``validate`` keys of :data:`SCHEMA`)."""
-
-    min_reference_agreement: float = 0.9
-    format_regex: str | None = None
-    format_json_keys: tuple[str, ...] | None = None
-    min_format_rate: float = 1.0
-    soak_requests: int = 300
-    max_rss_growth_mb: float = 32.0
-    max_rss_slope_kb_per_request: float = 16.0
-    max_latency_ratio: float = 3.0
-    latency_floor_ms: float = 1.0
-    edge_timeout_seconds: float = 120.0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    path: Path
-    description: str
-    source: ModelSource  # parsed model.source (or --model-path): kind, folder, build step
-    family: str
-    conversion: Conversion
-    foundry: FoundryTarget
-    generation: Generation
-    eval: EvalSpec
-    validate: ValidateSpec = ValidateSpec()
-    adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
-    finetune: FinetuneSpec = FinetuneSpec()
-    runtime: RuntimeSpec = RuntimeSpec()
-    notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
-
-    def settings_for_hash(self) -> dict[str, Any]:
-        """Everything that determines build outputs, as plain JSON data."""
-        data = asdict(self)
-        data.pop("path")
-        data.pop("notes", None)
-        return json.loads(json.dumps(data, default=str))
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -366,7 +62,7 @@ def load_recipe(name_or_path: str, model_path: str | Path | None = None) -> Reci
 def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> Recipe:
     """Validate a recipe document already read from ``path``."""
     schema = Obj({**SCHEMA.fields, "model": Obj({**SCHEMA.fields["model"].fields,
-                                                 "family": Field(str, default="auto", choices=_families())},
+                                                 "family": Field(str, default="auto", choices=families())},
                                                 required=True)})
     notes: list[str] = []
     if is_olive_workflow(doc):

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from scripts.core.schema import Field, Obj
+from scripts.core.schema import defaults_from, Field, Obj
 
 PHYSICAL = "physical"
 MAX_THREADS = 256
@@ -38,10 +38,11 @@ def physical_cores() -> int:
 
 
 @dataclass(frozen=True)
+@defaults_from(SCHEMA)
 class RuntimeSpec:
     """``runtime`` keys of a recipe, as written (``intra_op_threads`` may still be ``"physical"``)."""
 
-    intra_op_threads: str | int = PHYSICAL
+    intra_op_threads: str | int
 
     def threads(self) -> int:
         """The thread count to write: the number, or this machine's physical cores."""

@@ -180,6 +180,9 @@ class GenAIBackend(Backend):
 
 
 class TorchBackend(Backend):
+    """The Hugging Face original in PyTorch (FP32). Option ``chat_dir``: render prompts with that folder's chat template
+    (the deployed package's) instead of the tokenizer's own, which a base model may not have."""
+
     name = "torch"
 
     def load(self) -> float:
@@ -210,7 +213,9 @@ class TorchBackend(Backend):
                 pass
 
         start = time.perf_counter()
-        prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        chat_dir = self.options.get("chat_dir")  # the deployed package's template (a base model may have none)
+        prompt = (render_chat(Path(chat_dir), messages) if chat_dir else
+                  self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         gc = self.model.generation_config
         with self.torch.inference_mode():

@@ -95,12 +95,6 @@ def local_catalog(manager):
     return manager.get_catalog(_sdk().CatalogType.LOCAL)
 
 
-def registered_path(catalog, model_id: str) -> Path | None:
-    """Path a model id is registered with in the local catalog, or None."""
-    model = catalog.get_model_variant(model_id)
-    return Path(model.get_path()) if model is not None else None
-
-
 def ensure_registered(catalog, model_dir: Path, model_id: str,
                       display_name: str | None = None) -> tuple[Any, str]:
     """Register ``model_dir`` as ``model_id`` in the local catalog, idempotently.

@@ -163,7 +163,7 @@ def test_variant_builds_convert_the_prepared_model_and_never_retrain(tmp_path, t
     import shutil
     from types import SimpleNamespace
 
-    from scripts.commands.compare import prepared_recipe
+    from scripts.pipeline import prepared_recipe
     from scripts.recipe.load import parse_recipe
 
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")

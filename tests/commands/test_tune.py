@@ -9,7 +9,7 @@ import pytest
 from scripts.core.errors import RecipeError
 from scripts.commands.tune import (apply_runoff, candidate_quantization, GRID, judge, load_candidates, markdown,
                                 TuneRow, winner_keys)
-from scripts.recipe.load import FidelitySpec, Quantization
+from scripts.recipe.spec import FidelitySpec, Quantization
 
 GOOD = {"kld_mean": 0.02, "kld_p99": 0.1, "top1": 0.93, "ppl_increase": 0.02}
 

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from scripts.core.errors import GraphCheckError
 from scripts.convert.graph_check import GraphSummary, QuantNode, summarise_graph, verify_quantization
-from scripts.recipe.load import Conversion, Quantization
+from scripts.recipe.spec import Conversion, Quantization
 
 
 def conversion(precision="int4", block_size=32, symmetric=True, accuracy_level=4) -> Conversion:

@@ -16,7 +16,7 @@ from scripts.convert import olive as olive_convert
 from scripts.core.errors import ConversionError
 from scripts.core.settings import REPO_ROOT
 from scripts.convert.olive import explain_failure, olive_config, run_olive
-from scripts.recipe.load import Conversion, Quantization
+from scripts.recipe.spec import Conversion, Quantization
 
 
 def conversion(precision="int4", block_size=32, symmetric=True, accuracy_level=4, algorithm="default") -> Conversion:

@@ -12,7 +12,8 @@ from scripts.families.registry import Family, get_family
 from scripts.convert.package import (PROMPT_KEYS, render_inference_model, search_options, with_search,
                                      with_session_options)
 from scripts.families.templates import PLACEHOLDER
-from scripts.recipe.load import Generation, load_recipe
+from scripts.recipe.load import load_recipe
+from scripts.recipe.spec import Generation
 
 @pytest.fixture(scope="module")
 def qwen_recipe():

@@ -136,7 +136,7 @@ def test_missing_code_module_is_an_error_not_a_constant(setup):
 def test_closure_follows_project_imports_and_worker_strings():
     closure = module_closure(["scripts.runtimes.genai_smoke"])
     assert {"scripts.runtimes.genai_smoke", "scripts.runtimes.backends", "scripts.core.workers", "scripts.core.errors"} <= set(closure)
-    assert closure["scripts.runtimes.genai_smoke"] == REPO_ROOT / "scripts" / "convert" / "genai_smoke.py"
+    assert closure["scripts.runtimes.genai_smoke"] == REPO_ROOT / "scripts" / "runtimes" / "genai_smoke.py"
     kinds = module_closure(["scripts.sources.registry"])  # builders named as "scripts.sources.x:build" strings
     assert {"scripts.sources.demo", "scripts.sources.gguf", "scripts.sources.tiny"} <= set(kinds)
 

@@ -18,7 +18,8 @@ from scripts.families.registry import AUTO_TEMPLATE, detect_family, family_names
 from scripts.families.select import override_family, with_stop_tokens
 from scripts.convert.package import render_inference_model
 from scripts.families.templates import render_chat_template, render_prompt_template, sample_conversations
-from scripts.recipe.load import BUILTIN_GENERATION, Generation, parse_recipe
+from scripts.recipe.load import parse_recipe
+from scripts.recipe.spec import BUILTIN_GENERATION, Generation
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 UPDATE = os.environ.get("SLMOPS_UPDATE_GOLDEN") == "1"

@@ -4,14 +4,12 @@ one scores worse."""
 from __future__ import annotations
 
 import math
-import shutil
-
 import numpy as np
 import pytest
 
 from scripts.proof.fidelity import (compare_window, failures, heldout_text, log_softmax, summarise, token_windows)
 from scripts.proof.measure import run_worker
-from scripts.recipe.load import FidelitySpec
+from scripts.recipe.spec import FidelitySpec
 
 
 def test_heldout_text_is_real_english_and_long_enough():
@@ -49,20 +47,6 @@ def test_a_perturbed_distribution_scores_worse():
     assert failures(near.to_json(), spec) == [] or near.top1 < 0.9
     missed = failures(far.to_json(), spec)
     assert missed and missed[0].startswith("mean KLD")
-
-
-@pytest.fixture(scope="module")
-def perturbed_onnx(tiny_onnx_model, tmp_path_factory):
-    """The tiny converted model with its final norm scaled: same graph, different distributions."""
-    import onnx
-    from onnx import numpy_helper
-    folder = shutil.copytree(tiny_onnx_model, tmp_path_factory.mktemp("perturbed") / "model")
-    model = onnx.load(str(folder / "model.onnx"))
-    norm = next(t for t in model.graph.initializer if "final_norm" in t.name or t.name.endswith("norm.weight"))
-    norm.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(norm) * 3.0, norm.name))
-    (folder / "model.onnx.data").unlink(missing_ok=True)
-    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    return folder
 
 
 def test_fidelity_through_genai_on_converted_graphs(tiny_onnx_model, perturbed_onnx):

@@ -9,8 +9,8 @@ import pytest
 from scripts.core import settings
 from scripts.core.errors import RecipeError
 from scripts.families.registry import family_names
-from scripts.recipe.load import (BUILTIN_GENERATION, Generation, available_recipes, load_recipe,
-                            recipe_path)
+from scripts.recipe.load import available_recipes, load_recipe, recipe_path
+from scripts.recipe.spec import BUILTIN_GENERATION, Generation
 
 MINIMAL = {"model": {"source": "demo"}, "foundry": {"name": "my-model"}}
 
@@ -248,7 +248,7 @@ def test_recipe_generation_value_wins_over_family_default(recipes):
 
 def test_max_length_defaults_to_the_models_context():
     """Not 512: a model with an 8k context takes a 2,000-token prompt unless the recipe says otherwise."""
-    from scripts.recipe.load import Generation
+    from scripts.recipe.spec import Generation
     assert Generation().resolved({}, context_length=8192).max_length == 8192
     assert Generation(max_length=1024).resolved({}, context_length=8192).max_length == 1024  # the recipe wins
     assert Generation().resolved({"max_length": 2048}, context_length=8192).max_length == 2048  # then the family

@@ -13,7 +13,8 @@ from scripts.core.errors import ConversionError, GraphCheckError, RecipeError
 from scripts.convert.graph_check import GraphSummary, QuantNode, verify_quantization
 from scripts.convert.olive import olive_config, reconcile_genai_outputs
 from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, choose_auto, translate_tutorial_conversion
-from scripts.recipe.load import Conversion, Quantization, parse_recipe
+from scripts.recipe.load import parse_recipe
+from scripts.recipe.spec import Conversion, Quantization
 
 
 def recipe_doc(tmp_path: Path, conversion: dict) -> dict:

@@ -1,0 +1,35 @@
+"""Variant builds of one recipe (other precisions or quantization layouts, each in its own root under
+``build/<recipe>/``), converting the model the recipe's own steps made: what ``compare`` and ``tune`` build."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from scripts.pipeline import Announce, Pipeline
+from scripts.recipe.paths import Paths
+from scripts.recipe.spec import Recipe
+
+
+def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce, status=None) -> Pipeline:
+    """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/``."""
+    return Pipeline(replace(recipe, conversion=conversion), announce=announce, status=status,
+                    root=Paths.for_recipe(recipe).root / folder)
+
+
+def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):
+    """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/``."""
+    return variant_pipeline(recipe, replace(recipe.conversion, precision=precision), f"precisions/{precision}",
+                            announce, status)
+
+
+def build_package(pipe: Pipeline) -> None:
+    """Convert and package ``pipe``'s model (cached steps, graph-checked, smoke-tested) under its lock: the recipe's
+    (held by the caller: re-entered) and recovery of its build folder. Raises what the steps raise."""
+    pipe.run(only=("convert", "package"))
+
+
+def prepare_model(recipe: Recipe, announce: Announce, status=None):
+    """Run the steps that produce the model to convert (demo/synthetic model, fine-tune, adapter merge); return the
+    pipeline."""
+    main = Pipeline(recipe, announce=announce, status=status)
+    main.run(only=main.model_steps())
+    return main
