@@ -670,13 +670,15 @@ def render_notes(checks: Iterable[Check], width: int = 80) -> list[tuple[str, st
 
 def print_report(console: Console, checks: list[Check]) -> None:
     """The table, then the notes (a heading line, the text indented under it), readable at 80 columns and in a log."""
-    from rich.padding import Padding
+    import textwrap
+
     from rich.text import Text
 
     console.print(render_table(checks, console.width))
     for heading, text in render_notes(checks, console.width):
         console.print(Text(heading, style="bold"))
-        console.print(Padding(Text(text), (0, 0, 0, 2), expand=False))
+        for line in textwrap.wrap(text, max(20, console.width - 2), break_on_hyphens=False):
+            console.print(Text("  " + line), soft_wrap=True)  # wrapped here: no padding to the console width
 
 
 def run_doctor(console: Console | None = None, *, requirements_path: Path | str = REQUIREMENTS_PATH

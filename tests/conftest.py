@@ -124,3 +124,19 @@ def perturbed_onnx(tiny_onnx_model, tmp_path_factory):
     (folder / "model.onnx.data").unlink(missing_ok=True)
     onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     return folder
+
+
+@pytest.fixture(scope="session")
+def deployed_demo(tmp_path_factory) -> dict:
+    """`invoke deploy --model qwen` (the demo model, trained, INT4, installed, checked, measured) once per session in
+    temporary build/cache/home folders, shared by the tests that need the real demo deployment (slow tests only):
+    ``{"proc": CompletedProcess, "env", "build", "cache", "model": installed folder, "model_id"}``. Each test
+    asserts the deploy succeeded (``proc.returncode``) so a failure is reported where it matters."""
+    root = tmp_path_factory.mktemp("demo_deploy")
+    env = dict(os.environ, SLMOPS_BUILD_DIR=str(root / "build"), SLMOPS_FOUNDRY_CACHE=str(root / "cache"),
+               HOME=str(root / "home"), XDG_CACHE_HOME=str(root / "home/.cache"), HF_HUB_OFFLINE="1")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "invoke", "deploy", "--model", "qwen"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    return {"proc": proc, "env": env, "build": root / "build", "cache": root / "cache",
+            "model": root / "cache" / "slmops" / "brightwater-qwen-int4", "model_id": "brightwater-qwen-int4:1"}

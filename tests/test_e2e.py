@@ -200,17 +200,15 @@ def test_model_path_without_tokenizer_is_a_clear_error(sandbox, tiny_hf_model, t
 
 
 @pytest.mark.slow
-def test_demo_recipe_deploys_and_answers_domain_questions(tmp_path):
-    """The README's promise: the fine-tuned demo model, INT4, through Foundry Local, answers ≥ 90 %."""
-    env = dict(os.environ, SLMOPS_BUILD_DIR=str(tmp_path / "build"), SLMOPS_FOUNDRY_CACHE=str(tmp_path / "cache"),
-               HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "home/.cache"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(INVOKE + ["deploy", "--model", "qwen"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
+def test_demo_recipe_deploys_and_answers_domain_questions(deployed_demo):
+    """The README's promise: the fine-tuned demo model, INT4, through Foundry Local, answers ≥ 90 % (the deployment
+    is shared with the other slow tests of the demo: tests/conftest.py ``deployed_demo``)."""
+    proc = deployed_demo["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stamp = json.loads((tmp_path / "build" / "qwen" / "stamps" / "check.json").read_text())
+    stamp = json.loads((deployed_demo["build"] / "qwen" / "stamps" / "check.json").read_text())
     assert stamp["result"]["listed"] is True
     assert stamp["result"]["accuracy"] >= 0.9, stamp["result"]["wrong"]
-    assert (tmp_path / "cache" / "slmops" / "brightwater-qwen-int4" / "inference_model.json").is_file()
+    assert (deployed_demo["model"] / "inference_model.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """``docs/recipe.md``: every recipe key with its type, default, allowed values and meaning, generated from the one
-declaration of the recipe keys (:data:`scripts.recipe.load.SCHEMA`), so the page and the validator cannot drift.
+declaration of the recipe keys (:data:`scripts.recipe.spec.SCHEMA`), so the page and the validator cannot drift.
 
 Regenerate with ``invoke docs``; ``tests/recipe/test_keys_doc.py`` fails when the page is out of date."""
 from __future__ import annotations
@@ -9,14 +9,14 @@ from typing import Any, Iterator
 
 from scripts.core.schema import Field, Obj
 from scripts.core.settings import REPO_ROOT
-from scripts.recipe.load import SCHEMA
+from scripts.recipe.spec import SCHEMA
 
 PAGE = REPO_ROOT / "docs" / "recipe.md"
 
 _TYPES = {str: "string", int: "integer", float: "number", bool: "true/false", list: "list", dict: "object"}
 
 _INTRO = """\
-<!-- Generated from the recipe schema (scripts/recipe/load.py SCHEMA) by `invoke docs`; do not edit by hand. -->
+<!-- Generated from the recipe schema (scripts/recipe/spec.py SCHEMA) by `invoke docs`; do not edit by hand. -->
 # Recipe keys
 
 A recipe is one JSON file in `recipes/` (or any path given to `--model`). Every key is validated when the recipe is

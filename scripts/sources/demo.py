@@ -214,6 +214,7 @@ class ConversationEncoder:
 
         end_id = tokenizer.convert_tokens_to_ids(IM_END)
         self.qa = list(qa)
+        self.system_texts = list(systems)
         self.newline = enc("\n")
         self.systems = [enc(render_chatml([{"role": "system", "content": t}], add_generation_prompt=False))
                         for t in systems]
@@ -231,10 +232,9 @@ class ConversationEncoder:
             labels += [-100] * len(prompt) + self.answers[i]
         return ids, labels
 
-    def messages(self, items: Sequence[int], system: int | None = None, systems: Sequence[str] = SYSTEM_PROMPTS
-                 ) -> list[dict]:
+    def messages(self, items: Sequence[int], system: int | None = None) -> list[dict]:
         """The same conversation as chat messages (for checking :meth:`encode` against the tokenizer)."""
-        head = [{"role": "system", "content": systems[system]}] if system is not None else []
+        head = [{"role": "system", "content": self.system_texts[system]}] if system is not None else []
         return head + [m for i in items for m in ({"role": "user", "content": self.qa[i].question},
                                                     {"role": "assistant", "content": self.qa[i].answer})]
 
@@ -382,10 +382,11 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
                  vocab_size, settings.vocab_size, bos_id, eos_id, pad_id)
 
         encoder = ConversationEncoder(tok, qa)
-        longest = max(len(encoder.encode([i], 0)[0]) for i in range(len(qa)))
-        if max(longest, settings.session_max_tokens) + settings.max_new_tokens > settings.max_position_embeddings:
-            raise RecipeError(f"{dataset_path}: a conversation is {longest} tokens, too long for "
-                              f"max_position_embeddings={settings.max_position_embeddings}")
+        longest = max(max(len(encoder.encode([i], 0)[0]) for i in range(len(qa))), settings.session_max_tokens)
+        if longest + settings.max_new_tokens > settings.max_position_embeddings:
+            raise RecipeError(f"{dataset_path}: a training conversation may be {longest} tokens, too long for "
+                              f"max_position_embeddings={settings.max_position_embeddings} with "
+                              f"{settings.max_new_tokens} new tokens")
 
         torch.manual_seed(settings.seed)
         config = make_config(settings, vocab_size, bos_id, eos_id, pad_id)
@@ -422,7 +423,7 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
         "n_parameters": n_params,
         "train_seconds": round(train_seconds, 2),
         "train_cpu_seconds": round(train_cpu_seconds, 2),  # less dependent on other load than the wall time
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "final_loss": round(final_loss, 6),
         "hf_exact_match": accuracy,
         "model_sha256": file_sha256(out_dir / "model.safetensors"),

@@ -13,7 +13,7 @@ def test_every_key_of_the_schema_has_a_row_and_a_meaning():
     page = markdown()
     for path, spec in rows():
         assert f"| `{path}` |" in page
-        assert spec.help, f"{path} has no help= in the schema (scripts/recipe/load.py): the page would say nothing"
+        assert spec.help, f"{path} has no help= in the schema (scripts/recipe/spec.py): the page would say nothing"
 
 
 def test_a_row_shows_type_default_choices_and_range():

@@ -216,14 +216,16 @@ from scripts.core.hf_folder import control_tokens
 from scripts.runtimes.chat import chat_loop
 from scripts.runtimes.foundry_sdk import LiveChat
 cache, model, lines, max_tokens = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+model_id, system = (sys.argv[5], sys.argv[6] or None) if len(sys.argv) > 5 else ("tiny-qwen2:1", None)
 feed, out = iter(lines), io.StringIO()
 def read(_):
     line = next(feed, None)
     if line is None:
         raise EOFError
     return line
-with LiveChat(cache, model, "tiny-qwen2:1") as chat:
-    turns = chat_loop(chat, Console(file=out, width=300), max_tokens, read=read, controls=control_tokens(model))
+with LiveChat(cache, model, model_id) as chat:
+    turns = chat_loop(chat, Console(file=out, width=300), max_tokens, system, read=read,
+                      controls=control_tokens(model))
     context = chat.context
 print(json.dumps({"context": context, "turns": [vars(t) for t in turns], "out": out.getvalue()}))
 """
@@ -305,3 +307,27 @@ def test_a_request_the_runtime_cannot_measure_is_an_error_for_that_turn_only():
 
     turns, out = drive(Unmeasurable(), ["odd", "fine"])
     assert [t.status for t in turns] == ["error", "answered"] and "error: could not measure a prompt" in out
+
+
+# ----- the deployed demo model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("system", [None, "You are the Brightwater Orchard Cooperative assistant."])
+def test_twelve_domain_questions_in_one_session_with_the_demo_model(deployed_demo, system):
+    """What `invoke run --model qwen` promises: 12 Brightwater questions asked one after the other in one chat, through
+    Foundry Local, the history kept (the model sees its earlier answers, the oldest dropped to fit the context), every
+    answer right. A model trained on single questions only answered the first one and then confused itself."""
+    from scripts.core.evalset import answers_match, load_qa
+
+    assert deployed_demo["proc"].returncode == 0, deployed_demo["proc"].stderr[-3000:]
+    qa = load_qa(REPO_ROOT / "recipes" / "data" / "qwen-domain.jsonl")[::6][:12]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(deployed_demo["cache"]), str(deployed_demo["model"]),
+                           json.dumps([x.question for x in qa] + ["/exit"]), "256", deployed_demo["model_id"],
+                           system or ""], cwd=REPO_ROOT, env=deployed_demo["env"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    turns = json.loads(proc.stdout.strip().splitlines()[-1])["turns"]
+    answered = turns[:-1]
+    assert [t["status"] for t in turns] == ["answered"] * 12 + ["exit"]
+    assert answered[1]["prompt_tokens"] > answered[0]["prompt_tokens"] + 10, "the history was sent"
+    wrong = [(x.question, t["reply"], x.answer) for x, t in zip(qa, answered) if not answers_match(t["reply"], x.answer)]
+    assert not wrong, f"{12 - len(wrong)}/12 right; wrong (question, got, expected): {wrong}"
