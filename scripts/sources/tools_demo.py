@@ -43,9 +43,9 @@ PROVENANCE_FILE = "slmops_tools_demo.json"
 DEFAULT_DATASET = REPO_ROOT / "recipes" / "data" / "brightwater-tools.jsonl"
 
 #: The demo model's shape with room for the tool preamble (1,024 positions) and longer replies (calls, answers).
-SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=200, batch_size=16, max_new_tokens=96)
+SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=150, batch_size=16, max_new_tokens=96)
 #: Steps of the first phase, on the conversations without the tool preamble (see :func:`build_tools_model`).
-SHORT_STEPS = 1000
+SHORT_STEPS = 700
 
 
 def render(messages: list[dict], add_generation_prompt: bool) -> str:
