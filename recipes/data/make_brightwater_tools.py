@@ -10,7 +10,9 @@ in one turn (parallel), a call answered after its result (the agent loop: call -
 phrasings and values not seen in training (no membership number or date of a held-out line occurs in a training
 line); held-out no-call lines are domain questions left out of training. ``TRAIN_PER_TEMPLATE`` was raised from 4 to 10
 (and parallel lines from 3 to 8 per phrasing) for the tiny tool model trained from scratch (scripts/sources/tools_demo.py):
-it needs many values per phrasing to learn to copy them; the held-out phrasings and their counts are unchanged.
+it needs many values per phrasing to learn to copy them, and 4-5 more training phrasings per tool (it chose tools by
+whole phrasings it had seen: held-out calls 46 % with the first 5-6); the held-out phrasings and their counts are
+unchanged.
 """
 from __future__ import annotations
 
@@ -50,21 +52,33 @@ TOOLS = [
 ASK = {
     "shop_hours": {"train": ["When is the farm shop open on {Day}?", "What are the shop hours on {Day}?",
                              "Is the farm shop open on {Day}?", "What time does the farm shop close on {Day}?",
-                             "Opening times of the shop for {Day}, please.", "Can I visit the farm shop on {Day}?"],
+                             "Opening times of the shop for {Day}, please.", "Can I visit the farm shop on {Day}?",
+                             "Until what time is the shop open on {Day}?", "When does the shop open on {Day}?",
+                             "Does the farm shop open on {Day}?", "Shop opening hours for {Day}?",
+                             "Is the shop closed on {Day}?"],
                    "heldout": ["Tell me the farm shop's hours for {Day}.", "How late is the shop open on {Day}?"]},
     "member_lookup": {"train": ["Look up member {id}.", "Who is member {id}?", "Can you find membership number {id}?",
-                                "Check the membership record {id}.", "Which household is member {id}?"],
+                                "Check the membership record {id}.", "Which household is member {id}?",
+                                "Show me member {id}.", "Whose membership number is {id}?",
+                                "Get the record of member {id}.", "Details for membership {id}, please."],
                       "heldout": ["Find the household with membership {id}.", "I need the details of member {id}."]},
     "cold_store_stock": {"train": ["How many crates of {fruit} are in the cold store?", "Do we have {fruit} in stock?",
                                    "Check the cold store for {fruit}.", "How much {fruit} is in storage?",
-                                   "What is the stock of {fruit} right now?"],
+                                   "What is the stock of {fruit} right now?",
+                                   "How many {fruit} are in the cold stores?", "Stock check: {fruit}.",
+                                   "Is there any {fruit} in the cold store?", "How many crates of {fruit} do we have?",
+                                   "What do we have in storage for {fruit}?"],
                          "heldout": ["Are there any {fruit} left in the cold stores?",
                                      "Tell me how many crates of {fruit} we hold."]},
     "book_tour": {"train": ["Book an orchard tour on {date} for {adults} adults.",
                             "Please book a tour for {adults} adults and {children} children on {date}.",
                             "Reserve the orchard tour on {date} for {adults} adults.",
                             "I want a tour on {date}: {adults} adults, {children} children.",
-                            "Can you book {adults} adults on the orchard tour on {date}?"],
+                            "Can you book {adults} adults on the orchard tour on {date}?",
+                            "Book a tour for {adults} adults on {date}.", "Orchard tour on {date}, {adults} adults.",
+                            "Please reserve a tour on {date} for {adults} adults and {children} children.",
+                            "Sign up {adults} adults and {children} children for the tour on {date}.",
+                            "I'd like to book the orchard tour for {date}, {adults} adults."],
                   "heldout": ["We are {adults} adults; book us an orchard tour for {date}.",
                               "Book the tour on {date} for {adults} adults plus {children} children."]},
 }

@@ -233,8 +233,8 @@ def print_serve_check(console: Console, result: dict[str, Any]) -> None:
                         "tokens)", ("", *(c["name"] for c in cols)), rows)
     for way, score in result.get("tools", {}).items():
         console.print(f"held-out tool cases, {way}: {score['figure']}")
-    console.print(f"GET /v1/models: {', '.join(result['listed'])}. First question: {result['prompt']!r} → "
-                  f"{result['answer']!r}")
+    first = f" First question: {result['prompt']!r} → {result['answer']!r}" if result.get("prompt") else ""
+    console.print(f"GET /v1/models: {', '.join(result['listed'])}.{first}")
     console.print("TTFT: request sent → first text. Decode tok/s: (completion tokens − 1) ÷ (last − first text piece); "
                   "when a model generates faster than the pieces are read (the tiny demo model), it measures delivery, "
                   "not the model.")

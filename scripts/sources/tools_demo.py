@@ -30,7 +30,7 @@ from scripts.core.errors import ModelSourceError
 from scripts.core.settings import REPO_ROOT, build_dir
 from scripts.families.tools import format_path, load_format, plain_messages, reply_calls
 from scripts.core.tool_evalset import ToolScore, load_cases, load_lines
-from scripts.sources.demo import (DemoSettings, _deterministic, _lr_at, _progress, _write_generation_config,
+from scripts.sources.demo import (DemoSettings, _deterministic, _lr_at, _progress, _train, _write_generation_config,
                                   file_sha256, make_config)
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, IM_START, render_chatml, save_tokenizer,
                                             train_tokenizer)
@@ -43,7 +43,9 @@ PROVENANCE_FILE = "slmops_tools_demo.json"
 DEFAULT_DATASET = REPO_ROOT / "recipes" / "data" / "brightwater-tools.jsonl"
 
 #: The demo model's shape with room for the tool preamble (1,024 positions) and longer replies (calls, answers).
-SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=300, batch_size=16, max_new_tokens=96)
+SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=150, batch_size=16, max_new_tokens=96)
+#: Steps of the first phase, on the conversations without the tool preamble (see :func:`build_tools_model`).
+SHORT_STEPS = 700
 
 
 def render(messages: list[dict], add_generation_prompt: bool) -> str:
@@ -134,8 +136,16 @@ def score_hf(model_dir: Path, dataset: Path, max_new_tokens: int) -> ToolScore:
     return score
 
 
-def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SETTINGS, progress: bool = True) -> dict:
-    """Train tokenizer + tiny Qwen2 on the train split of ``dataset`` into ``out_dir``; score the held-out split."""
+def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SETTINGS, progress: bool = True,
+                      short_steps: int = SHORT_STEPS) -> dict:
+    """Train tokenizer + tiny Qwen2 on the train split of ``dataset`` into ``out_dir``; score the held-out split.
+
+    Two phases. First ``short_steps`` on the same conversations without the tool preamble (calls and results written
+    the same way): ~40 tokens each instead of ~500, so the skill (which tool, values copied from the question) is
+    learnt in cheap steps, where attention is not spread over 450 constant tokens. Then ``settings.steps`` on the
+    conversations as served, preamble included (:func:`_train_shared_prefix`). Measured on the Brightwater set: 300
+    steps with the preamble alone gave held-out calls 3.6 % (the model wrote the format, but one remembered value for
+    every question)."""
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
@@ -161,6 +171,12 @@ def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SET
         model = Qwen2ForCausalLM(make_config(settings, len(tok), bos_id, eos_id, pad_id))
         n_params = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
+        if short_steps:
+            short = encode(tok, [{**i, "tools": None} for i in items], fmt, render, IM_END)
+            short_loss = _train(model, short, pad_id, replace(settings, steps=short_steps), progress)
+            model.train()
+            log.info("phase 1 (no preamble): %d steps, loss %.4f, %.1f s", short_steps, short_loss,
+                     time.perf_counter() - t0)
         final_loss = _train_shared_prefix(model, examples, prefix_len, pad_id, settings, progress)
         train_seconds = time.perf_counter() - t0
         log.info("trained %d steps in %.1f s, final loss %.4f", settings.steps, train_seconds, final_loss)
@@ -168,7 +184,7 @@ def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SET
         model.save_pretrained(str(out_dir), safe_serialization=True)
         score = score_hf(out_dir, dataset, settings.max_new_tokens)
     result = {"kind": "slmops-tools-demo-model", "dataset": dataset.name, "dataset_sha256": file_sha256(dataset),
-              "settings": settings.to_dict(), "conversations": len(examples), "shared_prefix_tokens": prefix_len,
+              "settings": settings.to_dict(), "short_steps": short_steps, "conversations": len(examples), "shared_prefix_tokens": prefix_len,
               "vocab_size": len(tok), "n_parameters": n_params, "train_seconds": round(train_seconds, 1),
               "final_loss": round(final_loss, 5), "heldout_call_exact": score.call_accuracy,
               "heldout_calls": score.calls, "heldout_no_call_text": score.no_call_accuracy,
@@ -197,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
     b.add_argument("--out", type=Path, default=build_dir() / "tools-demo-hf")
     b.add_argument("--steps", type=int)
+    b.add_argument("--short-steps", type=int, default=SHORT_STEPS, help="first-phase steps without the preamble")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (DemoSettings field), e.g. --set num_layers=2 --set lr=3e-3")
     b.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="held-out tool-call scores of a Hugging Face folder")
     e.add_argument("--model", type=Path, required=True)
@@ -204,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "build":
-        settings = replace(SETTINGS, steps=args.steps) if args.steps else SETTINGS
-        r = build_tools_model(args.dataset, args.out, settings, progress=not args.quiet)
+        overrides = {k: type(getattr(SETTINGS, k))(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+        settings = replace(SETTINGS, **overrides, **({"steps": args.steps} if args.steps else {}))
+        r = build_tools_model(args.dataset, args.out, settings, progress=not args.quiet, short_steps=args.short_steps)
     else:
         s = score_hf(args.model, args.dataset, SETTINGS.max_new_tokens)
         r = {"heldout_call_exact": s.call_accuracy, "heldout_no_call_text": s.no_call_accuracy, "failures": s.failures}

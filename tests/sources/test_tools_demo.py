@@ -68,7 +68,7 @@ def tiny_build(tmp_path_factory) -> tuple[Path, dict]:
     subset = [x for x in lines if x["split"] == "train"][:12] + [x for x in lines if x["split"] == "heldout"][:3]
     data = root / "tools.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in subset), encoding="utf-8")
-    return data, tools_demo.build_tools_model(data, root / "hf", TINY, progress=False)
+    return data, tools_demo.build_tools_model(data, root / "hf", TINY, progress=False, short_steps=2)
 
 
 def test_tiny_build_is_a_model_folder_with_its_scores(tiny_build):
@@ -76,7 +76,7 @@ def test_tiny_build_is_a_model_folder_with_its_scores(tiny_build):
     out = data.parent / "hf"
     cfg = check_model_dir(out)
     assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["max_position_embeddings"] == 1024
-    assert result["shared_prefix_tokens"] > 100  # the tool preamble
+    assert result["shared_prefix_tokens"] > 100 and result["short_steps"] == 2  # the tool preamble; phase 1
     assert result["heldout_calls"] == 3 and 0.0 <= result["heldout_call_exact"] <= 1.0
     saved = json.loads((out / tools_demo.PROVENANCE_FILE).read_text())
     assert saved["dataset_sha256"] == result["dataset_sha256"] and saved["conversations"] == 12
@@ -84,6 +84,8 @@ def test_tiny_build_is_a_model_folder_with_its_scores(tiny_build):
 
 def test_build_entry_reports_for_the_pipeline(tiny_build, monkeypatch, tmp_path):
     data, _ = tiny_build
+    import functools
     monkeypatch.setattr(tools_demo, "SETTINGS", TINY)
+    monkeypatch.setattr(tools_demo, "build_tools_model", functools.partial(tools_demo.build_tools_model, short_steps=2))
     out = tools_demo.build({"inputs": [str(data)], "out_dir": str(tmp_path / "hf")})
     assert "held-out in PyTorch" in out["summary"] and out["train_seconds"] > 0
