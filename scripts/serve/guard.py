@@ -118,10 +118,12 @@ _PARAMETERS = ("top_k", "top_p", "temperature", "max_tokens", "max_completion_to
 
 def public_error(exc: ApiError) -> ApiError:
     """``exc`` as a client may see it: no C++ source locations, and a runtime failure that names a request parameter
-    answered as a 400 naming it (the runtime answered 500 for a ``top_k`` beyond the vocabulary)."""
+    answered as a 400 naming it (the runtime answered 500 for a ``top_k`` beyond the vocabulary). The layer's own
+    errors carry a ``code`` (``invalid_tool_call``, ``response_format_unsatisfied``: the model's answer failed, a 500)
+    and keep their status."""
     message = _SOURCE_LOCATION.sub("", exc.message).strip() or "The Foundry Local runtime failed without a message."
     status, param, code, type_ = exc.status, exc.param, exc.code, exc.type
-    if status >= 500:
+    if status >= 500 and not exc.code:
         named = next((p for p in _PARAMETERS if re.search(rf"\b{p}\b", message)), None)
         if named:
             status, param, code, type_ = 400, param or named, code or "invalid_value", None
