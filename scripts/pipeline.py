@@ -258,7 +258,8 @@ class Pipeline:
             self.status("fidelity gate: building (or reusing) the FP32 reference…")
         prepared = prepared_recipe(r, self)
         reference = Pipeline(replace(prepared, conversion=replace(r.conversion, precision="fp32")), root=self.paths.root
-                             / "precisions" / "fp32", announce=self.announce, status=self.status)  # as compare's
+                             / "precisions" / "fp32", force=self.force, announce=self.announce,
+                             status=self.status)  # where compare builds it
         reference.run(only=("convert", "package"))
         if self.status:
             self.status("fidelity gate: scoring the build against FP32 (eval answers, held-out text)…")

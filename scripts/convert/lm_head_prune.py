@@ -46,6 +46,7 @@ def _unprune(graph: onnx.GraphProto) -> None:
             node.input[:] = [gather.input[0] if x == unsqueeze.output[0] else x for x in node.input]
         graph.node.remove(unsqueeze)
         graph.node.remove(gather)
+        _forget_shapes_downstream(graph, gather.input[0])
         for out in graph.output:
             if out.name.startswith("logits"):
                 out.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
@@ -53,6 +54,20 @@ def _unprune(graph: onnx.GraphProto) -> None:
     raise MeasurementError("The graph returns logits for the last position only, but the Gather(axis 1, index -1) → "
                            "Unsqueeze that selects it was not found: cannot score every position. Rebuild with "
                            "conversion.prune_lm_head false to measure fidelity on this graph.")
+
+
+def _forget_shapes_downstream(graph: onnx.GraphProto, start: str) -> None:
+    """Drop the recorded shapes (``value_info``) of every tensor computed from ``start``: they were inferred with one
+    position (Gemma's logit soft-capping Div → Tanh → Mul after the LM head kept ``[batch, 1, vocab]``, and ONNX Runtime
+    then refused the full logits)."""
+    reached, frontier = set(), {start}
+    while frontier:
+        outputs = {o for n in graph.node if set(n.input) & frontier for o in n.output} - reached
+        reached |= outputs
+        frontier = outputs
+    keep = [vi for vi in graph.value_info if vi.name not in reached]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
 
 
 def full_logits_copy(model_dir: Path, dest: Path) -> Path:
