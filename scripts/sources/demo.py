@@ -24,7 +24,6 @@ Folder written by :func:`build_demo_model`::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from scripts.core.errors import ModelSourceError, RecipeError
+from scripts.core.fileops import hash_file
 from scripts.sources.answers import generate_answers_hf
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, _tokenizer_texts, render_chatml, save_tokenizer,
                                           train_tokenizer)
@@ -137,18 +137,6 @@ class DemoBuildResult:
     n_parameters: int = 0
     vocab_size: int = 0
     wrong: tuple[str, ...] = field(default_factory=tuple)
-
-
-# --------------------------------------------------------------------------------------------
-# Pure helpers
-# --------------------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +404,7 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
     provenance = {
         "kind": "slmops-demo-model",
         "dataset": dataset_path.name,
-        "dataset_sha256": file_sha256(dataset_path),
+        "dataset_sha256": hash_file(dataset_path),
         "n_questions": len(qa),
         "settings": settings.to_dict(),
         "vocab_size": vocab_size,
@@ -426,7 +414,7 @@ def build_demo_model(dataset_path: Path, out_dir: Path, settings: DemoSettings =
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "final_loss": round(final_loss, 6),
         "hf_exact_match": accuracy,
-        "model_sha256": file_sha256(out_dir / "model.safetensors"),
+        "model_sha256": hash_file(out_dir / "model.safetensors"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from scripts.sources.demo_tokenizer import CHAT_TEMPLATE, render_chatml
+from scripts.core.fileops import hash_file
 from scripts.sources.demo import (
     EXPECTED_FILES,
     PROVENANCE_FILE,
@@ -17,7 +18,6 @@ from scripts.sources.demo import (
     sample_session,
     build_demo_model,
     check_model_dir,
-    file_sha256,
 )
 from scripts.core.errors import ModelSourceError
 from scripts.core.evalset import load_qa
@@ -69,9 +69,9 @@ def test_build_folder_layout(tiny_build):
     assert result.n_questions == len(TINY_QA)
     assert 0.0 <= result.accuracy <= 1.0 and result.train_seconds > 0
     prov = json.loads((out / PROVENANCE_FILE).read_text())
-    assert prov["dataset_sha256"] == file_sha256(data)
+    assert prov["dataset_sha256"] == hash_file(data)
     assert prov["settings"] == TINY.to_dict()
-    assert prov["model_sha256"] == file_sha256(out / "model.safetensors")
+    assert prov["model_sha256"] == hash_file(out / "model.safetensors")
 
 
 def test_config_ids_non_null_and_vocab_matches_tokenizer(tiny_build):
@@ -120,7 +120,7 @@ def test_build_is_deterministic(tiny_build):
     data, first, root = tiny_build
     second = build_demo_model(data, root / "hf-again", TINY, progress=False)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert file_sha256(first.out_dir / name) == file_sha256(second.out_dir / name), name
+        assert hash_file(first.out_dir / name) == hash_file(second.out_dir / name), name
 
 
 def test_check_model_dir_rejects_null_eos_and_vocab_mismatch(tiny_build, tmp_path):
