@@ -213,8 +213,15 @@ def low_rank_matmul(edit: GraphEdit, x: str, w: np.ndarray, name: str, bits: int
 
 
 def branch_terms(edit: GraphEdit, x: str, branch: LowRank, base: str, bits: int, accuracy_level: int) -> list[str]:
-    h = low_rank_matmul(edit, x, branch.a, f"{base}.lora_A", bits, accuracy_level)
-    return [low_rank_matmul(edit, h, branch.b, f"{base}.lora_B", bits, accuracy_level)]
+    """``(x·A)·B`` as graph nodes. At 8 bits the rank is padded with zeros to a multiple of 16 (the smallest block
+    ``MatMulNBits`` takes along B's K): the padding adds exactly nothing."""
+    a, b = branch.a, branch.b
+    if bits != 32 and a.shape[1] % 16:
+        pad = 16 - a.shape[1] % 16
+        a = np.concatenate([a, np.zeros((a.shape[0], pad), np.float32)], axis=1)
+        b = np.concatenate([b, np.zeros((pad, b.shape[1]), np.float32)], axis=0)
+    h = low_rank_matmul(edit, x, a, f"{base}.lora_A", bits, accuracy_level)
+    return [low_rank_matmul(edit, h, b, f"{base}.lora_B", bits, accuracy_level)]
 
 
 def add_branches(model: onnx.ModelProto, branches: dict[str, LowRank], bits: int = 32,
