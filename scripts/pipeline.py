@@ -20,7 +20,8 @@ from typing import Any, Callable, Collection, Iterator
 from scripts.core import settings
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
-from scripts.convert.graph_check import summarise_graph, verify_quantization
+from scripts.convert.exact_route import Carried, builder_settings, carry, check_carried
+from scripts.convert.graph_check import summarise_graph, verify_options, verify_quantization
 from scripts.convert.install import assemble_package, check_context, install_dir
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert import versions
@@ -45,6 +46,7 @@ from scripts.runtimes.foundry_api import RUNTIME_DIR_NAME, default_client_note
 from scripts.sources.registry import parse_source
 from scripts.proof.gate import describe, failure_message, gate_windows, measure_gate
 from scripts.core.hf_folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
+from scripts.sources.gguf import KEPT_GGUF
 from scripts.core.steps import Step, StepRunner
 from scripts.core.workers import resolve, run_in_worker
 
@@ -121,8 +123,23 @@ class Pipeline:
 
     @property
     def model_dir(self) -> Path:
-        """The model that is converted: the base, or the base with the LoRA adapter merged in."""
+        """The model the deployment computes, in FP32: the base, or the base with the LoRA adapter merged in (the
+        reference of fidelity and answer checks)."""
         return self.paths.merged if self.adapter_dir else self.base_dir
+
+    @property
+    def carried(self) -> Carried:
+        """What the convert step carries into the graph instead of re-quantizing: the source GGUF's blocks (an int4
+        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``)."""
+        c = self.recipe.conversion
+        exact = self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4"
+        branch = self.adapter_dir if self.adapter_dir and c.adapter == "branch" else None
+        return Carried(self.base_dir / KEPT_GGUF if exact else None, branch, c.adapter_bits)
+
+    @property
+    def convert_dir(self) -> Path:
+        """The Hugging Face folder Olive builds from: the base when the adapter is kept as a branch."""
+        return self.base_dir if self.carried.adapter else self.model_dir
 
     @property
     def adapter_dir(self) -> Path | None:
@@ -239,16 +256,28 @@ class Pipeline:
     def _convert(self) -> dict:
 
         self._check_before_converting()
+        carried, conversion = self.carried, self.recipe.conversion
         with atomic_dir(self.paths.onnx, label="convert") as staging:
-            config = olive_config(self.recipe.conversion, self.model_dir, staging, self.paths.olive_work / "cache")
+            built, shared = builder_settings(conversion, carried)
+            config = olive_config(built, self.convert_dir, staging, self.paths.olive_work / "cache",
+                                  shared_embeddings=shared)
             run_olive(config, self.paths.olive_work, progress=self.status)
             checkpoint("convert:olive-done")
-            folded, _ = fold_attention_scale(staging) if self.recipe.conversion.fold_attention_scale else (0, [])
+            note = carry(staging, conversion, carried)
+            folded, _ = fold_attention_scale(staging) if conversion.fold_attention_scale else (0, [])
             summary = summarise_graph(staging / "model.onnx")
-            verify_quantization(summary, self.recipe.conversion, str(staging / "model.onnx"))
+            where = str(staging / "model.onnx")
+            if carried.gguf:
+                check_carried(staging, carried, folded, where)
+                verify_options(summary, conversion, where)
+            else:
+                verify_quantization(summary, conversion, where)
+        if note:
+            self.announce(f"       carried: {note}")
         self.announce(f"       graph: {summary.describe()}" + (f"; attention scale folded into the query ({folded} "
                                                                  "layers)" if folded else ""))
-        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx), "attention_scale_folded": folded}
+        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx), "attention_scale_folded": folded,
+                "carried": note}
 
     def _build_source(self) -> dict:
         """Make the Hugging Face folder of a built source kind (demo, synthetic, tiny, GGUF), staged atomically."""
@@ -445,9 +474,11 @@ class Pipeline:
             out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, self.adapter_dir],
                             outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [
-            Step("convert", self._convert, inputs=[self.model_dir],
+            Step("convert", self._convert,
+                 inputs=[self.convert_dir] + ([self.carried.adapter] if self.carried.adapter else []),
                  settings={k: v for k, v in hashed["conversion"].items() if k not in judged_only},
-                 outputs=[self.paths.onnx], code=["scripts.convert.olive", "scripts.convert.graph_check"]),
+                 outputs=[self.paths.onnx],
+                 code=["scripts.convert.olive", "scripts.convert.graph_check", "scripts.convert.exact_route"]),
             Step("package", self._package, inputs=[self.paths.onnx, self.model_dir, settings.TEMPLATES_DIR],
                  settings={**{k: hashed[k] for k in ("family", "foundry", "generation", "name", "description")},
                            "session_options": r.runtime.session_options()},

@@ -38,8 +38,33 @@ def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> n
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def random_k_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF bytes of a ``[rows, cols]`` K-quant weight (Q4_K, Q5_K, Q6_K) with random codes and small scales:
+    the ``gguf`` package dequantizes K-quants but cannot quantize to them. Any code/scale bytes form a valid block."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType[qtype]
+    per, size = gguf.GGML_QUANT_SIZES[q]
+    rng = np.random.default_rng(seed + rows * 7 + cols)
+    b = rng.integers(0, 256, size=(rows * cols // per, size), dtype=np.uint8)
+    f16 = lambda v: np.asarray(v, np.float16).view(np.uint8).reshape(-1, 2)  # noqa: E731
+    if qtype in ("Q4_K", "Q5_K"):
+        d = 5e-5 if qtype == "Q4_K" else 2.5e-5
+        b[:, 0:2], b[:, 2:4] = f16(rng.uniform(d, 4 * d, len(b))), f16(rng.uniform(1e-4, 3e-4, len(b)))
+    elif qtype == "Q6_K":
+        b[:, 208:210] = f16(rng.uniform(2e-5, 6e-5, len(b)))
+    return b.reshape(rows, -1)
+
+
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0",
+               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_M",
+               "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
+
+
 def write_llama_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", chat_template: str = CHATML,
-                     name: str = "tiny-llama") -> Path:
+                     name: str = "tiny-llama", types: dict[str, str] | None = None) -> Path:
+    """``qtype``: the storage type of every matrix; ``types``: per GGUF tensor name, another (e.g. Q8_0 for
+    ``token_embd.weight``). K-quant matrices get random blocks (:func:`random_k_blocks`), not the model's weights."""
     """`model`: a transformers LlamaForCausalLM; `tokenizer`: a `tokenizers.Tokenizer` (byte-level BPE)."""
     import gguf
 
@@ -49,9 +74,7 @@ def write_llama_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", cha
     q = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype])
+    w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[qtype]])
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -85,11 +108,14 @@ def write_llama_gguf(model, tokenizer, path: str | Path, qtype: str = "F32", cha
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
     def put(gguf_name: str, arr: np.ndarray) -> None:
-        if arr.ndim == 1 or q == gguf.GGMLQuantizationType.F32:
+        t = gguf.GGMLQuantizationType[(types or {}).get(gguf_name, qtype)]
+        if arr.ndim == 1 or t == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name, np.ascontiguousarray(arr, dtype=np.float32))
+        elif t.name.endswith("_K"):
+            w.add_tensor(gguf_name, random_k_blocks(t.name, *arr.shape), raw_dtype=t)
         else:
-            data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), q)
-            w.add_tensor(gguf_name, data, raw_dtype=q)
+            data = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t)
+            w.add_tensor(gguf_name, data, raw_dtype=t)
 
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     put("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -133,8 +159,10 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     return model
 
 
-def make_tiny_gguf(path: str | Path, qtype: str = "F32", seed: int = 0):
+def make_tiny_gguf(path: str | Path, qtype: str = "F32", seed: int = 0, types: dict[str, str] | None = None,
+                   **shape):
+    """``shape``: :func:`tiny_llama` sizes (K-quants need hidden and intermediate sizes that are multiples of 256)."""
     tok = train_tokenizer([TEXT] * 4)
     model = tiny_llama(tok.get_vocab_size(), seed, bos=tok.token_to_id("<|im_start|>"),
-                       eos=tok.token_to_id("<|im_end|>"))
-    return write_llama_gguf(model, tok, path, qtype), model, tok
+                       eos=tok.token_to_id("<|im_end|>"), **shape)
+    return write_llama_gguf(model, tok, path, qtype, types=types), model, tok

@@ -40,35 +40,48 @@ def _set_attr(node, name: str, value) -> None:
 def _query_scalables(gqa, producers, uses, inits) -> list[tuple[str, int | None]] | str:
     """The initializers that scale the query, each with its output-feature count (rows, a MatMulNBits' ``N`` or a
     bias's length; None: a float ``[K, N]`` weight, whose columns are the features) — or why the query cannot be
-    scaled."""
-    node = producers.get(gqa.input[0])
-    found: list[tuple[str, int | None]] = []
-    if node is not None and node.op_type == "Add":
-        bias = [x for x in node.input if x in inits]
-        data = [x for x in node.input if x not in inits]
-        if len(bias) != 1 or len(data) != 1:
-            return "the query's Add is not projection + bias"
-        found.append((bias[0], int(np.prod(inits[bias[0]].dims))))
-        node = producers.get(data[0])
-    if node is None or node.op_type not in ("MatMulNBits", "MatMul"):
-        return f"the query comes from {node.op_type if node else 'a graph input'}, not a MatMul"
-    if node.op_type == "MatMul":
-        if node.input[1] not in inits:
-            return "the query MatMul's weight is not an initializer"
-        found.append((node.input[1], None))
-    else:
-        n_out = int(_attrs(node)["N"])
-        if len(node.input) < 3 or node.input[2] not in inits:
-            return "the query MatMulNBits has no initializer scales"
-        found.append((node.input[2], n_out))  # [N, blocks] or [N * blocks], row-major
-        if len(node.input) > 5 and node.input[5]:
-            if node.input[5] not in inits:
-                return "the query MatMulNBits bias is not an initializer"
-            found.append((node.input[5], n_out))
+    scaled. The query may be a sum (``Add``) of terms: a bias, the projection, and terms added beside it (a GGUF's
+    block offsets, a LoRA branch: :mod:`scripts.convert.gguf_exact`), each scaled at its last MatMul."""
+    found = _terms(gqa.input[0], producers, inits, depth=0)
+    if isinstance(found, str):
+        return found
     shared = [name for name, _ in found if uses[name] > 1]
     if shared:
         return f"{shared[0]} is shared with other nodes"
     return found
+
+
+def _terms(value: str, producers, inits, depth: int) -> list[tuple[str, int | None]] | str:
+    node = producers.get(value)
+    if node is None:
+        return "the query comes from a graph input, not a MatMul"
+    if node.op_type == "Add" and depth < 4:
+        found: list[tuple[str, int | None]] = []
+        for x in node.input:
+            part = [(x, int(np.prod(inits[x].dims)))] if x in inits else _terms(x, producers, inits, depth + 1)
+            if isinstance(part, str):
+                return part
+            found += part
+        return found
+    if node.op_type == "MatMul":
+        weight = node.input[1]
+        cast = producers.get(weight)
+        if cast is not None and cast.op_type == "Cast" and cast.input[0] in inits:
+            weight = cast.input[0]
+        if weight not in inits:
+            return "the query MatMul's weight is not an initializer"
+        return [(weight, None)]
+    if node.op_type == "MatMulNBits":
+        n_out = int(_attrs(node)["N"])
+        if len(node.input) < 3 or node.input[2] not in inits:
+            return "the query MatMulNBits has no initializer scales"
+        found = [(node.input[2], n_out)]  # [N, blocks] or [N * blocks], row-major
+        if len(node.input) > 5 and node.input[5]:
+            if node.input[5] not in inits:
+                return "the query MatMulNBits bias is not an initializer"
+            found.append((node.input[5], n_out))
+        return found
+    return f"the query comes from {node.op_type}, not a MatMul"
 
 
 def _scale_features(array: np.ndarray, n_out: int | None, rows: int, factor: float) -> np.ndarray:

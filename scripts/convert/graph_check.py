@@ -10,9 +10,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
+from scripts.convert.gguf_blocks import unpack_matmul_nbits
+from scripts.convert.gguf_exact import node_projections
 from scripts.convert.lm_head_prune import last_token_logits
 from scripts.core.errors import GraphCheckError
 from scripts.recipe.spec import Conversion
@@ -58,18 +61,23 @@ class GraphSummary:
         return ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(self.initializer_bytes.items(), key=lambda kv: -kv[1]))
 
 
+def is_side_term(node_name: str) -> bool:
+    """A node of a term added beside a projection (a GGUF's block offsets, a LoRA branch), not a weight left float."""
+    return any(tag in node_name for tag in ("/block_offsets/", "/blocksum/", ".lora_A/", ".lora_B/", "/branch_add"))
+
+
 def summarise_graph(model_onnx: Path) -> GraphSummary:
     """Quantization facts of ``model.onnx`` (external weights are not loaded)."""
     model = onnx.load(str(model_onnx), load_external_data=False)
     nodes = []
     for node in model.graph.node:
-        if node.op_type in QUANT_OPS:
+        if node.op_type in QUANT_OPS and not is_side_term(node.name):
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             # Both ops take zero points as their fourth input: (A, B, scales, zp) / (data, indices, scales, zp).
             has_zp = len(node.input) > 3 and bool(node.input[3])
             nodes.append(QuantNode(node.name, node.op_type, attrs.get("bits", 4), attrs.get("block_size"),
                                    attrs.get("accuracy_level"), has_zp))
-    counts = Counter(n.op_type for n in model.graph.node)
+    counts = Counter(n.op_type for n in model.graph.node if not is_side_term(n.name))
     inits = {i.name: i for i in model.graph.initializer}
     by_type: Counter = Counter()
     for init in inits.values():
@@ -78,7 +86,7 @@ def summarise_graph(model_onnx: Path) -> GraphSummary:
             elems *= d
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
         by_type[onnx.TensorProto.DataType.Name(init.data_type)] += elems * itemsize
-    float_matmuls = tuple(n.name for n in model.graph.node if n.op_type == "MatMul")
+    float_matmuls = tuple(n.name for n in model.graph.node if n.op_type == "MatMul" and not is_side_term(n.name))
     float_gathers = sum(1 for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits
                         and inits[n.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                         and len(inits[n.input[0]].dims) == 2)
@@ -126,14 +134,27 @@ def verify_quantization(summary: GraphSummary, conversion: Conversion, where: st
         if missing:
             problems.append(f"eight_bit: asked {', '.join(missing)} at 8 bits, found no such quantized node")
         problems += _embedding_and_head_problems(summary, q, bits)
-    if summary.last_token_logits is not None and summary.last_token_logits != conversion.prune_lm_head:
-        problems.append("prune_lm_head: asked " + ("logits for the last position only, found them for every position"
-                                                  if conversion.prune_lm_head else
-                                                  "logits for every position, found them for the last one only"))
+    problems += _option_problems(summary, conversion)
     if problems:
         raise GraphCheckError(f"{where}: the converted graph does not match the recipe:\n  - " + "\n  - ".join(problems)
                               + "\nOlive accepted an option it did not apply. Check conversion.quantization in the "
                               "recipe against `olive run` options, or report the mismatch.")
+
+
+def _option_problems(summary: GraphSummary, conversion: Conversion) -> list[str]:
+    if summary.last_token_logits is not None and summary.last_token_logits != conversion.prune_lm_head:
+        return ["prune_lm_head: asked " + ("logits for the last position only, found them for every position"
+                                           if conversion.prune_lm_head else
+                                           "logits for every position, found them for the last one only")]
+    return []
+
+
+def verify_options(summary: GraphSummary, conversion: Conversion, where: str) -> None:
+    """The graph options (``prune_lm_head``) of a graph whose weights were carried, not quantized by the recipe's
+    settings (their own proof: :func:`check_exact`)."""
+    problems = _option_problems(summary, conversion)
+    if problems:
+        raise GraphCheckError(f"{where}: the converted graph does not match the recipe:\n  - " + "\n  - ".join(problems))
 
 
 def _embedding_and_head_problems(summary: GraphSummary, q, bits: int) -> list[str]:
@@ -160,3 +181,71 @@ def _embedding_and_head_problems(summary: GraphSummary, q, bits: int) -> list[st
     if others:
         problems.append(f"{len(others)} MatMul node(s) left in float (e.g. {others[0]})")
     return problems
+
+
+# ----- a GGUF carried exactly (conversion.gguf "exact", scripts/convert/gguf_exact.py) --------------------------------
+
+def _side_offsets(model: onnx.ModelProto, node, inits: dict) -> np.ndarray | None:
+    """The block-offset matrix M ``[K/block, N]`` added to ``node``'s output (through a Cast when stored as float16)."""
+    name = f"{node.input[1].rsplit('.weight', 1)[0]}.block_offsets"
+    return numpy_helper.to_array(inits[name]).astype(np.float32) if name in inits else None
+
+
+def graph_weights(model: onnx.ModelProto, tied: bool) -> dict[str, np.ndarray]:
+    """Per GGUF-backed ``MatMulNBits`` node, the float32 ``[N, K]`` weight the graph computes with:
+    ``scale·(code − zero point)`` plus its block offsets."""
+    inits = {i.name: i for i in model.graph.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name]) if name else None  # noqa: E731
+    out = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node_projections(node.name, tied) is None:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        zp = arr(node.input[3]) if len(node.input) > 3 else None
+        blocks = unpack_matmul_nbits(arr(node.input[1]), arr(node.input[2]), zp, _side_offsets(model, node, inits),
+                                     int(a["bits"]), int(a["block_size"]), int(a["K"]))
+        out[node.name] = blocks.dequantize()
+    return out
+
+
+def verify_exact(model: onnx.ModelProto, weights: dict, query_factor: float = 1.0) -> list[str]:
+    """Every GGUF matrix (``weights``: :func:`scripts.convert.gguf_exact.read_exact_weights`) against what the graph
+    computes with, bit for bit; the query rows divided back by a folded attention scale ``query_factor`` (a power of
+    two: still exact). One line per weight that differs; empty when all are exact. A tied embedding must read the LM
+    head's codes and scales (one copy)."""
+    tied = "lm_head" not in weights
+    problems, computed = [], graph_weights(model, tied)
+    for name, w in computed.items():
+        keys = node_projections(name, tied)
+        expected = np.concatenate([weights[k].dequantize() for k in keys], axis=0)
+        if query_factor != 1.0 and keys[0].endswith("q_proj"):
+            rows = weights[keys[0]].shape[0]
+            w = w.copy()
+            w[:rows] /= np.float32(query_factor)
+        if w.shape != expected.shape:
+            problems.append(f"{name}: shape {list(w.shape)}, GGUF {list(expected.shape)}")
+        elif not np.array_equal(w, expected):  # float equality: identical values (a zero's sign aside)
+            bad = int(np.sum(w != expected))
+            problems.append(f"{name} ({'+'.join(keys)}): {bad} of {w.size} weights differ from the GGUF's dequantized "
+                            f"values (max |Δ| {float(np.max(np.abs(w - expected))):.3g})")
+    if not computed:
+        problems.append("no MatMulNBits node stands for a GGUF tensor")
+    lookups = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
+    if tied and head is not None:
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for n in lookups:
+            source = producers.get(n.input[0])
+            data = source.input[0] if source is not None and source.op_type == "Reshape" else n.input[0]
+            if data != head.input[1] or n.input[2] != head.input[2]:
+                problems.append(f"{n.name}: the tied embedding does not read the LM head's codes and scales")
+    return problems
+
+
+def check_exact(model_onnx: Path, weights: dict, query_factor: float, where: str) -> None:
+    """:func:`verify_exact` on ``model_onnx``; :class:`GraphCheckError` naming every weight that is not exact."""
+    problems = verify_exact(onnx.load(str(model_onnx)), weights, query_factor)
+    if problems:
+        raise GraphCheckError(f"{where}: the deployed weights are not the GGUF's:\n  - " + "\n  - ".join(problems)
+                              + "\nReport this with the GGUF's tensor types (`invoke tune` lists them), or set "
+                              "conversion.gguf to \"requantize\".")

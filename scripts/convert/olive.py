@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,17 @@ _HINTS: tuple[tuple[str, str], ...] = (
 )
 
 
+def exact_base(conversion: Conversion) -> Conversion:
+    """The builder settings under a graph whose weights :mod:`scripts.convert.gguf_exact` replaces with a GGUF's
+    blocks: INT4, block 32, symmetric round-to-nearest, one shared quantized table for the embedding and a tied LM
+    head (``shared_embeddings``); only the recipe's accuracy level and graph options are kept."""
+    q = replace(conversion.quantization, block_size=32, symmetric=True, algorithm="rtn", embeddings=False,
+                lm_head=True, eight_bit=())
+    return replace(conversion, precision="int4", quantization=q)
+
+
 def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cache_dir: Path,
-                 search: dict[str, Any] | None = None) -> dict[str, Any]:
+                 search: dict[str, Any] | None = None, shared_embeddings: bool = False) -> dict[str, Any]:
     """The Olive workflow on CPU for a recipe's conversion settings, rendered from the precision's registry entry
     (:data:`scripts.recipe.precisions.PRECISIONS`):
 
@@ -77,8 +87,9 @@ def olive_config(conversion: Conversion, model_dir: Path, output_dir: Path, cach
     builder["extra_options"] = {"prune_lm_head": conversion.prune_lm_head}
     if precision.bits:
         # Embedding and LM head as separate tables: a tied fp32 embedding would otherwise survive (as the input of a
-        # Transpose) next to its quantized LM-head copy. Deterministic across builder versions.
-        builder["extra_options"]["shared_embeddings"] = False
+        # Transpose) next to its quantized LM-head copy. Deterministic across builder versions. ``shared_embeddings``
+        # (the exact GGUF route, with rtn): one quantized table read by GatherBlockQuantized and the LM head.
+        builder["extra_options"]["shared_embeddings"] = shared_embeddings
     rtn: dict[str, Any] = {"type": "OnnxBlockWiseRtnQuantization", "bits": precision.bits or 4,
                            "block_size": q.block_size, "is_symmetric": q.symmetric, "accuracy_level": q.accuracy_level}
     if precision.rtn == "all":

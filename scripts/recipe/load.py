@@ -129,7 +129,8 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
         raise RecipeError(f"{path}: conversion.quantization: eight_bit lists \"lm_head\" but lm_head is false (kept "
                           "in FP32). Remove one of the two.")
     return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
-                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"], conv["fold_attention_scale"])
+                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"], conv["fold_attention_scale"],
+                      conv["gguf"], conv["adapter"], conv["adapter_bits"])
 
 
 def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:

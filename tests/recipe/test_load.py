@@ -292,3 +292,26 @@ def test_the_tools_demo_source_and_the_bundled_tool_recipe():
         "brightwater-tools"
     assert recipe.source.step_inputs() == [recipe.eval.tools]
     assert recipe.source.info.builder == "scripts.sources.tools_demo:build" and not recipe.source.random_weights
+
+
+def test_carried_weights_keys_default_to_exact_and_branch(recipes):
+    write(recipes, "tiny", MINIMAL)
+    c = load_recipe("tiny").conversion
+    assert (c.gguf, c.adapter, c.adapter_bits) == ("exact", "branch", 32)
+    doc = {**MINIMAL, "conversion": {"gguf": "lossless", "adapter": "fuse", "adapter_bits": 4}}
+    message = load_error(recipes, doc)
+    assert "conversion.gguf: 'lossless' is not allowed; choose one of: 'exact', 'requantize'" in message
+    assert "conversion.adapter: 'fuse' is not allowed; choose one of: 'branch', 'merge'" in message
+    assert "conversion.adapter_bits: 4 is not allowed; choose one of: 32, 8" in message
+
+
+def test_smollm2_recipe_carries_its_gguf_and_keeps_the_finetune_as_a_branch(monkeypatch):
+    from scripts.pipeline import Pipeline
+    from scripts.sources.gguf import KEPT_GGUF
+    pipeline = Pipeline(load_recipe("smollm2"))
+    carried = pipeline.carried
+    assert carried.gguf == pipeline.base_dir / KEPT_GGUF and carried.adapter == pipeline.paths.adapter
+    assert pipeline.convert_dir == pipeline.base_dir  # Olive builds the base; the merged model stays the reference
+    steps = {s.name: s for s in pipeline.steps()}
+    assert "merge-adapter" in steps and pipeline.model_dir == pipeline.paths.merged
+    assert pipeline.paths.adapter in steps["convert"].inputs
