@@ -1,0 +1,204 @@
+"""The steps that make the package of a recipe's chain, as methods :class:`~scripts.pipeline.chain.Pipeline` takes
+in: the model source, the fine-tune and its merge, convert (Olive, the carried GGUF blocks and LoRA branch, the
+graph check), package (inference_model.json, generation settings, the template check, the GenAI smoke test) and
+the fidelity gate (:mod:`scripts.proof.gate`)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from scripts.runtimes.genai_smoke import smoke_test
+from scripts.convert.attention_scale import fold_attention_scale
+from scripts.convert.exact_route import Carried, builder_settings, carry, check_carried
+from scripts.convert.graph_check import summarise_graph, verify_options, verify_quantization
+from scripts.convert.install import assemble_package
+from scripts.convert.olive import olive_config, run_olive
+from scripts.convert.package import render_inference_model, with_search, with_session_options
+from scripts.doctor import run_doctor
+from scripts.core.errors import ModelSourceError, QualityError
+from scripts.core.faults import checkpoint
+from scripts.families.registry import AUTO_TEMPLATE
+from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
+                                     with_stop_tokens)
+from scripts.families.templates import check_template_agreement, load_tokenizer
+from scripts.core.fileops import atomic_dir, folder_size
+from scripts.recipe.spec import FinetuneSpec, Recipe
+from scripts.sources.registry import parse_source
+from scripts.proof.gate import describe, failure_message, gate_windows, measure_gate
+from scripts.core.hf_folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
+from scripts.sources.gguf import KEPT_GGUF
+from scripts.core.workers import resolve, run_in_worker
+
+log = logging.getLogger(__name__)
+
+
+class BuildSteps:
+    """Step bodies up to the package and its fidelity gate (mixed into the pipeline: ``self`` is one)."""
+
+    @property
+    def carried(self) -> Carried:
+        """What the convert step carries into the graph instead of re-quantizing: the source GGUF's blocks (an int4
+        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``)."""
+        c = self.recipe.conversion
+        exact = self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4"
+        branch = self.adapter_dir if self.adapter_dir and c.adapter == "branch" else None
+        return Carried(self.base_dir / KEPT_GGUF if exact else None, branch, c.adapter_bits)
+
+    @property
+    def convert_dir(self) -> Path:
+        """The Hugging Face folder Olive builds from: the base when the adapter is kept as a branch."""
+        return self.base_dir if self.carried.adapter else self.model_dir
+
+    def _doctor(self) -> dict:
+        checks = run_doctor()
+        return {"warnings": [c.name for c in checks if c.status.name == "WARN"]}
+
+    def _check_before_converting(self) -> None:
+        """The cheap checks of what would otherwise fail after Olive: the model folder, its architecture (a registered
+        family's, or convertible by the pinned builder), the family and its chat template (unless ``auto-template``,
+        which needs the tokenizer), the system prompt against the family, and the eval set."""
+        source = inspect_model_folder(self.model_dir)
+        refuse_unconvertible(source)
+        if self.recipe.family != AUTO_TEMPLATE:
+            family = choose_family(self.recipe.family, source, str(self.model_dir)).family
+            refuse_system_prompt(family, self.recipe.eval.system_prompt, str(self.model_dir))
+        self.eval_set()
+
+    def _convert(self) -> dict:
+
+        self._check_before_converting()
+        carried, conversion = self.carried, self.recipe.conversion
+        with atomic_dir(self.paths.onnx, label="convert") as staging:
+            built, shared = builder_settings(conversion, carried)
+            config = olive_config(built, self.convert_dir, staging, self.paths.olive_work / "cache",
+                                  shared_embeddings=shared)
+            run_olive(config, self.paths.olive_work, progress=self.status)
+            checkpoint("convert:olive-done")
+            note = carry(staging, conversion, carried)
+            folded, _ = fold_attention_scale(staging) if conversion.fold_attention_scale else (0, [])
+            summary = summarise_graph(staging / "model.onnx")
+            where = str(staging / "model.onnx")
+            if carried.gguf:
+                check_carried(staging, carried, folded, where)
+                verify_options(summary, conversion, where)
+            else:
+                verify_quantization(summary, conversion, where)
+        if note:
+            self.announce(f"       carried: {note}")
+        self.announce(f"       graph: {summary.describe()}" + (f"; attention scale folded into the query ({folded} "
+                                                                 "layers)" if folded else ""))
+        return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx), "attention_scale_folded": folded,
+                "carried": note}
+
+    def _build_source(self) -> dict:
+        """Make the Hugging Face folder of a built source kind (demo, synthetic, tiny, GGUF), staged atomically."""
+        source = self.recipe.source
+        kind = source.info
+        if self.status:
+            self.status(f"{kind.step}: {kind.describe} → {source.folder}…")
+        with atomic_dir(source.folder, label="source") as staging:
+            if kind.in_process:
+                result = resolve(kind.builder)(source.request(staging))
+            else:
+                result = run_in_worker(kind.builder, source.request(staging), error=ModelSourceError,
+                                       what=f"building {source.spec} ({kind.describe})")
+        self.announce(f"       {result.pop('summary', source.spec)}")
+        return result
+
+    def _finetune(self) -> dict:
+        spec = self.recipe.finetune
+        inspect_model_folder(self.base_dir)
+        if self.status:
+            self.status(f"LoRA fine-tune of {self.base_dir} on {spec.dataset.name} ({spec.epochs} epochs)…")
+        with atomic_dir(self.paths.adapter, label="finetune") as staging:
+            result = run_in_worker("scripts.sources.finetune:train",
+                                   {"base_dir": str(self.base_dir), "dataset": str(spec.dataset),
+                                    "settings": spec.settings(), "out_dir": str(staging)},
+                                   error=ModelSourceError, what=f"fine-tuning {self.base_dir} on {spec.dataset.name}")
+        self.announce(f"       {result.pop('summary')}")
+        return result
+
+    def _merge_adapter(self) -> dict:
+        inspect_model_folder(self.base_dir)
+        if self.status:
+            self.status(f"merging the LoRA adapter {self.adapter_dir} into {self.base_dir}…")
+        with atomic_dir(self.paths.merged, label="merge") as staging:
+            result = run_in_worker("scripts.sources.lora:merge_job",
+                                   {"base_dir": str(self.base_dir), "adapter_dir": str(self.adapter_dir),
+                                    "out_dir": str(staging)},
+                                   error=ModelSourceError, what=f"merging the adapter {self.adapter_dir}")
+        self.announce(f"       merged LoRA adapter (rank {result['rank']}, {', '.join(result['target_modules'] or [])})")
+        return result
+
+    def _package(self) -> dict:
+        source = inspect_model_folder(self.model_dir)
+        where = str(self.model_dir)
+        tokenizer = load_tokenizer(self.model_dir)
+        choice = choose_family(self.recipe.family, source, where, tokenizer)
+        family = choice.family
+        self.announce(f"       family: {choice.how}")
+        refuse_system_prompt(family, self.recipe.eval.system_prompt, where)
+        genai_config = json.loads((self.paths.onnx / "genai_config.json").read_text(encoding="utf-8"))
+        generation = self.recipe.generation.resolved(family.generation_defaults,
+                                                     genai_config.get("model", {}).get("context_length"))
+        inference_model = render_inference_model(family, self.recipe, generation, choice.prompt_template)
+        inference_model["PromptTemplate"] = prompt_template_for(choice, inference_model["PromptTemplate"])
+        # verified against the template Foundry Local will apply: the converted model's (what gets installed)
+        shipped = read_chat_template(self.paths.onnx) or source.chat_template or choice.chat_template
+        compared = check_template_agreement(inference_model["PromptTemplate"], self.model_dir, where, family, tokenizer,
+                                            shipped, choice.default_system)
+        genai_config = with_stop_tokens(with_search(genai_config, generation), family.stop_tokens,
+                                        self.paths.onnx / "tokenizer.json")
+        session = self.recipe.runtime.session_options()
+        genai_config = with_session_options(genai_config, session)
+        extra = {CHAT_TEMPLATE_FILE: choice.chat_template} if choice.chat_template and not read_chat_template(
+            self.paths.onnx) else {}
+        assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model, extra)
+        sample = self.eval_set()[0].question if self.recipe.eval.dataset else "Hello"
+        smoke = smoke_test(self.paths.package, sample)
+        cases = "; ".join(f"{c.case}: {len(c.chat_template_tokens)} tokens" for c in compared)
+        self.announce(f"       family {family.name}: PromptTemplate matches the tokenizer's chat template token by "
+                      f"token ({cases}); GenAI smoke test generated {smoke['tokens']} tokens with "
+                      f"intra_op_num_threads {session['intra_op_num_threads']} (recipe runtime.intra_op_threads)")
+        return {"family": family.name, "verified": [c.case for c in compared],
+                "generation": {k: v for k, v in vars(generation).items()}, "session_options": session}
+
+    @property
+    def gated(self) -> bool:
+        """Whether the build is held to ``conversion.fidelity`` before it is installed: quantized builds of models
+        with real weights (an FP32 build is its own reference; random weights make the figures noise)."""
+        r = self.recipe
+        return r.conversion.fidelity.gate and r.conversion.precision != "fp32" and not r.source.random_weights
+
+    def _fidelity_gate(self) -> dict:
+        """The build against the FP32 ONNX build of the same model (built, or reused, in
+        ``build/<recipe>/precisions/fp32/``, where ``compare`` builds it), on the eval answers and held-out text
+        (:mod:`scripts.proof.gate`); refuses to go on below ``conversion.fidelity``."""
+        r = self.recipe
+        if self.status:
+            self.status("fidelity gate: building (or reusing) the FP32 reference…")
+        prepared = prepared_recipe(r, self)
+        reference = type(self)(replace(prepared, conversion=replace(r.conversion, precision="fp32")), root=self.paths.root
+                             / "precisions" / "fp32", force=self.force, announce=self.announce,
+                             status=self.status)  # where compare builds it
+        reference.run(only=("convert", "package"))
+        if self.status:
+            self.status("fidelity gate: scoring the build against FP32 (eval answers, held-out text)…")
+        windows = gate_windows(self.paths.package, self.eval_set(), r.eval.system_prompt,
+                               r.conversion.fidelity.heldout_tokens)
+        result = measure_gate(self.paths.package, reference.paths.package, windows, r.conversion.fidelity)
+        self.announce(f"       fidelity vs FP32: {describe(result.figures)} (scored in {result.seconds:.0f} s)")
+        if not result.passed:
+            raise QualityError(failure_message(result, r.name, r.conversion.precision))
+        return result.to_json()
+
+
+def prepared_recipe(recipe: Recipe, main) -> Recipe:
+    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
+    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
+    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
+        return recipe
+    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
+    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
