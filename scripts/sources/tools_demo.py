@@ -30,8 +30,9 @@ from scripts.core.errors import ModelSourceError
 from scripts.core.settings import REPO_ROOT, build_dir
 from scripts.families.tools import format_path, load_format, plain_messages, reply_calls
 from scripts.core.tool_evalset import ToolScore, load_cases, load_lines
-from scripts.sources.demo import (DemoSettings, _deterministic, _lr_at, _progress, _train, _write_generation_config,
-                                  file_sha256, make_config)
+from scripts.core.fileops import hash_file
+from scripts.sources.demo_training import (DemoSettings, deterministic, lr_at, make_config, progress_bar,
+                                           train_examples, write_generation_config)
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, IM_START, render_chatml, save_tokenizer,
                                             train_tokenizer)
 from scripts.sources.finetune_tools import encode
@@ -75,7 +76,7 @@ def _train_shared_prefix(model, examples, prefix_len: int, pad_id: int, s: DemoS
     model.train()
     order: list[int] = []
     loss_val = float("nan")
-    with _progress(s.steps, progress, "train tool model") as bar:
+    with progress_bar(s.steps, progress, "train tool model") as bar:
         for step in range(s.steps):
             if len(order) < s.batch_size:
                 order += torch.randperm(len(examples), generator=gen).tolist()
@@ -91,7 +92,7 @@ def _train_shared_prefix(model, examples, prefix_len: int, pad_id: int, s: DemoS
                 labels[r, : len(lab)] = torch.tensor(lab)
                 attn[r, prefix_len: prefix_len + len(ids)] = 1
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, s)
+                g["lr"] = lr_at(step, s)
             head = model(input_ids=prefix, use_cache=True)
             cache = head.past_key_values
             cache.batch_repeat_interleave(len(rows))
@@ -108,7 +109,7 @@ def _train_shared_prefix(model, examples, prefix_len: int, pad_id: int, s: DemoS
             if step % 10 == 0 or step == s.steps - 1:
                 bar.set_postfix(loss=f"{loss_val:.4f}")
             if step % 50 == 0 or step == s.steps - 1:
-                log.info("step %d loss %.4f lr %.2e", step, loss_val, _lr_at(step, s))
+                log.info("step %d loss %.4f lr %.2e", step, loss_val, lr_at(step, s))
     model.eval()
     return loss_val
 
@@ -153,7 +154,7 @@ def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SET
     fmt = load_format(format_path(FAMILY), FAMILY)
     items = load_lines(dataset, "train")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _deterministic(settings.seed, settings.threads):
+    with deterministic(settings.seed, settings.threads):
         texts = [render(plain_messages(i["messages"], i.get("tools"), fmt, ""), False) for i in items]
         raw_tok = train_tokenizer([t.replace(IM_START, "").replace(IM_END, "") for t in texts], settings.vocab_size)
         save_tokenizer(raw_tok, out_dir, settings.max_position_embeddings)
@@ -173,23 +174,23 @@ def build_tools_model(dataset: Path, out_dir: Path, settings: DemoSettings = SET
         t0 = time.perf_counter()
         if short_steps:
             short = encode(tok, [{**i, "tools": None} for i in items], fmt, render, IM_END)
-            short_loss = _train(model, short, pad_id, replace(settings, steps=short_steps), progress)
+            short_loss = train_examples(model, short, pad_id, replace(settings, steps=short_steps), progress)
             model.train()
             log.info("phase 1 (no preamble): %d steps, loss %.4f, %.1f s", short_steps, short_loss,
                      time.perf_counter() - t0)
         final_loss = _train_shared_prefix(model, examples, prefix_len, pad_id, settings, progress)
         train_seconds = time.perf_counter() - t0
         log.info("trained %d steps in %.1f s, final loss %.4f", settings.steps, train_seconds, final_loss)
-        _write_generation_config(model, bos_id, eos_id, pad_id, settings.max_new_tokens)
+        write_generation_config(model, bos_id, eos_id, pad_id, settings.max_new_tokens)
         model.save_pretrained(str(out_dir), safe_serialization=True)
         score = score_hf(out_dir, dataset, settings.max_new_tokens)
-    result = {"kind": "slmops-tools-demo-model", "dataset": dataset.name, "dataset_sha256": file_sha256(dataset),
+    result = {"kind": "slmops-tools-demo-model", "dataset": dataset.name, "dataset_sha256": hash_file(dataset),
               "settings": settings.to_dict(), "short_steps": short_steps, "conversations": len(examples), "shared_prefix_tokens": prefix_len,
               "vocab_size": len(tok), "n_parameters": n_params, "train_seconds": round(train_seconds, 1),
               "final_loss": round(final_loss, 5), "heldout_call_exact": score.call_accuracy,
               "heldout_calls": score.calls, "heldout_no_call_text": score.no_call_accuracy,
               "heldout_no_calls": score.texts, "failures": score.failures,
-              "model_sha256": file_sha256(out_dir / "model.safetensors")}
+              "model_sha256": hash_file(out_dir / "model.safetensors")}
     (out_dir / PROVENANCE_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     log.info("held-out (PyTorch): calls exact %.1f %% of %d, no-call answered in text %.1f %% of %d",
              100 * score.call_accuracy, score.calls, 100 * score.no_call_accuracy, score.texts)

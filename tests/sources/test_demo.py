@@ -8,17 +8,8 @@ import pytest
 
 from scripts.sources.demo_tokenizer import CHAT_TEMPLATE, render_chatml
 from scripts.core.fileops import hash_file
-from scripts.sources.demo import (
-    EXPECTED_FILES,
-    PROVENANCE_FILE,
-    SYSTEM_PROMPTS,
-    ConversationEncoder,
-    DemoBuildResult,
-    DemoSettings,
-    sample_session,
-    build_demo_model,
-    check_model_dir,
-)
+from scripts.sources.demo import EXPECTED_FILES, PROVENANCE_FILE, DemoBuildResult, build_demo_model, check_model_dir
+from scripts.sources.demo_training import SYSTEM_PROMPTS, ConversationEncoder, DemoSettings, sample_session
 from scripts.core.errors import ModelSourceError
 from scripts.core.evalset import load_qa
 from tests.qa_data import TINY_QA, write_jsonl

@@ -43,7 +43,7 @@ def test_shared_prefix_loss_equals_whole_conversation_loss():
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from scripts.sources.demo import make_config
+    from scripts.sources.demo_training import make_config
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(make_config(TINY, 50, 0, 1, 0))
