@@ -206,10 +206,20 @@ def batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, labels, attn
 
 
-def fit(model, rows_at: Callable[[int], list], pad_id: int, s: DemoSettings, progress: bool, desc: str) -> float:
-    """The seeded optimisation loop the demo models share: ``s.steps`` AdamW steps on the rows ``rows_at(step)`` gives
-    (``(ids, labels)`` pairs, padded here), the learning-rate schedule of :func:`lr_at`, gradients clipped at 1.
-    Returns the last loss."""
+def padded_loss(pad_id: int) -> Callable:
+    """The loss of a batch of ``(ids, labels)`` rows, padded to the longest (the causal LM's own loss)."""
+
+    def loss_of(model, rows):
+        input_ids, labels, attn = batch(rows, pad_id)
+        return model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+
+    return loss_of
+
+
+def fit(model, rows_at: Callable[[int], list], loss_of: Callable, s: DemoSettings, progress: bool, desc: str) -> float:
+    """The seeded optimisation loop the demo models share: ``s.steps`` AdamW steps on ``loss_of(model, rows)`` of the
+    rows ``rows_at(step)`` gives (:func:`padded_loss` for ``(ids, labels)`` pairs), the learning-rate schedule of
+    :func:`lr_at`, gradients clipped at 1. Returns the last loss."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), eps=1e-8,
@@ -218,10 +228,10 @@ def fit(model, rows_at: Callable[[int], list], pad_id: int, s: DemoSettings, pro
     loss_val = float("nan")
     with progress_bar(s.steps, progress, desc) as bar:
         for step in range(s.steps):
-            input_ids, labels, attn = batch(rows_at(step), pad_id)
+            rows = rows_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, s)
-            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            loss = loss_of(model, rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,14 +275,14 @@ def train(model, encoder: ConversationEncoder, pad_id: int, s: DemoSettings, pro
         return [encoder.encode([i], rng.randrange(len(encoder.systems)) if rng.random() < s.system_share else None)
                 for i in next_batch()]
 
-    return fit(model, rows_at, pad_id, s, progress, "train demo model")
+    return fit(model, rows_at, padded_loss(pad_id), s, progress, "train demo model")
 
 
 def train_examples(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, s: DemoSettings,
                    progress: bool) -> float:
     """Batches of already-encoded ``(ids, labels)`` examples, each once per pass, shuffled. Seeded."""
     next_batch = shuffled_batches(len(examples), s.batch_size, s.seed)
-    return fit(model, lambda step: [examples[i] for i in next_batch()], pad_id, s, progress, "train")
+    return fit(model, lambda step: [examples[i] for i in next_batch()], padded_loss(pad_id), s, progress, "train")
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from scripts.core.settings import REPO_ROOT, build_dir
 from scripts.families.tools import format_path, load_format, plain_messages, reply_calls
 from scripts.core.tool_evalset import ToolScore, load_cases, load_lines
 from scripts.core.fileops import hash_file
-from scripts.sources.demo_training import (DemoSettings, deterministic, lr_at, make_config, progress_bar,
+from scripts.sources.demo_training import (batch, DemoSettings, deterministic, fit, make_config, shuffled_batches,
                                            train_examples, write_generation_config)
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, IM_START, render_chatml, save_tokenizer,
                                             train_tokenizer)
@@ -65,53 +65,27 @@ def shared_prefix(examples: Sequence[tuple[list[int], list[int]]]) -> int:
 
 
 def _train_shared_prefix(model, examples, prefix_len: int, pad_id: int, s: DemoSettings, progress: bool) -> float:
-    """:func:`scripts.sources.demo._train` (same optimiser, schedule, clipping, batch order), with the shared prefix run
-    once per step and its cache repeated over the batch."""
+    """:func:`scripts.sources.demo_training.train_examples` (same loop, batch order), with the shared prefix run once
+    per step and its cache repeated over the batch."""
     import torch
     import torch.nn.functional as F
 
-    gen = torch.Generator().manual_seed(s.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=s.weight_decay)
     prefix = torch.tensor(examples[0][0][:prefix_len])[None]
-    model.train()
-    order: list[int] = []
-    loss_val = float("nan")
-    with progress_bar(s.steps, progress, "train tool model") as bar:
-        for step in range(s.steps):
-            if len(order) < s.batch_size:
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            idx, order = order[: s.batch_size], order[s.batch_size:]
-            rows = [(ids[prefix_len:], labels[prefix_len:]) for ids, labels in (examples[i] for i in idx)]
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            attn = torch.zeros((len(rows), prefix_len + width), dtype=torch.long)
-            attn[:, :prefix_len] = 1
-            for r, (ids, lab) in enumerate(rows):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                labels[r, : len(lab)] = torch.tensor(lab)
-                attn[r, prefix_len: prefix_len + len(ids)] = 1
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, s)
-            head = model(input_ids=prefix, use_cache=True)
-            cache = head.past_key_values
-            cache.batch_repeat_interleave(len(rows))
-            out = model(input_ids=input_ids, attention_mask=attn, past_key_values=cache, use_cache=True)
-            # the prediction of each row's first own token comes from the prefix's last position
-            logits = torch.cat([head.logits[:, -1:].expand(len(rows), -1, -1), out.logits[:, :-1]], dim=1)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            loss_val = float(loss.detach())
-            bar.update(1)
-            if step % 10 == 0 or step == s.steps - 1:
-                bar.set_postfix(loss=f"{loss_val:.4f}")
-            if step % 50 == 0 or step == s.steps - 1:
-                log.info("step %d loss %.4f lr %.2e", step, loss_val, lr_at(step, s))
-    model.eval()
-    return loss_val
+    next_batch = shuffled_batches(len(examples), s.batch_size, s.seed)
+
+    def loss_of(model, rows):
+        rows = [(ids[prefix_len:], labels[prefix_len:]) for ids, labels in rows]
+        input_ids, labels, own = batch(rows, pad_id)
+        attn = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), own], dim=1)
+        head = model(input_ids=prefix, use_cache=True)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        out = model(input_ids=input_ids, attention_mask=attn, past_key_values=cache, use_cache=True)
+        # the prediction of each row's first own token comes from the prefix's last position
+        logits = torch.cat([head.logits[:, -1:].expand(len(rows), -1, -1), out.logits[:, :-1]], dim=1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    return fit(model, lambda step: [examples[i] for i in next_batch()], loss_of, s, progress, "train tool model")
 
 
 def score_hf(model_dir: Path, dataset: Path, max_new_tokens: int) -> ToolScore:
