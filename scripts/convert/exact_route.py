@@ -12,11 +12,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.convert.gguf_blocks import supported_types
 from scripts.convert.gguf_exact import head_size, read_exact_weights, rewrite_folder
 from scripts.convert.graph_check import check_exact
 from scripts.convert.lora_branch import branch_folder
 from scripts.convert.olive import exact_base
-from scripts.recipe.load import Conversion
+from scripts.recipe.spec import Conversion
+from scripts.sources.gguf import weight_types
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,15 @@ class Carried:
     @property
     def any(self) -> bool:
         return self.gguf is not None or self.adapter is not None
+
+
+def has_blocks(gguf: Path) -> bool:
+    """Whether every matrix of ``gguf`` is stored in a block type carried exactly (a float GGUF has no blocks to keep:
+    it converts like any FP32 model). Before the import step has kept the file, True: the convert step decides."""
+    if not gguf.is_file():
+        return True
+    types = set(weight_types(gguf))
+    return bool(types) and types <= set(supported_types())
 
 
 def builder_settings(conversion: Conversion, carried: Carried) -> tuple[Conversion, bool]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
-from scripts.convert.exact_route import Carried, builder_settings, carry, check_carried
+from scripts.convert.exact_route import Carried, builder_settings, carry, check_carried, has_blocks
 from scripts.convert.graph_check import summarise_graph, verify_options, verify_quantization
 from scripts.convert.install import assemble_package
 from scripts.convert.olive import olive_config, run_olive
@@ -42,9 +42,10 @@ class BuildSteps:
         """What the convert step carries into the graph instead of re-quantizing: the source GGUF's blocks (an int4
         build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``)."""
         c = self.recipe.conversion
-        exact = self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4"
+        kept = self.base_dir / KEPT_GGUF
+        exact = self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4" and has_blocks(kept)
         branch = self.adapter_dir if self.adapter_dir and c.adapter == "branch" else None
-        return Carried(self.base_dir / KEPT_GGUF if exact else None, branch, c.adapter_bits)
+        return Carried(kept if exact else None, branch, c.adapter_bits)
 
     @property
     def convert_dir(self) -> Path:

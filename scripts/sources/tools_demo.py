@@ -7,7 +7,7 @@ byte-level BPE trained locally, a ``Qwen2ForCausalLM`` with exactly that vocabul
 prompt, the same settings type and schedule), on the train split of a chat-format tool set
 (``recipes/data/brightwater-tools.jsonl``). Each conversation is written with the tools exactly as ``invoke serve``
 writes them (:func:`scripts.families.tools.plain_messages` with the family's ``chatml.tools.json``) and encoded
-turn by turn by :func:`scripts.sources.finetune_tools.encode`: loss on the assistant turns (text, calls, end token).
+turn by turn by :func:`scripts.sources.tool_examples.encode`: loss on the assistant turns (text, calls, end token).
 
 Every conversation declares the same tools, so they all start with the same ~440-token preamble: it is run once per
 step (batch 1, with gradients) and its key/value cache repeated over the batch, and only each conversation's own
@@ -35,7 +35,7 @@ from scripts.sources.demo_training import (batch, DemoSettings, deterministic, f
                                            train_examples, write_generation_config)
 from scripts.sources.demo_tokenizer import (ENDOFTEXT, IM_END, IM_START, render_chatml, save_tokenizer,
                                             train_tokenizer)
-from scripts.sources.finetune_tools import encode
+from scripts.sources.tool_examples import encode
 
 log = logging.getLogger(__name__)
 
