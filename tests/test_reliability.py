@@ -32,9 +32,8 @@ from scripts.convert.install import REQUIRED, list_cache
 from scripts.core.faults import KILL_ENV, NO_EXCHANGE_ENV, PAUSE_ENV, PAUSE_FIFO_ENV
 from scripts.core.fileops import hash_path
 from scripts.recipe.olive_workflow import SUPPORTED_FORM
+from tests.sandbox import INVOKE, invoke, make_sandbox, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-INVOKE = [sys.executable, "-m", "invoke"]
 KILLED = -9
 LEFTOVER = re.compile(r"^\..+\.(staging|old)-[0-9a-f]{8}$")
 
@@ -46,22 +45,9 @@ def recipe(model_dir: Path, name: str = "tiny-rel", max_length: int = 256) -> di
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tiny_hf_model):
-    root = tmp_path_factory.mktemp("reliability")
-    recipes = root / "recipes"
-    recipes.mkdir()
-    (recipes / "tiny.json").write_text(json.dumps(recipe(tiny_hf_model)))
-    env = dict(os.environ, SLMOPS_BUILD_DIR=str(root / "build"), SLMOPS_FOUNDRY_CACHE=str(root / "cache"),
-               SLMOPS_RECIPES_DIR=str(recipes), HOME=str(root / "home"), XDG_CACHE_HOME=str(root / "home/.cache"),
-               HF_HUB_OFFLINE="1", COLUMNS="250", PYTHONUNBUFFERED="1")
-    for key in (KILL_ENV, PAUSE_ENV, PAUSE_FIFO_ENV, NO_EXCHANGE_ENV):
-        env.pop(key, None)
-    return {"root": root, "env": env, "recipes": recipes, "cache": root / "cache", "build": root / "build",
-            "installed": root / "cache" / "rel" / "tiny-rel", "hf": tiny_hf_model}
-
-
-def invoke(sandbox, *args, timeout=900, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(INVOKE + list(args), cwd=REPO, env={**sandbox["env"], **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    box = make_sandbox(tmp_path_factory.mktemp("reliability"), "rel/tiny-rel", tiny_hf_model)
+    (box["recipes"] / "tiny.json").write_text(json.dumps(recipe(tiny_hf_model)))
+    return box
 
 
 def start(sandbox, *args, **env) -> subprocess.Popen:

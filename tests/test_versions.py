@@ -12,7 +12,6 @@ temporary build, cache and recipe folders, through `invoke` processes:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,10 +21,9 @@ import pytest
 
 from scripts.convert.install import list_cache
 from scripts.convert.versions import MANIFEST, read_manifest, versions_root
-from scripts.core.faults import KILL_ENV, NO_EXCHANGE_ENV, PAUSE_ENV, PAUSE_FIFO_ENV
+from scripts.core.faults import KILL_ENV, NO_EXCHANGE_ENV
+from tests.sandbox import invoke, make_sandbox, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-INVOKE = [sys.executable, "-m", "invoke"]
 KILLED = -9
 LEFTOVER = re.compile(r"^\..+\.(staging|old)-[0-9a-f]{8}$")
 QUESTIONS = ["Hello", "What is the capital of France?", "Foundry Local runs small language models"]
@@ -40,23 +38,11 @@ def recipe(model_dir: Path, name: str = "tiny-ver", max_length: int = 256, **fou
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tiny_hf_model):
-    root = tmp_path_factory.mktemp("versions")
-    recipes = root / "recipes"
-    recipes.mkdir()
-    (recipes / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in QUESTIONS))
-    (recipes / "tiny.json").write_text(json.dumps(recipe(tiny_hf_model)))
-    env = dict(os.environ, SLMOPS_BUILD_DIR=str(root / "build"), SLMOPS_FOUNDRY_CACHE=str(root / "cache"),
-               SLMOPS_RECIPES_DIR=str(recipes), HOME=str(root / "home"), XDG_CACHE_HOME=str(root / "home/.cache"),
-               HF_HUB_OFFLINE="1", COLUMNS="250", PYTHONUNBUFFERED="1")
-    for key in (KILL_ENV, PAUSE_ENV, PAUSE_FIFO_ENV, NO_EXCHANGE_ENV):
-        env.pop(key, None)
-    return {"root": root, "env": env, "recipes": recipes, "cache": root / "cache", "build": root / "build",
-            "installed": root / "cache" / "rel" / "tiny-ver", "hf": tiny_hf_model}
-
-
-def invoke(sandbox, *args, timeout=900, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(INVOKE + list(args), cwd=REPO, env={**sandbox["env"], **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    box = make_sandbox(tmp_path_factory.mktemp("versions"), "rel/tiny-ver", tiny_hf_model)
+    (box["recipes"] / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n"
+                                                     for q in QUESTIONS))
+    (box["recipes"] / "tiny.json").write_text(json.dumps(recipe(tiny_hf_model)))
+    return box
 
 
 def flat(proc: subprocess.CompletedProcess) -> str:
