@@ -197,12 +197,10 @@ class Pipeline:
         return ([served_messages(spec, c.messages, c.tools) for c in cases],
                 ToolFormat.from_json(spec["family"], spec["format"]))
 
-    def score_tools(self, cases, texts: list[str], fmt: ToolFormat | None, where: str):
-        """The :class:`~scripts.core.tool_evalset.ToolScore` of raw replies to ``cases``; :class:`QualityError` below
-        ``eval.min_accuracy``."""
-        tool_score = score_outcomes(cases, [reply_calls(t, fmt) for t in texts])
-        require_tool_score(tool_score, self.recipe, where)
-        return tool_score
+    @staticmethod
+    def score_replies(cases, texts: list[str], fmt: ToolFormat | None):
+        """The :class:`~scripts.core.tool_evalset.ToolScore` of raw replies to ``cases`` (in :meth:`tool_chats`' format)."""
+        return score_outcomes(cases, [reply_calls(t, fmt) for t in texts])
 
     # ----- step bodies --------------------------------------------------------------------------------
     def _doctor(self) -> dict:
@@ -318,9 +316,8 @@ class Pipeline:
         qa = self.eval_set()
         cases = self.tool_cases()
         tool_chats, fmt = self.tool_chats(cases)
-        chats = conversations(qa, self.recipe.eval.system_prompt) if qa or cases else [[{"role": "user",
-                                                                                          "content": "Hello"}]]
-        chats += tool_chats
+        hello = [] if cases else [[{"role": "user", "content": "Hello"}]]
+        chats = (conversations(qa, self.recipe.eval.system_prompt) if qa else hello) + tool_chats
         if self.status:
             self.status(f"Foundry Local: loading {self.recipe.foundry.model_id} and answering {len(chats)} prompts…")
         with self.cache_locked():
@@ -348,7 +345,9 @@ class Pipeline:
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
         if cases:
-            summary["tools"] = self.score_tools(cases, tool_texts, fmt, "through Foundry Local").to_json()
+            tool_score = self.score_replies(cases, tool_texts, fmt)
+            require_tool_score(tool_score, self.recipe, "through Foundry Local")
+            summary["tools"] = tool_score.to_json()
         return summary
 
     # ----- steps -----------------------------------------------------------------------------------------
