@@ -11,8 +11,9 @@ phrasings and values not seen in training (no membership number or date of a hel
 line); held-out no-call lines are domain questions left out of training. ``TRAIN_PER_TEMPLATE`` was raised from 4 to 10
 (and parallel lines from 3 to 8 per phrasing) for the tiny tool model trained from scratch (scripts/sources/tools_demo.py):
 it needs many values per phrasing to learn to copy them, and 4-5 more training phrasings per tool (it chose tools by
-whole phrasings it had seen: held-out calls 46 % with the first 5-6); the held-out phrasings and their counts are
-unchanged.
+whole phrasings it had seen: held-out calls 46 % with the first 5-6), then 4 more booking and 4 more parallel
+phrasings (10 lines each: the booking numbers and a parallel pair's second value were what it got wrong); the
+held-out phrasings and their counts are unchanged.
 """
 from __future__ import annotations
 
@@ -78,12 +79,19 @@ ASK = {
                             "Book a tour for {adults} adults on {date}.", "Orchard tour on {date}, {adults} adults.",
                             "Please reserve a tour on {date} for {adults} adults and {children} children.",
                             "Sign up {adults} adults and {children} children for the tour on {date}.",
-                            "I'd like to book the orchard tour for {date}, {adults} adults."],
+                            "I'd like to book the orchard tour for {date}, {adults} adults.",
+                            "{adults} adults want the orchard tour on {date}.",
+                            "For {date}, book the orchard tour for {adults} adults.",
+                            "Tour booking for {date}: {adults} adults and {children} children.",
+                            "Book {adults} adults and {children} kids on the tour of {date}."],
                   "heldout": ["We are {adults} adults; book us an orchard tour for {date}.",
                               "Book the tour on {date} for {adults} adults plus {children} children."]},
 }
 PARALLEL = {"train": ["What are the shop hours on {Day} and on {Day2}?", "Is the farm shop open on {Day} or {Day2}?",
-                      "How many crates of {fruit} and of {fruit2} are in the cold store?"],
+                      "How many crates of {fruit} and of {fruit2} are in the cold store?",
+                      "Shop hours on {Day} and {Day2}, please.", "When is the shop open on {Day} and on {Day2}?",
+                      "Stock of {fruit} and {fruit2} in the cold store?",
+                      "How much {fruit} and {fruit2} do we have in storage?"],
             "heldout": ["Give me the shop hours for {Day} and {Day2}.", "Check the cold store for {fruit} and {fruit2}."]}
 SMALL_TALK = {"train": [("Hello!", "Hello! How can I help you with the orchard cooperative today?"),
                         ("Thank you.", "You are welcome."),
@@ -93,7 +101,7 @@ SMALL_TALK = {"train": [("Hello!", "Hello! How can I help you with the orchard c
 
 
 TRAIN_PER_TEMPLATE, HELDOUT_PER_TEMPLATE = 10, 3
-TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 8, 2
+TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 10, 2
 
 
 def _values(rng: random.Random, seen: set[str], split: str) -> dict:

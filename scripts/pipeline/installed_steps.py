@@ -93,12 +93,10 @@ class InstalledSteps:
         return ([served_messages(spec, c.messages, c.tools) for c in cases],
                 ToolFormat.from_json(spec["family"], spec["format"]))
 
-    def score_tools(self, cases, texts: list[str], fmt: ToolFormat | None, where: str):
-        """The :class:`~scripts.core.tool_evalset.ToolScore` of raw replies to ``cases``; :class:`QualityError` below
-        ``eval.min_accuracy``."""
-        tool_score = score_outcomes(cases, [reply_calls(t, fmt) for t in texts])
-        require_tool_score(tool_score, self.recipe, where)
-        return tool_score
+    @staticmethod
+    def score_replies(cases, texts: list[str], fmt: ToolFormat | None):
+        """The :class:`~scripts.core.tool_evalset.ToolScore` of raw replies to ``cases`` (in :meth:`tool_chats`' format)."""
+        return score_outcomes(cases, [reply_calls(t, fmt) for t in texts])
 
     def _install(self) -> dict:
         f = self.recipe.foundry
@@ -126,9 +124,8 @@ class InstalledSteps:
         qa = self.eval_set()
         cases = self.tool_cases()
         tool_chats, fmt = self.tool_chats(cases)
-        chats = conversations(qa, self.recipe.eval.system_prompt) if qa or cases else [[{"role": "user",
-                                                                                          "content": "Hello"}]]
-        chats += tool_chats
+        hello = [] if cases else [[{"role": "user", "content": "Hello"}]]
+        chats = (conversations(qa, self.recipe.eval.system_prompt) if qa else hello) + tool_chats
         if self.status:
             self.status(f"Foundry Local: loading {self.recipe.foundry.name} and answering {len(chats)} prompts…")
         with self.cache_locked(read_only=True):
@@ -158,7 +155,9 @@ class InstalledSteps:
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
                     "precision / smaller block size (conversion.quantization).")
         if cases:
-            summary["tools"] = self.score_tools(cases, tool_texts, fmt, "through Foundry Local").to_json()
+            tool_score = self.score_replies(cases, tool_texts, fmt)
+            require_tool_score(tool_score, self.recipe, "through Foundry Local")
+            summary["tools"] = tool_score.to_json()
         headline = (summary.get("accuracy_figure") or "answers").replace(".0 %", "%").replace(" %", "%")
         versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
                               self.installed_dir, {"headline": headline, "check": {

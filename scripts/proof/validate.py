@@ -26,8 +26,6 @@ from scripts.proof.edge_cases import edge_cases, edge_verdicts
 from scripts.core.evalset import conversations
 from scripts.proof.measure import bench_request, context_limit, run_worker, summarise_length
 from scripts.core.evalset import answers_match
-from scripts.core.tool_evalset import score_outcomes
-from scripts.families.tools import reply_calls
 from scripts.proof.stats import percentile, slope
 
 log = logging.getLogger(__name__)
@@ -280,9 +278,8 @@ def run_validate(pipeline, profile, status: Callable[[str], Any] = lambda s: Non
         ref_texts = [a["text"] for a in ref["jobs"][0]["answers"]]
         reference = ref_texts[:len(asked) - len(tool_chats)] if qa else None
         if tool_cases:
-            tool_reference = score_outcomes(tool_cases, [reply_calls(t, fmt)
-                                                         for t in ref_texts[len(asked) - len(tool_chats):]])
-    tool_score = score_outcomes(tool_cases, [reply_calls(t, fmt) for t in tool_texts]) if tool_cases else None
+            tool_reference = pipeline.score_replies(tool_cases, ref_texts[len(asked) - len(tool_chats):], fmt)
+    tool_score = pipeline.score_replies(tool_cases, tool_texts, fmt) if tool_cases else None
 
     bench_lengths = [summarise_length(x) for x in jobs["bench"]["lengths"]]
     items = [

@@ -4,7 +4,6 @@ the layouts rely on hold in the pinned ONNX Runtime (8-bit blocks of 16, default
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
