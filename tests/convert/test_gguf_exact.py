@@ -77,7 +77,7 @@ def test_exact_graph_computes_the_dequantized_model(case):
     want, config = torch_logits(hf, ids)
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    report = rewrite(model, weights, accuracy_level=1)
+    report = rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
     assert report.nodes == 2 * 5 + 1  # per layer: qkv_proj (packed), o_proj, gate_proj, up_proj, down_proj; lm_head
     assert verify_exact(model, weights) == []
     got = ort_logits(model, ids, config)
@@ -94,7 +94,7 @@ def test_fold_after_rewrite_stays_exact(case):
     gguf_path, hf, built = case
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    rewrite(model, weights, accuracy_level=1)
+    rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
     ids = list(range(3, 30))
     _, config = torch_logits(hf, ids)
     before = ort_logits(model, ids, config)
@@ -109,7 +109,7 @@ def test_a_weight_that_is_not_the_ggufs_is_named(case):
     gguf_path, _, built = case
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    rewrite(model, weights, accuracy_level=1)
+    rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
     scales = next(i for i in model.graph.initializer if i.name.startswith("model.layers.1.mlp.up_proj")
                   and i.name.endswith("weight_scale"))
     array = numpy_helper.to_array(scales).copy()
@@ -131,3 +131,8 @@ def test_builder_requantization_is_what_exact_replaces(tmp_path):
     problems = verify_exact(model, read_exact_weights(gguf_path))
     assert len(problems) >= 5
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_eight_bit_nodes_get_int8_activations_four_bit_nodes_the_recipes_level():
+    from scripts.convert.gguf_exact import node_accuracy_level
+    assert node_accuracy_level(8, 1) == 4 and node_accuracy_level(4, 1) == 1 and node_accuracy_level(4, 4) == 4
