@@ -23,7 +23,7 @@ from scripts.doctor import folder_problem
 from scripts.core.errors import InstallError, StorageError
 from scripts.core.faults import checkpoint
 from scripts.core.fileops import recover_dir
-from scripts.core.locks import hold
+from scripts.core.locks import held, hold
 from scripts.core.evalset import load_qa
 from scripts.recipe.paths import Paths
 from scripts.recipe.spec import Recipe
@@ -64,6 +64,7 @@ class Pipeline(BuildSteps, InstalledSteps):
             yield
             return
         recipe_root = Paths.for_recipe(self.recipe).root
+        outermost = not held(recipe_root)  # a variant build (the gate's FP32 reference) re-enters this process's lock
         with contextlib.ExitStack() as stack:
             lock = stack.enter_context(hold(recipe_root, f"building recipe {self.recipe.name}", wait=self.wait,
                                             announce=self.announce))
@@ -81,7 +82,8 @@ class Pipeline(BuildSteps, InstalledSteps):
                 self.announce(f"recovered: {note}")
             self._locks = stack
             try:
-                checkpoint("pipeline:locked")
+                if outermost:
+                    checkpoint("pipeline:locked")
                 yield
             finally:
                 self._locks = None
