@@ -33,7 +33,9 @@ def recipe(model_dir: Path, name: str = "tiny-ver", max_length: int = 256, **fou
     return {"model": {"source": str(model_dir), "family": "auto"},
             "foundry": {"publisher": "rel", "name": name, **foundry},
             "generation": {"max_length": max_length, "do_sample": False},  # greedy: answers comparable across runs
-            "eval": {"dataset": "qa.jsonl", "min_accuracy": 0.0, "max_new_tokens": 8}}
+            "eval": {"dataset": "qa.jsonl", "min_accuracy": 0.0, "max_new_tokens": 8},
+            # random weights: the fidelity gate's figures are noise here (docs/fidelity.md); these tests are about versions
+            "conversion": {"fidelity": {"gate": False}}}
 
 
 @pytest.fixture(scope="module")
