@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from scripts.pipeline import Announce, Pipeline
-from scripts.recipe.paths import Paths
 from scripts.recipe.spec import Recipe
 
 
 def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce, status=None) -> Pipeline:
     """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/``."""
-    return Pipeline(replace(recipe, conversion=conversion), announce=announce, status=status,
-                    root=Paths.for_recipe(recipe).root / folder)
+    return Pipeline.variant(recipe, conversion, folder, announce=announce, status=status)
 
 
 def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):

@@ -181,9 +181,8 @@ class BuildSteps:
         if self.status:
             self.status("fidelity gate: building (or reusing) the FP32 reference…")
         prepared = prepared_recipe(r, self)
-        reference = type(self)(replace(prepared, conversion=replace(r.conversion, precision="fp32")), root=self.paths.root
-                             / "precisions" / "fp32", force=self.force, announce=self.announce,
-                             status=self.status)  # where compare builds it
+        reference = type(self).variant(prepared, replace(r.conversion, precision="fp32"), "precisions/fp32",
+                                       force=self.force, announce=self.announce, status=self.status)
         reference.run(only=("convert", "package"))
         if self.status:
             self.status("fidelity gate: scoring the build against FP32 (eval answers, held-out text)…")

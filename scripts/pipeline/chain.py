@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
@@ -56,6 +56,12 @@ class Pipeline(BuildSteps, InstalledSteps):
         self._locks: contextlib.ExitStack | None = None
 
     # ----- locks and recovery (scripts.core.locks, fileops.recover_dir) ---------------------------------------------
+    @classmethod
+    def variant(cls, recipe: Recipe, conversion, folder: str, **options) -> "Pipeline":
+        """A pipeline for ``recipe`` converted with ``conversion``, building in ``build/<recipe>/<folder>/`` (compare's
+        precisions, tune's candidates, the fidelity gate's FP32 reference)."""
+        return cls(replace(recipe, conversion=conversion), root=Paths.for_recipe(recipe).root / folder, **options)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the recipe's build-folder lock (and its built model source's) for the block, after recovering what a
