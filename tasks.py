@@ -262,8 +262,9 @@ def docs(c):
     print(f"Wrote {write()}")
 
 
-PROFILE_HELP = ("measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs), full (5 lengths, 2 + 5 runs) "
-                "or scale (prompts of 128, 512 and 2,000 tokens, 128 new tokens, 2 + 3 runs)")
+PROFILE_HELP = ("measurement profile: quick (3 prompt lengths, 1 warm-up + 3 runs), full (5 lengths, 2 + 5 runs), "
+                "scale (prompts of 128, 512 and 2,000 tokens, 128 new tokens, 2 + 3 runs) or long (128, 2,000 and "
+                "8,192 tokens or the context's limit, 1 + 2 runs, Foundry Local and raw GenAI, llama.cpp Q4_0)")
 
 
 def _proof(model, model_path, profile, measure_and_save, printer, name, wait=True):

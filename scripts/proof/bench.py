@@ -49,18 +49,19 @@ def run_bench(pipeline, profile: Profile, status: Callable[[str], Any] = lambda 
         installed = fixed_length_copy(installed, pipeline.paths.root / "bench" / "fixed-length")
         foundry = {"cache_dir": str(pipeline.paths.root / "bench" / "foundry-cache"),
                    "model_id": f"{pipeline.recipe.foundry.name}-fixed-length:{pipeline.recipe.foundry.version}"}
-    peer_runs, peer_info = chosen.plan(pipeline, context, status) if chosen else ([], None)
+    peer_runs, peer_info = chosen.plan(pipeline, context, status, profile.peer_quants) if chosen else ([], None)
     status("bench: measuring memory bandwidth…")
     load_at_start = _load_average()
     bw = measure_bandwidth()
     job = bench_request(installed, profile, context)
     threads = runtime_threads(installed)
     plan = [PeerRun(n, n, BACKEND_LABELS[n], installed, o) for n, o in (("foundry", foundry), ("http", foundry),
-                                                                           ("genai", {}))] + list(extra)
+                                                                           ("genai", {})) if profile.runs(n)]
+    plan += list(extra)
     notes = []
-    if _hf_folder(source):
+    if profile.runs("torch") and _hf_folder(source):
         plan.append(PeerRun("torch", "torch", BACKEND_LABELS["torch"], source, {}))
-    else:
+    elif profile.runs("torch"):
         notes.append(f"PyTorch not measured: {source} is not a Hugging Face folder with safetensors weights.")
     plan += peer_runs
     raw: dict[str, list[dict]] = {run.key: [] for run in plan}

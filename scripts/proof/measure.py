@@ -52,9 +52,16 @@ class Profile:
     warmup: int
     repeats: int
     exact_new_tokens: bool = False  # every run generates new_tokens (end of text suppressed), in every runtime
+    #: which of the deployed model's backends ``invoke bench`` runs (None: all: foundry, http, genai, torch)
+    backends: tuple[str, ...] | None = None
+    #: which llama.cpp quantizations a peer run builds and measures (None: the peer's defaults)
+    peer_quants: tuple[str, ...] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def runs(self, backend: str) -> bool:
+        return self.backends is None or backend in self.backends
 
 
 PROFILES: dict[str, Profile] = {
@@ -65,6 +72,11 @@ PROFILES: dict[str, Profile] = {
     # Foundry Local the request after a single warm-up was at times the slow one at 0.5B/128 tokens)
     "scale": Profile("scale", lengths=(128, 512), max_prompt_tokens=2000, new_tokens=128, warmup=2, repeats=3,
                      exact_new_tokens=True),
+    # long prompts (issue 22): 128, 2,000 and 8,192 tokens (or the model's context, if smaller), 128 new tokens. An
+    # 8,192-token prefill of the 0.5B shape takes ~a minute on 2 cores, so: one warm-up + two runs, the in-process
+    # runtimes only (Foundry Local and raw GenAI on the same graph), and llama.cpp's Q4_0 as the peer.
+    "long": Profile("long", lengths=(128, 2000), max_prompt_tokens=8192, new_tokens=128, warmup=1, repeats=2,
+                    exact_new_tokens=True, backends=("foundry", "genai"), peer_quants=("q4_0",)),
 }
 
 

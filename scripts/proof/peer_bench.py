@@ -21,7 +21,10 @@ from scripts.peers import llamacpp
 from scripts.peers.gguf_build import build_ggufs, DEFAULT_QUANTS, GGUF_TYPES
 from scripts.recipe.runtime import physical_cores
 
-OURS = ("foundry", "genai")  # compared with every peer run: the deployed runtime, and raw GenAI on the same graph
+OURS = ("foundry", "genai")
+#: How the llama.cpp peer runs, as users run llama.cpp at long context (written beside its figures).
+PEER_SETTINGS = ("F16 KV cache (llama.cpp's default), flash attention on (llama.cpp's CLI default `-fa auto` on CPU), "
+                 "logical batch 512")  # compared with every peer run: the deployed runtime, and raw GenAI on the same graph
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class PeerRun:
 @dataclass(frozen=True)
 class Peer:
     """``require()`` returns the installed version or raises :class:`PeerUnavailableError` saying how to install it;
-    ``plan(pipeline, context, announce)`` prepares the peer's model files and returns its runs and facts."""
+    ``plan(pipeline, context, announce, quants)`` prepares the peer's model files and returns its runs and facts."""
 
     name: str
     require: Callable[[], str]
@@ -64,9 +67,11 @@ def peer_threads(installed: Path) -> tuple[int, str]:
 
 
 def plan_llamacpp(pipeline, context: int, announce: Callable[[str], None],
-                  quants: tuple[str, ...] = DEFAULT_QUANTS) -> tuple[list[PeerRun], dict]:
-    """Build (or reuse) the GGUF files of the recipe's Hugging Face folder; one run per quantization."""
+                  quants: tuple[str, ...] | None = None) -> tuple[list[PeerRun], dict]:
+    """Build (or reuse) the GGUF files of the recipe's Hugging Face folder; one run per quantization (None: Q4_0 and
+    Q4_K_M)."""
     version = llamacpp.require_installed()
+    quants = quants or DEFAULT_QUANTS
     hf = Path(pipeline.model_dir).resolve()
     if not (hf / "config.json").is_file():
         raise PeerError(f"The llama.cpp peer converts the Hugging Face folder the chain converts, and {hf} is not one "
@@ -74,11 +79,12 @@ def plan_llamacpp(pipeline, context: int, announce: Callable[[str], None],
     threads, why = peer_threads(pipeline.installed_dir)
     out = pipeline.paths.root / "peer" / "llama.cpp"
     paths = build_ggufs(hf, out, quants, version, threads, announce=announce)
-    options = {"threads": threads, "n_ctx": context, "chat_dir": str(Path(pipeline.installed_dir).resolve())}
+    options = {"threads": threads, "n_ctx": context, "chat_dir": str(Path(pipeline.installed_dir).resolve()),
+               "flash_attn": True}
     runs = [PeerRun(f"llama.cpp:{q}", "llama.cpp", f"llama.cpp {GGUF_TYPES[q].label} (peer)", p, options)
             for q, p in paths.items()]
     info = {"name": llamacpp.NAME, "package": f"{llamacpp.PACKAGE} {version}", "threads": threads,
-            "threads_from": why, "hf_dir": str(hf),
+            "threads_from": why, "hf_dir": str(hf), "settings": PEER_SETTINGS,
             "gguf": {q: {"file": str(p), "bytes": p.stat().st_size} for q, p in paths.items()}}
     return runs, info
 
@@ -136,7 +142,8 @@ def peer_markdown(data: dict) -> list[str]:
     if not peer:
         return []
     sizes = ", ".join(f"{k.upper()} {v['bytes'] / 1e6:.1f} MB" for k, v in peer["gguf"].items())
-    lines = [f"Peer: {peer['package']}, {peer['threads']} threads ({peer['threads_from']}); GGUF from "
+    lines = [f"Peer: {peer['package']}, {peer['threads']} threads ({peer['threads_from']}); "
+             + (f"{peer['settings']}; " if peer.get("settings") else "") + "GGUF from "
              f"`{peer['hf_dir']}`: {sizes}. Ratios are ours ÷ the peer's (prefill and decode > 1×: ours is faster; "
              "TTFT < 1×: ours answers sooner).", "",
              "| ours | peer | prompt tokens (ours / peer) | prefill tok/s ratio | decode tok/s ratio | TTFT ratio |",

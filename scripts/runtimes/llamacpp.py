@@ -9,7 +9,9 @@ same thread count and the same definitions as the other backends (:mod:`scripts.
   always the whole prompt, as in ONNX Runtime GenAI;
 - time to first token = prompt processing + the first token, each later token timestamped as it is produced.
 
-Options: ``threads`` (generation and batch threads), ``n_ctx`` (context size), ``chat_dir``, ``n_batch``.
+Options: ``threads`` (generation and batch threads), ``n_ctx`` (context size), ``chat_dir``, ``n_batch``,
+``flash_attn`` (default on: llama.cpp's own CLI and server default, ``-fa auto``, turn flash attention on for the CPU,
+while llama-cpp-python's ``Llama`` defaults to off). The KV cache is llama.cpp's default, F16.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ class LlamaCppBackend(Backend):
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(self.model_dir), n_ctx=int(self.options.get("n_ctx") or 0),
                                    n_batch=int(self.options.get("n_batch") or DEFAULT_BATCH), n_threads=threads,
-                                   n_threads_batch=threads, seed=0, verbose=False)
+                                   n_threads_batch=threads, seed=0, verbose=False,
+                                   flash_attn=bool(self.options.get("flash_attn", True)))
         return time.perf_counter() - t0
 
     def generate(self, messages, max_new_tokens, exact=False):

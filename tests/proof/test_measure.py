@@ -14,10 +14,19 @@ def test_prompt_lengths_cap_and_near_context():
     assert prompt_lengths(PROFILES["scale"], 8192) == [128, 512, 2000]  # the speed issue's scale
     assert prompt_lengths(PROFILES["scale"], 1024) == [128, 512, 1024 - 128 - 16]
     assert prompt_lengths(PROFILES["full"], 256) == [16, 64, 256 - 64 - 16]
+    assert prompt_lengths(PROFILES["long"], 8448) == [128, 2000, 8192]  # the long-prompt issue's 8k
+    assert prompt_lengths(PROFILES["long"], 8192) == [128, 2000, 8192 - 128 - 16]  # SmolLM2: its whole context
     with pytest.raises(MeasurementError):
         prompt_lengths(PROFILES["full"], 70)
     with pytest.raises(MeasurementError, match="choose one of: quick, full"):
         get_profile("fast")
+
+
+def test_profiles_choose_backends_and_peer_quantizations():
+    assert all(PROFILES["quick"].runs(b) for b in ("foundry", "http", "genai", "torch"))
+    long = PROFILES["long"]
+    assert [b for b in ("foundry", "http", "genai", "torch") if long.runs(b)] == ["foundry", "genai"]
+    assert long.peer_quants == ("q4_0",) and long.to_json()["backends"] == ("foundry", "genai")
 
 
 def test_summarise_length_medians_and_p95():

@@ -79,6 +79,8 @@ def test_peer_table_in_the_bench_markdown():
     assert "| LLAMA.CPP:Q4_0 |" in md, "the peer is in the same table"
     assert "| 2 | 3.0 → 4.5 |" in md, "threads and load average beside every figure"
     assert "llama-cpp-python 0.3.36, 2 threads" in md and "Q4_0 2.0 MB, Q4_K_M 2.5 MB" in md
+    settings = "F16 KV cache, flash attention on"
+    assert settings in bench_markdown({**data, "peer": {**data["peer"], "settings": settings}}), "how the peer ran"
     assert "| FOUNDRY | LLAMA.CPP:Q4_0 | 32 / 33 | 0.50× | 1.50× | 2.00× |" in md
     assert peer_markdown({**data, "peer": None}) == []
 
@@ -152,6 +154,13 @@ def test_real_bench_with_the_peer_on_the_tiny_model(tiny_onnx_model, tiny_hf_mod
     assert {r["peer"] for r in data["peer"]["ratios"]} == {"llama.cpp:q4_0", "llama.cpp:q4_k_m"}
     assert (tmp_path / "build" / "tiny" / "peer" / "llama.cpp" / "model-q4_0.gguf").is_file()
     assert "llama.cpp Q4_K_M (peer)" in bench_markdown(data)
+    assert "flash attention on" in data["peer"]["settings"] and all(b["peer"] is False or "q4" in b["key"]
+                                                                     for b in data["backends"])
+    # a profile that names its backends and the peer's quantizations measures only those
+    only = Profile("only", lengths=(16,), max_prompt_tokens=40, new_tokens=4, warmup=0, repeats=1,
+                   backends=("genai",), peer_quants=("q4_0",))
+    data = run_bench(pipeline, only, peer="llama.cpp")
+    assert [b["key"] for b in data["backends"]] == ["genai", "llama.cpp:q4_0"]
 
 
 def _round(load: float, ttfts: list[float], cpu: float, peak: int) -> dict:
