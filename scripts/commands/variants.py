@@ -14,9 +14,11 @@ def variant_pipeline(recipe: Recipe, conversion, folder: str, announce: Announce
 
 
 def precision_pipeline(recipe: Recipe, precision: str, announce: Announce, status=None):
-    """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/``."""
-    return variant_pipeline(recipe, replace(recipe.conversion, precision=precision), f"precisions/{precision}",
-                            announce, status)
+    """A pipeline for ``recipe`` at ``precision`` building in ``build/<recipe>/precisions/<precision>/`` (FP32: the
+    reference build, float cache, the one the fidelity gate measures against)."""
+    conversion = (recipe.conversion.reference() if precision == "fp32"
+                  else replace(recipe.conversion, precision=precision))
+    return variant_pipeline(recipe, conversion, f"precisions/{precision}", announce, status)
 
 
 def build_package(pipe: Pipeline) -> None:

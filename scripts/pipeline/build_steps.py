@@ -11,6 +11,7 @@ from pathlib import Path
 
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
+from scripts.convert.kv_cache import quantize_kv_cache
 from scripts.convert.exact_route import Carried, builder_settings, carry, check_carried, has_blocks
 from scripts.convert.graph_check import summarise_graph, verify_options, verify_quantization
 from scripts.convert.install import assemble_package
@@ -79,6 +80,7 @@ class BuildSteps:
             checkpoint("convert:olive-done")
             note = carry(staging, conversion, carried)
             folded, _ = fold_attention_scale(staging) if conversion.fold_attention_scale else (0, [])
+            kv_layers = quantize_kv_cache(staging) if conversion.kv_cache == "int8" else 0
             summary = summarise_graph(staging / "model.onnx")
             where = str(staging / "model.onnx")
             if carried.gguf:
@@ -89,9 +91,10 @@ class BuildSteps:
         if note:
             self.announce(f"       carried: {note}")
         self.announce(f"       graph: {summary.describe()}" + (f"; attention scale folded into the query ({folded} "
-                                                                 "layers)" if folded else ""))
+                                                                 "layers)" if folded else "")
+                      + (f"; KV cache int8 ({kv_layers} layers, calibrated scales)" if kv_layers else ""))
         return {"graph": summary.describe(), "bytes": folder_size(self.paths.onnx), "attention_scale_folded": folded,
-                "carried": note}
+                "carried": note, "kv_cache_int8_layers": kv_layers}
 
     def _build_source(self) -> dict:
         """Make the Hugging Face folder of a built source kind (demo, synthetic, tiny, GGUF), staged atomically."""
@@ -181,7 +184,7 @@ class BuildSteps:
         if self.status:
             self.status("fidelity gate: building (or reusing) the FP32 reference…")
         prepared = prepared_recipe(r, self)
-        reference = type(self).variant(prepared, replace(r.conversion, precision="fp32"), "precisions/fp32",
+        reference = type(self).variant(prepared, r.conversion.reference(), "precisions/fp32",
                                        force=self.force, announce=self.announce, status=self.status)
         reference.run(only=("convert", "package"))
         if self.status:

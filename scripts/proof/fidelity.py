@@ -3,8 +3,7 @@ it: on held-out real English text, teacher-forced, per token — KL divergence o
 distribution from the reference's (mean and p99), top-1 agreement (same most likely next token), and perplexity of
 both (ΔPPL). Scored through ONNX Runtime GenAI on the converted graphs, the graphs Foundry Local runs.
 
-Held-out text: the documentation topics shipped with Python itself (``pydoc_data.topics``, ~465k characters of
-English), available offline everywhere and never copied into the repository.
+Held-out text: the documentation topics shipped with Python itself (:mod:`scripts.core.english_text`).
 
 The measuring worker (:mod:`scripts.proof.measure`, job ``fidelity``) loads both graphs and calls
 :func:`compare_window` per window; everything here is pure.
@@ -15,12 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 DEFAULT_WINDOW = 512
-
-
-def heldout_text() -> str:
-    """Python's own documentation topics, in a fixed order."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def token_windows(ids: Sequence[int], window: int, total: int) -> list[list[int]]:

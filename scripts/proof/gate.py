@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scripts.core.evalset import QA, question_messages
-from scripts.proof.fidelity import answer_window, DEFAULT_WINDOW, failures, heldout_text, token_windows
+from scripts.core.english_text import heldout_text
+from scripts.proof.fidelity import answer_window, DEFAULT_WINDOW, failures, token_windows
 from scripts.proof.measure import context_limit, fast_tokenizer, run_worker
 from scripts.runtimes.backends import render_chat
 
@@ -30,7 +31,7 @@ KINDS = tuple(MEASURES)
 
 
 def heldout_windows(tokenizer_dir: Path, context: int, tokens: int) -> list[list[int]]:
-    """The held-out text (:func:`scripts.proof.fidelity.heldout_text`) in windows that fit the context."""
+    """The held-out text (:func:`scripts.core.english_text.heldout_text`) in windows that fit the context."""
     ids = fast_tokenizer(tokenizer_dir).encode(heldout_text(), add_special_tokens=False).ids
     return token_windows(ids, min(DEFAULT_WINDOW, context), tokens)
 

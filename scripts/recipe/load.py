@@ -128,9 +128,8 @@ def _conversion(conv: dict, path: Path) -> "Conversion":
     if quant["eight_bit"] and "lm_head" in quant["eight_bit"] and not quant["lm_head"]:
         raise RecipeError(f"{path}: conversion.quantization: eight_bit lists \"lm_head\" but lm_head is false (kept "
                           "in FP32). Remove one of the two.")
-    return Conversion(conv["precision"], Quantization(**conv["quantization"]), conv["auto_threshold"],
-                      FidelitySpec(**conv["fidelity"]), conv["prune_lm_head"], conv["fold_attention_scale"],
-                      conv["gguf"], conv["adapter"], conv["adapter_bits"])
+    nested = {"quantization": Quantization(**conv["quantization"]), "fidelity": FidelitySpec(**conv["fidelity"])}
+    return Conversion(**{**conv, **nested})
 
 
 def check_precision(name: str, algorithm: str, where: str, refused_as: str) -> None:

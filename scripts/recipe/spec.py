@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ def families() -> tuple[str, ...]:
 GGUF_ROUTES = ("exact", "requantize")
 #: conversion.adapter: a LoRA kept as its own branch, or merged into the weights.
 ADAPTER_ROUTES = ("branch", "merge")
+#: How GroupQueryAttention stores past keys and values: the graph's float type, or int8 with calibrated scales.
+KV_CACHE_TYPES = ("float", "int8")
 
 SCHEMA = Obj({
     "name": Field(str, check=_name_check, help="recipe name; defaults to the file name"),
@@ -91,6 +93,10 @@ SCHEMA = Obj({
                                            "GroupQueryAttention's scale to 1, where that is exact (a power of two): "
                                            "ONNX Runtime's CPU kernel then skips packing the key cache per head "
                                            "and token (decode at long context)"),
+        "kv_cache": Field(str, default="float", choices=KV_CACHE_TYPES,
+                          help="the KV cache: 'float' (exact) or 'int8' (per-channel scales calibrated on text the "
+                               "fidelity gate never scores; a quarter of the bytes attention reads per token, faster "
+                               "decode at long context, measured by the gate like any quantization)"),
         "gguf": Field(str, default="exact", choices=GGUF_ROUTES,
                       help="a quantized GGUF source at int4: 'exact' carries its blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
                            "Q4_K, Q5_K, Q6_K) into the graph unchanged, float offsets beside the integer kernel; "
@@ -270,9 +276,15 @@ class Conversion:
     fidelity: FidelitySpec = FidelitySpec()
     prune_lm_head: bool  # logits for the last position only (ModelBuilder ``prune_lm_head``)
     fold_attention_scale: bool  # scripts/convert/attention_scale.py
+    kv_cache: str  # scripts/convert/kv_cache.py
     gguf: str  # a GGUF source's blocks carried exactly (scripts/convert/gguf_exact.py) or re-quantized
     adapter: str  # a LoRA kept as a branch (scripts/convert/lora_branch.py) or merged
     adapter_bits: int  # the branch's weights: FP32 or 8-bit
+
+    def reference(self) -> "Conversion":
+        """The FP32 build of the same model the fidelity gate and ``compare`` measure against: float weights, float
+        cache."""
+        return replace(self, precision="fp32", kv_cache="float")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from scripts.proof.fidelity import (compare_window, failures, heldout_text, log_softmax, summarise, token_windows)
+from scripts.core.english_text import calibration_text, heldout_text
+from scripts.proof.fidelity import compare_window, failures, log_softmax, summarise, token_windows
 from scripts.proof.measure import run_worker
 from scripts.recipe.spec import FidelitySpec
 
@@ -16,6 +17,13 @@ def test_heldout_text_is_real_english_and_long_enough():
     text = heldout_text()
     assert len(text) > 300_000 and "the" in text.split()[:2000]
     assert text == heldout_text()  # same order every time
+
+
+def test_calibration_reads_the_tail_the_gate_never_scores():
+    text, tail = heldout_text(), calibration_text()
+    assert text.endswith(tail) and len(tail) < len(text) // 4
+    # the gate scores at most its largest default of tokens from the head: ~4 characters a token at most
+    assert text.find(tail) > 4 * 10240 * 4
 
 
 def test_token_windows():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -297,12 +298,15 @@ def test_the_tools_demo_source_and_the_bundled_tool_recipe():
 def test_carried_weights_keys_default_to_exact_and_branch(recipes):
     write(recipes, "tiny", MINIMAL)
     c = load_recipe("tiny").conversion
-    assert (c.gguf, c.adapter, c.adapter_bits) == ("exact", "branch", 32)
-    doc = {**MINIMAL, "conversion": {"gguf": "lossless", "adapter": "fuse", "adapter_bits": 4}}
+    assert (c.gguf, c.adapter, c.adapter_bits, c.kv_cache) == ("exact", "branch", 32, "float")
+    reference = replace(c, kv_cache="int8", precision="int4").reference()
+    assert (reference.precision, reference.kv_cache, reference.gguf) == ("fp32", "float", "exact")
+    doc = {**MINIMAL, "conversion": {"gguf": "lossless", "adapter": "fuse", "adapter_bits": 4, "kv_cache": "int4"}}
     message = load_error(recipes, doc)
     assert "conversion.gguf: 'lossless' is not allowed; choose one of: 'exact', 'requantize'" in message
     assert "conversion.adapter: 'fuse' is not allowed; choose one of: 'branch', 'merge'" in message
     assert "conversion.adapter_bits: 4 is not allowed; choose one of: 32, 8" in message
+    assert "conversion.kv_cache: 'int4' is not allowed; choose one of: 'float', 'int8'" in message
 
 
 def test_smollm2_recipe_carries_its_gguf_and_keeps_the_finetune_as_a_branch(monkeypatch):
