@@ -87,11 +87,12 @@ def worker_command(target: str, input_file: Path | None = None, output_file: Pat
 
 
 def run_in_worker(target: str, request: dict[str, Any], *, error: type[SlmopsError], what: str,
-                  timeout: float = 3600, hint: str = "", env: dict[str, str] | None = None) -> Any:
+                  timeout: float = 3600, hint: str = "", env: dict[str, str] | None = None,
+                  crash_hint: str = "") -> Any:
     """Call ``target`` (``"scripts.x.y:function"``) with ``request`` in a fresh Python process and return its result.
 
     ``what`` names the work for messages ("checking tiny:1 in Foundry Local"); ``hint`` is appended to a timeout
-    message (what to do about it). Any failure (reported, crash, timeout, no result) is raised as ``error``, with
+    message (what to do about it), ``crash_hint`` to a worker that died without a result. Any failure (reported, crash, timeout, no result) is raised as ``error``, with
     the child's cause and the tail of its stderr."""
     with tempfile.TemporaryDirectory(prefix="slmops-worker-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
@@ -118,7 +119,7 @@ def run_in_worker(target: str, request: dict[str, Any], *, error: type[SlmopsErr
         exc.child_error_type = payload.get("error_type")
         raise exc
     raise error(f"{what[0].upper()}{what[1:]} failed: the worker exited with code {proc.returncode} without a "
-                f"result. Worker stderr (tail):\n{log_tail or '(empty)'}")
+                f"result{'; ' + crash_hint if crash_hint else ''}. Worker stderr (tail):\n{log_tail or '(empty)'}")
 
 
 # ----- child side -------------------------------------------------------------------------------------------------

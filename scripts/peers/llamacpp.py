@@ -20,6 +20,17 @@ PACKAGE = "llama-cpp-python"
 REQUIREMENTS_FILE = "requirements-peer.txt"
 #: GGML_NATIVE builds for this CPU's instruction set (AVX2, …), as a user building llama.cpp would.
 INSTALL_COMMAND = f'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -r {REQUIREMENTS_FILE}'
+#: The same instruction sets without AMX. A native build on a virtual machine whose CPU reports AMX (Intel Sapphire
+#: Rapids and later; llama.cpp's system info says ``AMX_INT8 = 1``) crashed with SIGSEGV at the first quantized
+#: matrix product (measured 2026-12-07; llama.cpp issue #20824), F32 GGUFs running fine. Turning off every extra
+#: buffer type avoided it but also drops the weight repacking llama.cpp is fast with; this build keeps that.
+NO_AMX_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+                     "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+                     "-DGGML_AVX512_BF16=ON")
+#: What to do when a llama.cpp worker dies without a result (a native crash).
+CRASH_HINT = (f"if llama.cpp crashed (exit code -11: SIGSEGV) on a CPU with AMX, its AMX kernels are the known cause: "
+              f'rebuild it without them, `CMAKE_ARGS="{NO_AMX_CMAKE_ARGS}" pip install --force-reinstall --no-deps '
+              f"-r {REQUIREMENTS_FILE}` (drop the AVX512 flags your CPU lacks)")
 
 
 def requirements_path() -> Path:

@@ -30,6 +30,7 @@ from scripts.runtimes import llamacpp as _llamacpp  # noqa: F401 (registers the 
 from scripts.serve import backend as _http  # noqa: F401 (registers the "http" backend: invoke serve's server)
 from scripts.runtimes.backends import make_backend, render_chat
 from scripts.core.workers import run_in_worker
+from scripts.peers import llamacpp
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,10 @@ def run_request(request: dict) -> dict:
             "cpu_count": os.cpu_count()}
 
 
+#: What to say when a backend's worker dies natively (a crash, no Python error to report).
+CRASH_HINTS = {llamacpp.NAME: llamacpp.CRASH_HINT}
+
+
 def run_worker(backend: str, model_dir: Path, jobs: list[dict], options: dict | None = None,
                timeout: float = 3600) -> dict:
     """Run ``jobs`` on ``model_dir`` loaded in ``backend``, in a fresh worker process (:mod:`scripts.core.workers`);
@@ -274,7 +279,7 @@ def run_worker(backend: str, model_dir: Path, jobs: list[dict], options: dict | 
                "jobs": jobs}
     return run_in_worker("scripts.proof.measure:run_request", request, error=MeasurementError,
                          what=f"measuring {model_dir} with {backend}", timeout=timeout,
-                         hint="use a smaller profile or raise the timeout")
+                         hint="use a smaller profile or raise the timeout", crash_hint=CRASH_HINTS.get(backend, ""))
 
 
 @dataclass

@@ -36,6 +36,17 @@ def test_crash_is_the_callers_type_with_the_exception_and_the_log_tail():
     assert info.value.child_error_type == "KeyError"
 
 
+def test_a_native_crash_says_what_to_do_about_it(monkeypatch):
+    # a child killed by SIGSEGV, as a crash in native code (llama.cpp's AMX kernels) kills it
+    import scripts.core.workers as workers
+    monkeypatch.setattr(workers, "worker_command", lambda *a: [sys.executable, "-c",
+                                                              "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])
+    with pytest.raises(MeasurementError) as info:
+        run_in_worker("scripts.proof.measure:run_request", {}, error=MeasurementError,
+                      what="measuring x with llama.cpp", crash_hint="rebuild it without AMX")
+    assert "the worker exited with code -11 without a result; rebuild it without AMX." in str(info.value)
+
+
 def test_timeout_names_the_work_and_the_hint():
     with pytest.raises(ModelSourceError, match=r"Building the demo did not finish within 0 s; wait longer"):
         run_in_worker("scripts.sources.demo:build", {"inputs": ["x"], "out_dir": "y"}, error=ModelSourceError,
