@@ -8,6 +8,7 @@ copied) and the same kernels, logits for every position.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -15,6 +16,8 @@ from onnx import numpy_helper
 
 from scripts.core.errors import MeasurementError
 from scripts.core.fileops import link_or_copy
+
+CONFIG = "genai_config.json"
 
 
 def last_token_logits(graph: onnx.GraphProto) -> bool | None:
@@ -71,13 +74,18 @@ def _forget_shapes_downstream(graph: onnx.GraphProto, start: str) -> None:
 
 
 def full_logits_copy(model_dir: Path, dest: Path) -> Path:
-    """``dest``: ``model_dir`` with a graph returning logits for every position (its other files hard-linked)."""
+    """``dest``: ``model_dir`` with a graph returning logits for every position, run in one pass (no
+    ``search.chunk_size``: a chunked prefill returns the last chunk's logits only); its other files hard-linked."""
     model_dir, dest = Path(model_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    _unprune(model.graph)
+    if last_token_logits(model.graph):
+        _unprune(model.graph)
     for path in model_dir.iterdir():  # hard links: ONNX Runtime refuses external data behind a symlink
-        if path.is_file() and path.name != "model.onnx" and not (dest / path.name).exists():
+        if path.is_file() and path.name not in ("model.onnx", CONFIG) and not (dest / path.name).exists():
             link_or_copy(path, dest / path.name)
+    config = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
+    config["search"] = {k: v for k, v in (config.get("search") or {}).items() if k != "chunk_size"}
+    (dest / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     onnx.save(model, str(dest / "model.onnx"))
     return dest

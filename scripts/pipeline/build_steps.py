@@ -157,6 +157,7 @@ class BuildSteps:
                                         self.paths.onnx / "tokenizer.json")
         session = self.recipe.runtime.session_options()
         genai_config = with_session_options(genai_config, session)
+        genai_config = {**genai_config, "search": {**genai_config["search"], **self.recipe.runtime.search_options()}}
         extra = {CHAT_TEMPLATE_FILE: choice.chat_template} if choice.chat_template and not read_chat_template(
             self.paths.onnx) else {}
         assemble_package(self.paths.onnx, self.paths.package, genai_config, inference_model, extra)

@@ -154,8 +154,9 @@ class GenAIBackend(Backend):
         return logits
 
     def _scoring_model(self):
-        """The loaded model, or — when its graph returns the last position's logits only (``prune_lm_head``) — the
-        same weights with every position's logits, built once in a temporary folder and loaded beside it."""
+        """The loaded model, or — when its graph returns the last position's logits only (``prune_lm_head``) or its
+        prefill runs in chunks (``search.chunk_size``: the last chunk's logits only) — the same weights with every
+        position's logits in one pass, built once in a temporary folder and loaded beside it."""
         if self._scorer is None:
             import onnx
             # The graph's logits output may have been renamed by a quantization pass (genai_config says which);
@@ -164,7 +165,7 @@ class GenAIBackend(Backend):
             self._logits_name = ((cfg["model"]["decoder"].get("outputs") or {}).get("logits")) or "logits"
             from scripts.convert.lm_head_prune import full_logits_copy, last_token_logits
             graph = onnx.load(str(self.model_dir / "model.onnx"), load_external_data=False).graph
-            if not last_token_logits(graph):
+            if not last_token_logits(graph) and not (cfg.get("search") or {}).get("chunk_size"):
                 self._scorer = self.model
             else:
                 self._scorer_dir = tempfile.TemporaryDirectory(prefix="slmops-full-logits-")

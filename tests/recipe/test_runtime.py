@@ -57,3 +57,25 @@ def test_bad_values_are_clear_errors(recipes, value, fragment):
 def test_unknown_runtime_key_is_named(recipes):
     with pytest.raises(RecipeError, match=r"runtime.inter_op_threads: unknown key"):
         load(recipes, {**MINIMAL, "runtime": {"inter_op_threads": 2}})
+
+
+def test_prefill_chunk_goes_to_search_and_zero_leaves_the_runtimes_default(recipes):
+    assert load(recipes, MINIMAL).runtime.search_options() == {"chunk_size": 512}
+    assert load(recipes, {**MINIMAL, "runtime": {"prefill_chunk": 2048}}).runtime.search_options() == {
+        "chunk_size": 2048}
+    assert load(recipes, {**MINIMAL, "runtime": {"prefill_chunk": 0}}).runtime.search_options() == {}
+    with pytest.raises(RecipeError, match=r"runtime.prefill_chunk: 8 is out of range; allowed: 0"):
+        load(recipes, {**MINIMAL, "runtime": {"prefill_chunk": 8}})
+
+
+def test_a_chunked_prefill_answers_the_same_and_is_scored_in_one_pass(tiny_onnx_model, tmp_path):
+    from scripts.convert.package import mirror_with_config
+    from scripts.proof.measure import run_worker
+    chunked = mirror_with_config(tiny_onnx_model, tmp_path / "chunked",
+                                 lambda doc: {**doc, "search": {**doc["search"], "chunk_size": 16}})
+    long_question = [{"role": "user", "content": "The orchard keeps records of every harvest. " * 8}]
+    jobs = [{"kind": "answers", "conversations": [long_question], "max_new_tokens": 12},
+            {"kind": "logits", "windows": [list(range(3, 100))]}]  # 97 tokens: 7 chunks of 16
+    whole, parts = (run_worker("genai", d, jobs)["jobs"] for d in (tiny_onnx_model, chunked))
+    assert whole[0]["answers"][0]["text"] == parts[0]["answers"][0]["text"]  # the prompt ran in chunks of 16
+    assert whole[1]["windows"][0]["argmax"] == parts[1]["windows"][0]["argmax"]  # every position scored
