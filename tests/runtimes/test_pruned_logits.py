@@ -3,6 +3,8 @@ GenAI (:meth:`scripts.runtimes.backends.GenAIBackend.score` loads :func:`full_lo
 figures as the full graph, and the graph check tells the two layouts apart."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import numpy as np
@@ -55,5 +57,11 @@ def test_full_logits_copy_removes_the_selection_and_links_the_rest(graphs, tmp_p
     assert summarise_graph(copy / "model.onnx").last_token_logits is False
     assert summarise_graph(graphs[True] / "model.onnx").last_token_logits is True  # the original is untouched
     assert (copy / "model.onnx.data").stat().st_ino == (graphs[True] / "model.onnx.data").stat().st_ino
-    with pytest.raises(MeasurementError, match="Gather\\(axis 1, index -1\\)"):
-        full_logits_copy(graphs[False], tmp_path / "not-pruned")
+    # a graph already returning every position (a chunked prefill's folder): copied as it is, minus the chunking
+    chunked = tmp_path / "chunked"
+    shutil.copytree(graphs[False], chunked)
+    config = json.loads((chunked / "genai_config.json").read_text())
+    (chunked / "genai_config.json").write_text(json.dumps({**config, "search": {**config["search"], "chunk_size": 16}}))
+    copy = full_logits_copy(chunked, tmp_path / "not-pruned")
+    assert summarise_graph(copy / "model.onnx").last_token_logits is False
+    assert "chunk_size" not in json.loads((copy / "genai_config.json").read_text())["search"]
