@@ -12,7 +12,7 @@ import pytest
 
 from scripts.convert.graph_check import summarise_graph, verify_quantization
 from scripts.convert.lm_head_prune import full_logits_copy
-from scripts.core.errors import GraphCheckError, MeasurementError
+from scripts.core.errors import GraphCheckError
 from scripts.proof.measure import run_worker
 from scripts.recipe.spec import Conversion, Quantization
 from tests.conftest import _isolated_env, _run
