@@ -139,8 +139,13 @@ def test_a_nibble_head_that_is_not_the_ggufs_is_named(case):
         producers = {o: n for n in model.graph.node for o in n.output}
         name = head.input[1] if corrupt == "code" else producers[producers[head.input[0]].input[0]].input[1]
         tensor = next(i for i in model.graph.initializer if i.name == name)
-        array = numpy_helper.to_array(tensor).copy()
-        array.reshape(-1)[7] = (array.reshape(-1)[7] + 1) % 256 if corrupt == "code" else 15.0
+        array = numpy_helper.to_array(tensor).copy().reshape(-1)
+        if corrupt == "code":  # one high nibble (the code ±16) in row 0's first block with a nonzero scale
+            table = weights["embed_tokens"]
+            array[int(np.flatnonzero(table.scales[0])[0]) * table.block_size + 1] ^= np.uint8(0x10)
+        else:
+            array[1] = 15.0
+        array = array.reshape(numpy_helper.to_array(tensor).shape)
         tensor.CopyFrom(numpy_helper.from_array(array, name))
         problems = verify_exact(model, weights)
         assert len(problems) == 1 and problems[0].startswith("/lm_head/") and "embed_tokens" in problems[0], problems
