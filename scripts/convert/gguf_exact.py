@@ -5,8 +5,11 @@ The builder graph (INT4, block 32, round-to-nearest, embedding shared with the L
 ``GatherBlockQuantized`` reading the LM head's codes. Every node that stands for a GGUF tensor gets the tensor's own
 codes, scales and zero points (:mod:`scripts.convert.gguf_blocks`); a float-offset grid (Q4_1, Q5_1, Q4_K, Q5_K) adds its
 offset beside the integer kernel: ``y = MatMulNBits(x) + blocksums(x)·M`` (ONNX Runtime keeps its fast integer kernel;
-float zero points would not). A tied embedding reads the LM head's codes: one copy. A LoRA adapter kept as a branch
-(:mod:`scripts.convert.lora_branch`) is added beside the same nodes.
+float zero points would not). 8-bit codes (Q8_0, Q5_0/Q5_1, Q5_K, Q6_K, and packed nodes holding any of them) are
+read by the 4-bit kernel as nibbles (:mod:`scripts.convert.nibble_matmul`) unless the level is 4 (int8 activations,
+where the 8-bit kernel is fast): ONNX Runtime has no fast FP32 kernel for 8-bit weights. Every node runs at the
+recipe's ``accuracy_level``. A tied embedding reads the LM head's codes and scales: one copy. A LoRA adapter kept as a
+branch (:mod:`scripts.convert.lora_branch`) is added beside the same nodes.
 
 Rows of ``attn_q``/``attn_k`` are stored permuted by llama.cpp (``convert_hf_to_gguf.py`` ``permute``); they are put
 back in Hugging Face order (whole rows move; blocks run along K). :func:`scripts.convert.graph_check.verify_exact`
@@ -28,6 +31,7 @@ from scripts.convert.gguf_blocks import (ExactBlocks, UnsupportedBlocks, concat_
                                          row_order_unpermute)
 from scripts.convert.lora_branch import (LAYER_NODE, PACKED, GraphEdit, LowRank, branch_terms, layout_from_shapes,
                                          node_branches, node_key, read_adapter)
+from scripts.convert.nibble_matmul import carried_as_nibbles, interleave, nibble_arrays
 from scripts.core.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -38,15 +42,6 @@ GGUF_PROJECTIONS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", 
 #: Architectures whose attn_q/attn_k rows llama.cpp's converter permutes.
 PERMUTED_QK = ("llama",)
 EMBED, LM_HEAD = "embed_tokens", "lm_head"
-
-
-def node_accuracy_level(bits: int, asked: int, eight_bit_level: int = 4) -> int:
-    """The ``accuracy_level`` a node gets: the recipe's for 4-bit codes; 8-bit codes ``eight_bit_level`` (4: int8
-    activations; tests pass 1 to check exactness on tiny graphs).
-    ONNX Runtime 1.31's CPU ``MatMulNBits`` has no FP32 kernel for 8-bit weights: measured on one token (2 threads),
-    576 × 49,152 (the SmolLM2 LM head) 170.7 ms at level 1 vs 3.4 ms at level 4, while 4-bit 576 × 1,536 takes 72 vs
-    35 µs. Level 1 everywhere made SmolLM2 decode at ~1.5 tok/s."""
-    return eight_bit_level if bits == 8 else asked
 
 
 class ExactGraphError(ConversionError):
@@ -101,12 +96,14 @@ def node_projections(node_name: str, tied: bool) -> list[str] | None:
 class ExactReport:
     nodes: int = 0
     offset_nodes: int = 0
+    nibble_nodes: int = 0
     branch_nodes: int = 0
     types: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         types = ", ".join(f"{k} ×{v}" for k, v in sorted(self.types.items()))
         text = f"{self.nodes} weights carried exactly from the GGUF ({types}); block-offset term on {self.offset_nodes}"
+        text += f"; 8-bit codes as 4-bit nibbles on {self.nibble_nodes}" if self.nibble_nodes else ""
         return text + (f"; LoRA branch on {self.branch_nodes}" if self.branch_nodes else "")
 
 
@@ -132,43 +129,60 @@ def _offset_term(edit: GraphEdit, x: str, k: int, block: int, offsets: np.ndarra
 
 
 def _rewrite_matmul(edit: GraphEdit, node, blocks: ExactBlocks, accuracy_level: int, branch: LowRank | None,
-                    branch_bits: int, sums: dict, eight_bit_level: int = 4) -> bool:
-    """Give ``node`` the exact blocks, its offset term and branch; True when it got an offset term."""
+                    branch_bits: int, caches: dict, report: ExactReport) -> None:
+    """Give ``node`` the exact blocks (8-bit ones in the nibble form: :mod:`scripts.convert.nibble_matmul`), its offset
+    term and branch, all at ``accuracy_level``."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k, n = int(attrs["K"]), int(attrs["N"])
     if blocks.shape != (n, k):
         raise ExactGraphError(f"{node.name}: the graph computes N={n} × K={k}, the GGUF holds {list(blocks.shape)}")
-    arrays = matmul_nbits_arrays(blocks)
-    base = node.input[1].rsplit(".weight", 1)[0]
-    inputs = [node.input[0], edit.put(node.input[1], arrays["B"]), edit.put(node.input[2], arrays["scales"])]
+    x, base = node.input[0], node.input[1].rsplit(".weight", 1)[0]
+    nibbles = carried_as_nibbles(blocks, accuracy_level)
+    if nibbles:
+        arrays = nibble_arrays(blocks)
+        a = interleave(edit, x, k, base, caches.setdefault("nibble", {}))
+        zp_name = f"{base}.weight_zp_nibble"
+    else:
+        arrays = matmul_nbits_arrays(blocks)
+        arrays["attrs"] = {"bits": blocks.bits, "block_size": blocks.block_size}
+        a, zp_name = x, f"{base}.weight_zp_exact"
+    inputs = [a, edit.put(node.input[1], arrays["B"]), edit.put(node.input[2], arrays["scales"])]
     if arrays["zero_points"] is not None:
-        inputs.append(edit.put(f"{base}.weight_zp_exact", arrays["zero_points"]))
+        inputs.append(edit.put(zp_name, arrays["zero_points"]))
     node.input[:] = inputs
-    level = node_accuracy_level(blocks.bits, accuracy_level, eight_bit_level)
-    for key, value in (("bits", blocks.bits), ("block_size", blocks.block_size), ("accuracy_level", level)):
-        for a in [a for a in node.attribute if a.name == key]:
-            node.attribute.remove(a)
+    for key, value in {**arrays["attrs"], "accuracy_level": accuracy_level}.items():
+        for old in [old for old in node.attribute if old.name == key]:
+            node.attribute.remove(old)
         node.attribute.append(helper.make_attribute(key, value))
     terms = []
     if arrays["offsets"] is not None:
-        terms.append(_offset_term(edit, node.input[0], k, blocks.block_size, arrays["offsets"], base, sums))
+        terms.append(_offset_term(edit, x, k, blocks.block_size, arrays["offsets"], base,
+                                  caches.setdefault("blocksums", {})))
+        report.offset_nodes += 1
     if branch is not None:
-        terms += branch_terms(edit, node.input[0], branch, base, branch_bits, accuracy_level)
+        terms += branch_terms(edit, x, branch, base, branch_bits, accuracy_level)
+        report.branch_nodes += 1
     edit.add_terms(node, terms, base)
-    return arrays["offsets"] is not None
+    report.nibble_nodes += nibbles
 
 
-def _rewrite_embedding(edit: GraphEdit, head, table: ExactBlocks, tied: bool) -> None:
+def _rewrite_embedding(edit: GraphEdit, head, table: ExactBlocks, tied: bool, head_nibbles: bool) -> None:
     """Point the embedding lookup at exact blocks: the LM head's codes (tied: one copy) or its own table."""
     lookups = [n for n in edit.graph.node if n.op_type in ("GatherBlockQuantized", "Gather") and "input_ids" in n.input]
     if len(lookups) != 1:
         raise ExactGraphError(f"expected one embedding lookup on input_ids, found {len(lookups)}")
     old = lookups[0]
     vocab, hidden = table.shape
-    if tied:
+    if tied and not head_nibbles:
         data, scales, zp = head.input[1], head.input[2], (head.input[3] if len(head.input) > 3 else "")
         offsets = f"{head.input[1].rsplit('.weight', 1)[0]}.block_offsets"
         offsets = offsets if offsets in edit.inits else None
+    elif tied:  # the head reads its bytes as nibbles, with its own zero points and offsets; the lookup as 8-bit codes
+        data, scales = head.input[1], head.input[2]
+        arrays = matmul_nbits_arrays(table)
+        zp = edit.put("model.embed_tokens.exact_zp", arrays["zero_points"]) if arrays["zero_points"] is not None else ""
+        offsets = (edit.put("model.embed_tokens.block_offsets", arrays["offsets"]) if arrays["offsets"] is not None
+                   else None)
     else:
         arrays = matmul_nbits_arrays(table)
         data = edit.put("model.embed_tokens.exact_codes", arrays["B"])
@@ -200,13 +214,12 @@ def _rewrite_embedding(edit: GraphEdit, head, table: ExactBlocks, tied: bool) ->
 
 
 def rewrite(model: onnx.ModelProto, weights: dict[str, ExactBlocks], accuracy_level: int = 4,
-            branches: dict[str, LowRank] | None = None, branch_bits: int = 32,
-            eight_bit_level: int = 4) -> ExactReport:
+            branches: dict[str, LowRank] | None = None, branch_bits: int = 32) -> ExactReport:
     """Rewrite ``model`` (weights loaded) in place. ``branches``: per builder node key (``layers.N.qkv_proj``) a LoRA
     branch. The builder's own (re-quantized) weights are dropped."""
     edit = GraphEdit(model.graph)
     tied = LM_HEAD not in weights
-    report, sums, head, seen = ExactReport(), {}, None, set()
+    report, caches, head, seen = ExactReport(), {}, None, set()
     for node in [n for n in edit.graph.node if n.op_type == "MatMulNBits"]:
         keys = node_projections(node.name, tied)
         if keys is None:
@@ -216,9 +229,7 @@ def rewrite(model: onnx.ModelProto, weights: dict[str, ExactBlocks], accuracy_le
             raise ExactGraphError(f"{node.name}: the GGUF has no weight for {missing[0]}")
         blocks = concat_rows([weights[k] for k in keys])
         branch = (branches or {}).get(node_key(node.name) or "")
-        report.offset_nodes += _rewrite_matmul(edit, node, blocks, accuracy_level, branch, branch_bits, sums,
-                                               eight_bit_level)
-        report.branch_nodes += branch is not None
+        _rewrite_matmul(edit, node, blocks, accuracy_level, branch, branch_bits, caches, report)
         report.nodes += 1
         report.types[blocks.source_type] = report.types.get(blocks.source_type, 0) + 1
         seen.update(keys)
@@ -230,7 +241,7 @@ def rewrite(model: onnx.ModelProto, weights: dict[str, ExactBlocks], accuracy_le
         raise ExactGraphError(f"GGUF weights with no node in the graph: {', '.join(unused[:5])}")
     edit.graph.node.extend(edit.new_nodes)
     edit.new_nodes = []
-    _rewrite_embedding(edit, head, weights[EMBED], tied)
+    _rewrite_embedding(edit, head, weights[EMBED], tied, carried_as_nibbles(weights[EMBED], accuracy_level))
     edit.finish()
     return report
 

@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from scripts.convert.gguf_blocks import unpack_matmul_nbits
+from scripts.convert.gguf_blocks import UnsupportedBlocks, unpack_matmul_nbits
 from scripts.convert.gguf_exact import node_projections
+from scripts.convert.nibble_matmul import TAG as NIBBLE_TAG, nibble_input, read_nibbles
 from scripts.convert.lm_head_prune import last_token_logits
 from scripts.core.errors import GraphCheckError
 from scripts.recipe.spec import Conversion
@@ -63,7 +64,8 @@ class GraphSummary:
 
 def is_side_term(node_name: str) -> bool:
     """A node of a term added beside a projection (a GGUF's block offsets, a LoRA branch), not a weight left float."""
-    return any(tag in node_name for tag in ("/block_offsets/", "/blocksum/", ".lora_A/", ".lora_B/", "/branch_add"))
+    return any(tag in node_name for tag in ("/block_offsets/", "/blocksum/", ".lora_A/", ".lora_B/", "/branch_add",
+                                            NIBBLE_TAG))
 
 
 def summarise_graph(model_onnx: Path) -> GraphSummary:
@@ -191,19 +193,31 @@ def _side_offsets(model: onnx.ModelProto, node, inits: dict) -> np.ndarray | Non
     return numpy_helper.to_array(inits[name]).astype(np.float32) if name in inits else None
 
 
-def graph_weights(model: onnx.ModelProto, tied: bool) -> dict[str, np.ndarray]:
+def graph_weights(model: onnx.ModelProto, tied: bool) -> dict[str, np.ndarray | str]:
     """Per GGUF-backed ``MatMulNBits`` node, the float32 ``[N, K]`` weight the graph computes with:
-    ``scale·(code − zero point)`` plus its block offsets."""
+    ``scale·(code − zero point)`` plus its block offsets; 8-bit codes read as nibbles
+    (:mod:`scripts.convert.nibble_matmul`) are read back as 8-bit codes. A string says why a node cannot be read."""
     inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     arr = lambda name: numpy_helper.to_array(inits[name]) if name else None  # noqa: E731
-    out = {}
+    out: dict[str, np.ndarray | str] = {}
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or node_projections(node.name, tied) is None:
             continue
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
         zp = arr(node.input[3]) if len(node.input) > 3 else None
-        blocks = unpack_matmul_nbits(arr(node.input[1]), arr(node.input[2]), zp, _side_offsets(model, node, inits),
-                                     int(a["bits"]), int(a["block_size"]), int(a["K"]))
+        offsets = _side_offsets(model, node, inits)
+        try:
+            nibbles = nibble_input(node, producers, inits)
+            if nibbles is None:
+                blocks = unpack_matmul_nbits(arr(node.input[1]), arr(node.input[2]), zp, offsets, int(a["bits"]),
+                                             int(a["block_size"]), int(a["K"]))
+            else:
+                blocks = read_nibbles(arr(node.input[1]), arr(node.input[2]), zp, offsets, nibbles[1], int(a["K"]),
+                                      int(a["block_size"]))
+        except UnsupportedBlocks as exc:
+            out[node.name] = str(exc)
+            continue
         out[node.name] = blocks.dequantize()
     return out
 
@@ -217,6 +231,9 @@ def verify_exact(model: onnx.ModelProto, weights: dict, query_factor: float = 1.
     problems, computed = [], graph_weights(model, tied)
     for name, w in computed.items():
         keys = node_projections(name, tied)
+        if isinstance(w, str):
+            problems.append(f"{name} ({'+'.join(keys)}): {w}")
+            continue
         expected = np.concatenate([weights[k].dequantize() for k in keys], axis=0)
         if query_factor != 1.0 and keys[0].endswith("q_proj"):
             rows = weights[keys[0]].shape[0]

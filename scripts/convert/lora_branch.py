@@ -209,7 +209,7 @@ def low_rank_matmul(edit: GraphEdit, x: str, w: np.ndarray, name: str, bits: int
     return edit.node("MatMulNBits", [x, edit.put(f"{name}.weight_Q8", arrays["B"]),
                                      edit.put(f"{name}.scales", arrays["scales"])],
                      f"{name}/MatMulNBits", domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=8,
-                     block_size=blocks.block_size, accuracy_level=4)  # no FP32 8-bit kernel: gguf_exact
+                     block_size=blocks.block_size, accuracy_level=4)  # no FP32 8-bit kernel: nibble_matmul
 
 
 def branch_terms(edit: GraphEdit, x: str, branch: LowRank, base: str, bits: int, accuracy_level: int) -> list[str]:

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from scripts.convert.attention_scale import fold
-from scripts.convert.gguf_exact import read_exact_weights, rewrite
+from scripts.convert.gguf_exact import node_projections, read_exact_weights, rewrite
 from scripts.convert.graph_check import verify_exact
 from scripts.sources.gguf import KEPT_GGUF, dequantize
 from tests.conftest import _isolated_env, _run
@@ -77,9 +77,16 @@ def test_exact_graph_computes_the_dequantized_model(case):
     want, config = torch_logits(hf, ids)
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    report = rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
+    report = rewrite(model, weights, accuracy_level=1)
     assert report.nodes == 2 * 5 + 1  # per layer: qkv_proj (packed), o_proj, gate_proj, up_proj, down_proj; lm_head
     assert verify_exact(model, weights) == []
+    # every node on the fast float 4-bit kernel: 8-bit codes as nibbles (scripts/convert/nibble_matmul.py)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert {(a["bits"], a["accuracy_level"]) for a in attrs} == {(4, 1)}
+    eight_bit = [n.name for n in nodes if max(weights[k].bits for k in node_projections(n.name, "lm_head" not in weights)) == 8]
+    assert sorted(n.name for n in nodes if "/nibble/" in n.input[0]) == sorted(eight_bit)
+    assert report.nibble_nodes == len(eight_bit)
     got = ort_logits(model, ids, config)
     scale = float(np.abs(want).max())
     assert float(np.abs(got - want).max()) < 2e-5 * scale
@@ -94,7 +101,7 @@ def test_fold_after_rewrite_stays_exact(case):
     gguf_path, hf, built = case
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
+    rewrite(model, weights, accuracy_level=1)
     ids = list(range(3, 30))
     _, config = torch_logits(hf, ids)
     before = ort_logits(model, ids, config)
@@ -109,7 +116,7 @@ def test_a_weight_that_is_not_the_ggufs_is_named(case):
     gguf_path, _, built = case
     model = onnx.load(str(built / "model.onnx"))
     weights = read_exact_weights(gguf_path)
-    rewrite(model, weights, accuracy_level=1, eight_bit_level=1)
+    rewrite(model, weights, accuracy_level=1)
     scales = next(i for i in model.graph.initializer if i.name.startswith("model.layers.1.mlp.up_proj")
                   and i.name.endswith("weight_scale"))
     array = numpy_helper.to_array(scales).copy()
@@ -117,6 +124,39 @@ def test_a_weight_that_is_not_the_ggufs_is_named(case):
     scales.CopyFrom(numpy_helper.from_array(array, scales.name))
     problems = verify_exact(model, weights)
     assert len(problems) == 1 and "layers.1.up_proj" in problems[0]
+
+
+def test_a_nibble_head_that_is_not_the_ggufs_is_named(case):
+    """The 8-bit LM head read as nibbles: one code byte changed, or the input read as [x, 15·x], is named."""
+    gguf_path, _, built = case
+    weights = read_exact_weights(gguf_path)
+    if weights["embed_tokens"].bits != 8:
+        pytest.skip("a 4-bit LM head: no nibble form")
+    for corrupt in ("code", "factors"):
+        model = onnx.load(str(built / "model.onnx"))
+        rewrite(model, weights, accuracy_level=1)
+        head = next(n for n in model.graph.node if n.name.startswith("/lm_head/"))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        name = head.input[1] if corrupt == "code" else producers[producers[head.input[0]].input[0]].input[1]
+        tensor = next(i for i in model.graph.initializer if i.name == name)
+        array = numpy_helper.to_array(tensor).copy().reshape(-1)
+        if corrupt == "code":  # one high nibble (the code ±16) in row 0's first block with a nonzero scale
+            table = weights["embed_tokens"]
+            array[int(np.flatnonzero(table.scales[0])[0]) * table.block_size + 1] ^= np.uint8(0x10)
+        else:
+            array[1] = 15.0
+        array = array.reshape(numpy_helper.to_array(tensor).shape)
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        problems = verify_exact(model, weights)
+        assert len(problems) == 1 and problems[0].startswith("/lm_head/") and "embed_tokens" in problems[0], problems
+
+
+def test_at_level_4_eight_bit_codes_stay_8_bit_and_exact(case):
+    gguf_path, _, built = case
+    model = onnx.load(str(built / "model.onnx"))
+    weights = read_exact_weights(gguf_path)
+    report = rewrite(model, weights, accuracy_level=4)
+    assert report.nibble_nodes == 0 and verify_exact(model, weights) == []
 
 
 def test_the_dequantized_folder_keeps_its_gguf(case):
@@ -132,7 +172,3 @@ def test_builder_requantization_is_what_exact_replaces(tmp_path):
     assert len(problems) >= 5
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
-
-def test_eight_bit_nodes_get_int8_activations_four_bit_nodes_the_recipes_level():
-    from scripts.convert.gguf_exact import node_accuracy_level
-    assert node_accuracy_level(8, 1) == 4 and node_accuracy_level(4, 1) == 1 and node_accuracy_level(4, 4) == 4

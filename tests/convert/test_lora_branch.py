@@ -41,10 +41,10 @@ def make_adapter(hf, out, seed: int = 0):
     return logits, merged.config
 
 
-@pytest.fixture(scope="module")
-def gguf_case(tmp_path_factory):
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0"])  # Q8_0: every projection read as nibbles (nibble_matmul)
+def gguf_case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("branch")
-    gguf_path, hf, built = build_case(root, "Q4_1")
+    gguf_path, hf, built = build_case(root, request.param)
     merged_logits, config = make_adapter(hf, root / "adapter")
     return gguf_path, hf, built, root / "adapter", merged_logits, config
 
@@ -57,8 +57,9 @@ def test_branch_beside_exact_gguf_blocks_equals_the_merged_fp32_model(gguf_case)
     nodes = sorted({f"layers.{i}.{p}" for i in range(config.num_hidden_layers)
                     for p in ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")})
     branches = node_branches(pairs, scale, layout_from_shapes({k: v.shape for k, v in weights.items()}, nodes))
-    report = rewrite(model, weights, accuracy_level=1, branches=branches, eight_bit_level=1)
+    report = rewrite(model, weights, accuracy_level=1, branches=branches)
     assert report.branch_nodes == len(nodes)
+    assert report.nibble_nodes == (len(nodes) + 1 if weights["layers.0.o_proj"].bits == 8 else 0)
     assert verify_exact(model, weights) == []  # the base is still exactly the GGUF's
     ids = list(range(4, 40))
     want = merged_logits(ids)
@@ -97,8 +98,7 @@ def test_eight_bit_branch_is_close_and_smaller(gguf_case):
     sizes = {}
     for bits in (32, 8):
         model = onnx.load(str(built / "model.onnx"))
-        rewrite(model, weights, accuracy_level=1, branches=branches, branch_bits=bits,
-                eight_bit_level=1)
+        rewrite(model, weights, accuracy_level=1, branches=branches, branch_bits=bits)
         sizes[bits] = sum(len(i.raw_data) for i in model.graph.initializer if ".lora_" in i.name)
         ids = list(range(4, 40))
         want = merged_logits(ids)
