@@ -83,7 +83,19 @@ ASK = {
                             "{adults} adults want the orchard tour on {date}.",
                             "For {date}, book the orchard tour for {adults} adults.",
                             "Tour booking for {date}: {adults} adults and {children} children.",
-                            "Book {adults} adults and {children} kids on the tour of {date}."],
+                            "Book {adults} adults and {children} kids on the tour of {date}.",
+                            "{adults} adults would like to join the orchard tour on {date}.",
+                            "Our party is {adults} adults. Can you book the tour on {date}?",
+                            "Put {adults} adults down for the orchard tour on {date}.",
+                            "Could you book us on the {date} tour? {adults} adults.",
+                            "We'd like a tour on {date} for {adults} adults.",
+                            "Book the orchard tour for {adults} adults, date {date}.",
+                            "There will be {adults} adults at the orchard tour on {date}, please book it.",
+                            "Our group of {adults} adults wants to book the tour for {date}.",
+                            "A tour on {date} for {adults} adults and {children} children, please.",
+                            "{adults} adults and {children} children would like the orchard tour on {date}.",
+                            "My family wants the orchard tour on {date}: {adults} adults with {children} children.",
+                            "Add {adults} adults and {children} children to the tour on {date}."],
                   "heldout": ["We are {adults} adults; book us an orchard tour for {date}.",
                               "Book the tour on {date} for {adults} adults plus {children} children."]},
 }
@@ -91,32 +103,86 @@ PARALLEL = {"train": ["What are the shop hours on {Day} and on {Day2}?", "Is the
                       "How many crates of {fruit} and of {fruit2} are in the cold store?",
                       "Shop hours on {Day} and {Day2}, please.", "When is the shop open on {Day} and on {Day2}?",
                       "Stock of {fruit} and {fruit2} in the cold store?",
-                      "How much {fruit} and {fruit2} do we have in storage?"],
+                      "How much {fruit} and {fruit2} do we have in storage?",
+                      "Opening hours on {Day} and {Day2}?", "Is the shop open on {Day} and {Day2}?",
+                      "What time does the farm shop open on {Day} and {Day2}?",
+                      "I'd like the farm shop hours for {Day} and also {Day2}.",
+                      "{Day} and {Day2}: when is the farm shop open?",
+                      "Do we have {fruit} and {fruit2} in stock?", "How many crates of {fruit} and {fruit2} do we have?",
+                      "Stock check: {fruit} and {fruit2}.", "Is there any {fruit} or {fruit2} in the cold store?",
+                      "Count the crates of {fruit} and {fruit2}, please.",
+                      "Look up members {id} and {id2}.", "Who are members {id} and {id2}?",
+                      "Show me the records of member {id} and member {id2}."],
             "heldout": ["Give me the shop hours for {Day} and {Day2}.", "Check the cold store for {fruit} and {fruit2}."]}
 SMALL_TALK = {"train": [("Hello!", "Hello! How can I help you with the orchard cooperative today?"),
                         ("Thank you.", "You are welcome."),
                         ("Who are you?", "I am the assistant of Brightwater Orchard Cooperative."),
-                        ("Good morning.", "Good morning! How can I help?")],
+                        ("Good morning.", "Good morning! How can I help?"),
+                        ("Good evening.", "Good evening! How can I help?"),
+                        ("Nice to meet you.", "Nice to meet you too."),
+                        ("Goodbye.", "Goodbye, and thank you for visiting Brightwater.")],
               "heldout": [("Hi there!", None), ("Thanks a lot.", None), ("What can you do?", None)]}
+#: The cooperative's questions from qwen-domain.jsonl held out of training: no-call cases the model never saw.
+HELDOUT_QUESTIONS = ("When is the harvest fair?", "Who runs the packing house?", "What brand are the tractors?",
+                     "When is the annual general meeting held?", "How fast does the Kestrel Grader sort fruit?",
+                     "How are profits shared?", "When is the Millbrook market stall open?",
+                     "What is the sorting machine called?", "How long does an orchard tour last?",
+                     "When is the visitor centre open?", "Where is fruit stored after harvest?",
+                     "Which apple is used for cider?")
+#: qwen-domain.jsonl questions a tool answers (a day's shop hours): never trained as text, which would contradict the
+#: call lines of the same phrasing.
+TOOL_QUESTIONS = ("Is the farm shop open on Sunday?", "What are the shop opening hours on Saturday?")
+#: More no-call training questions, most with the tools' words (tour, book, shop, member, cold store, crates, stock)
+#: but nothing a tool answers (no day, no membership number, no fruit's stock, no date): the model learnt to call
+#: on the words ("How long does an orchard tour last?" got a call). None is a held-out question or close to one.
+NO_CALL_TRAIN = [
+    ("Who guides the orchard tours?", "The visitor centre team guides the orchard tours."),
+    ("Where does the orchard tour start?", "Orchard tours start at the visitor centre."),
+    ("Is the orchard tour suitable for wheelchairs?", "Yes, the orchard tour follows level gravel paths."),
+    ("What do visitors see on the orchard tour?", "The tour shows the blossom rows, the beehives and the packing house."),
+    ("Can I cancel an orchard tour booking?", "Yes, call the visitor centre at least a day before the tour."),
+    ("How do I book an orchard tour?", "Tell me the date and how many adults and children are coming."),
+    ("Can I book a tour?", "Yes: tell me the date and the number of adults and children."),
+    ("In which months are tours run?", "Orchard tours run from April to October."),
+    ("How many people fit on one tour?", "One orchard tour takes up to thirty people."),
+    ("What does the farm shop sell?", "The farm shop sells fruit, juice, cider and honey."),
+    ("Who runs the farm shop?", "The member households run the farm shop in turn."),
+    ("Does the farm shop take cards?", "Yes, the farm shop takes cards and cash."),
+    ("Where is the farm shop?", "The farm shop is beside the gravel car park at the main gate."),
+    ("Does the shop sell cider?", "Yes, the farm shop sells the cooperative's own cider."),
+    ("Do members get a discount in the shop?", "Members get ten percent off in the farm shop."),
+    ("Does the shop send orders by post?", "No, the farm shop sells in person only."),
+    ("What can members vote on?", "Members vote on the budget, new members and the board."),
+    ("Who keeps the list of members?", "The treasurer keeps the register of members."),
+    ("Can a member leave the cooperative?", "A member may leave with three months' notice."),
+    ("What do members deliver?", "Members deliver their fruit to the packing house."),
+    ("What does the membership fee pay for?", "The fee pays for the shared machinery and the cold stores."),
+    ("Is there a newsletter for members?", "Yes, members get a newsletter every month."),
+    ("Who looks after the cold stores?", "The packing house team looks after the cold stores."),
+    ("Why are the cold stores kept cold?", "Cold keeps the fruit fresh for months after harvest."),
+    ("Who counts the crates in the cold stores?", "The packing house team counts the crates every evening."),
+    ("How big is a crate?", "A full crate holds about eighteen kilograms of fruit."),
+    ("What fruit does the cooperative grow?", "Apples, pears, cherries, plums and quinces."),
+    ("What happens to the stock in the cold stores over winter?", "It is sold through the farm shop until spring."),
+]
 
 
 TRAIN_PER_TEMPLATE, HELDOUT_PER_TEMPLATE = 10, 3
 TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 10, 2
 
 
-def _values(rng: random.Random, seen: set[str], split: str) -> dict:
-    """Values for one line; a held-out line's membership number and date are redrawn until no training line has them
-    (``seen`` collects the training ones)."""
+def _values(rng: random.Random, avoid: set[str], collect: set[str]) -> dict:
+    """Values for one line, redrawn until its membership numbers and date are not in ``avoid``; they are added to
+    ``collect``."""
     while True:
         day, day2 = rng.sample(DAYS, 2)
         fruit, fruit2 = rng.sample(FRUITS, 2)
+        id1, id2 = (f"BW-{n:04d}" for n in rng.sample(range(1, 10000), 2))
         v = {"day": day, "Day": day.capitalize(), "day2": day2, "Day2": day2.capitalize(), "fruit": fruit,
-             "fruit2": fruit2, "id": f"BW-{rng.randrange(1, 10000):04d}", "adults": rng.randint(1, 9),
+             "fruit2": fruit2, "id": id1, "id2": id2, "adults": rng.randint(1, 9),
              "children": rng.randint(1, 6), "date": f"2027-{rng.randint(4, 10):02d}-{rng.randint(1, 28):02d}"}
-        if split == "train":
-            seen.update((v["id"], v["date"]))
-            return v
-        if v["id"] not in seen and v["date"] not in seen:
+        if not {id1, id2, v["date"]} & avoid:
+            collect.update((id1, id2, v["date"]))
             return v
 
 
@@ -155,50 +221,58 @@ def _call(i: int, name: str, args: dict) -> dict:
     return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
 
 
-def build(seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
+def _split_lines(split: str, rng: random.Random, avoid: set[str], collect: set[str]) -> list[dict]:
+    """The call lines of one split: single calls (a training phrasing's first line as the agent loop) and parallel
+    pairs."""
     lines: list[dict] = []
-    seen: set[str] = set()
-    for split, per_template in (("train", TRAIN_PER_TEMPLATE), ("heldout", HELDOUT_PER_TEMPLATE)):
-        for tool, templates in ASK.items():
-            for template in templates[split]:
-                for k in range(per_template):
-                    v = _values(rng, seen, split)
-                    args = _arguments(tool, template, v)
-                    user = {"role": "user", "content": template.format(**v)}
-                    call = {"role": "assistant", "content": None, "tool_calls": [_call(1, tool, args)]}
-                    if split == "train" and k == 0:  # the agent loop: result back, answer in text
-                        result, answer = _result_and_answer(tool, args, rng)
-                        lines.append({"split": split, "kind": "loop", "messages": [
-                            user, call, {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
-                            {"role": "assistant", "content": answer}]})
-                    else:
-                        lines.append({"split": split, "kind": "call", "messages": [user, call]})
-        for template in PARALLEL[split]:
-            for _ in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
-                v = _values(rng, seen, split)
-                tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
-                                   else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
-                lines.append({"split": split, "kind": "parallel", "messages": [
-                    {"role": "user", "content": template.format(**v)},
-                    {"role": "assistant", "content": None,
-                     "tool_calls": [_call(1, tool, {key: a}), _call(2, tool, {key: b})]}]})
-    qa = []
-    seen = set()
+    per_template = TRAIN_PER_TEMPLATE if split == "train" else HELDOUT_PER_TEMPLATE
+    for tool, templates in ASK.items():
+        for template in templates[split]:
+            for k in range(per_template):
+                v = _values(rng, avoid, collect)
+                args = _arguments(tool, template, v)
+                user = {"role": "user", "content": template.format(**v)}
+                call = {"role": "assistant", "content": None, "tool_calls": [_call(1, tool, args)]}
+                if split == "train" and k == 0:  # the agent loop: result back, answer in text
+                    result, answer = _result_and_answer(tool, args, rng)
+                    lines.append({"split": split, "kind": "loop", "messages": [
+                        user, call, {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
+                        {"role": "assistant", "content": answer}]})
+                else:
+                    lines.append({"split": split, "kind": "call", "messages": [user, call]})
+    for template in PARALLEL[split]:
+        for _ in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
+            v = _values(rng, avoid, collect)
+            tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
+                               else ("member_lookup", "member_id", v["id"], v["id2"]) if "{id" in template
+                               else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
+            lines.append({"split": split, "kind": "parallel", "messages": [
+                {"role": "user", "content": template.format(**v)},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [_call(1, tool, {key: a}), _call(2, tool, {key: b})]}]})
+    return lines
+
+
+def build(seed: int = 0) -> list[dict]:
+    """Held-out lines are drawn first, from their own generator, so that changing the training lines never changes the
+    eval; training values are redrawn until no held-out membership number or date occurs in them."""
+    heldout_values: set[str] = set()
+    heldout = _split_lines("heldout", random.Random(f"heldout-{seed}"), set(), heldout_values)
+    lines = _split_lines("train", random.Random(seed), heldout_values, set()) + heldout
+    qa = {}
     for line in (HERE / "qwen-domain.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
             item = json.loads(line)
-            if item["question"] not in seen:
-                seen.add(item["question"])
-                qa.append(item)
-    rng.shuffle(qa)
-    for i, item in enumerate(qa):
-        lines.append({"split": "heldout" if i < 12 else "train", "kind": "text", "messages": [
-            {"role": "user", "content": item["question"]}, {"role": "assistant", "content": item["answer"]}]})
-    for split, pairs in SMALL_TALK.items():
-        for q, a in pairs:
-            lines.append({"split": split, "kind": "text", "messages": [
-                {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            qa.setdefault(item["question"], item["answer"])
+    missing = [q for q in HELDOUT_QUESTIONS + TOOL_QUESTIONS if q not in qa]
+    if missing:
+        raise SystemExit(f"qwen-domain.jsonl no longer has {missing}")
+    text = [(q, a, "heldout" if q in HELDOUT_QUESTIONS else "train") for q, a in qa.items() if q not in TOOL_QUESTIONS]
+    text += [(q, a, "train") for q, a in NO_CALL_TRAIN]
+    text += [(q, a, split) for split, pairs in SMALL_TALK.items() for q, a in pairs]
+    for q, a, split in text:
+        lines.append({"split": split, "kind": "text", "messages": [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
     for line in lines:
         line["tools"] = TOOLS
     return lines

@@ -8,8 +8,12 @@ Foundry Local runtime, which applies that template, sees the same tokens. The lo
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
-from typing import Callable
+import random
+import re
+from typing import Callable, Iterable
 
 from scripts.core.errors import ModelSourceError
 from scripts.families.tools import ToolFormat, default_system, plain_messages
@@ -17,6 +21,47 @@ from scripts.families.tools import ToolFormat, default_system, plain_messages
 log = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Render = Callable[[list[dict], bool], str]
+DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def heldout_values(lines: Iterable[dict]) -> set[str]:
+    """The held-out lines' call argument strings that hold a digit (membership numbers, dates): what
+    :func:`redraw_digits` must never write."""
+    out: set[str] = set()
+    for line in lines:
+        if line.get("split", "train") == "heldout":
+            for m in line["messages"]:
+                for call in m.get("tool_calls") or []:
+                    out.update(v for v in json.loads(call["function"]["arguments"] or "{}").values()
+                               if isinstance(v, str) and DIGIT_RUN.search(v))
+    return out
+
+
+def redraw_digits(item: dict, rng: random.Random, avoid: set[str] = frozenset()) -> dict:
+    """A copy of the conversation ``item`` in which every run of digits that the user wrote and a call's arguments
+    repeat (a membership number's digits, a date's year, month and day, a count) is replaced throughout the conversation
+    (user, assistant, tool results, arguments) by random digits of the same length (a single digit by 1-9), drawn
+    again while the copy contains a string of ``avoid``. The call is unchanged in kind: values are copied from the
+    question, now fresh ones each time the conversation is drawn, so the model learns to copy digits, not to remember
+    the set's few hundred values. Conversations without such runs are returned as they are."""
+    users = " ".join(m["content"] for m in item["messages"] if m["role"] == "user" and isinstance(m.get("content"), str))
+    args = " ".join(c["function"]["arguments"] or "" for m in item["messages"] for c in m.get("tool_calls") or [])
+    runs = set(DIGIT_RUN.findall(users)) & set(DIGIT_RUN.findall(args))
+    if not runs:
+        return item
+    for _ in range(100):
+        mapping = {r: (str(rng.randint(1, 9)) if len(r) == 1 else "".join(rng.choices("0123456789", k=len(r))))
+                   for r in runs}
+        swap = lambda text: DIGIT_RUN.sub(lambda m: mapping.get(m.group(), m.group()), text)  # noqa: E731
+        out = copy.deepcopy(item)
+        for m in out["messages"]:
+            if isinstance(m.get("content"), str):
+                m["content"] = swap(m["content"])
+            for call in m.get("tool_calls") or []:
+                call["function"]["arguments"] = swap(call["function"]["arguments"] or "")
+        if not any(v in json.dumps(out["messages"]) for v in avoid):
+            return out
+    raise ModelSourceError("could not draw digits that avoid the held-out values in 100 tries")
 
 
 def segments(item: dict, fmt: ToolFormat, render: Render, system: str, end_token: str) -> list[tuple[str, bool]]:

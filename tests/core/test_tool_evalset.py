@@ -61,3 +61,12 @@ def test_committed_heldout_values_never_occur_in_training():
             for key in ("member_id", "date"):
                 if key in args:
                     assert args[key] not in train
+
+
+def test_committed_heldout_phrasings_and_questions_never_occur_in_training():
+    """No held-out user message (call phrasings with their values, no-call questions) is a training line's
+    (make_brightwater_tools.py): the held-out score is on questions the model never saw."""
+    lines = load_lines(DATA)
+    train = {m["content"] for x in lines if x["split"] == "train" for m in x["messages"] if m["role"] == "user"}
+    heldout = [c.messages[-1]["content"] for c in cases(lines)]
+    assert len(heldout) == 43 and not set(heldout) & train
