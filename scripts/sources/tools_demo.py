@@ -45,9 +45,9 @@ PROVENANCE_FILE = "slmops_tools_demo.json"
 DEFAULT_DATASET = REPO_ROOT / "recipes" / "data" / "brightwater-tools.jsonl"
 
 #: The demo model's shape with room for the tool preamble (1,024 positions) and longer replies (calls, answers).
-SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=150, batch_size=16, max_new_tokens=96)
+SETTINGS = DemoSettings(vocab_size=2048, max_position_embeddings=1024, steps=250, batch_size=16, max_new_tokens=96)
 #: Steps of the first phase, on the conversations without the tool preamble (see :func:`build_tools_model`).
-SHORT_STEPS = 700
+SHORT_STEPS = 1400
 #: Share of draws with fresh digits (:func:`build_tools_model`).
 FRESH_DIGITS = 0.5
 
