@@ -28,7 +28,6 @@ from scripts.core.errors import ConversionError
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 LAYER_NODE = re.compile(r"^/model/layers\.(\d+)/(?:attn|mlp)/(\w+)/MatMul")
 _ADAPTER_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-BRANCH_BITS = (32, 8)
 
 
 @dataclass(frozen=True)
@@ -201,9 +200,13 @@ def quantize_8bit(w: np.ndarray) -> ExactBlocks:
 
 
 def low_rank_matmul(edit: GraphEdit, x: str, w: np.ndarray, name: str, bits: int, accuracy_level: int) -> str:
-    """``x·w`` for a float ``w [K, N]``: a float MatMul, or at ``bits`` 8 a ``MatMulNBits``."""
+    """``x·w`` for a float ``w [K, N]``: a float MatMul (at ``bits`` 16 stored as float16, cast once at load), or at
+    ``bits`` 8 a ``MatMulNBits``."""
     if bits == 32:
         return edit.node("MatMul", [x, edit.put(name, w)], f"{name}/MatMul")
+    if bits == 16:
+        half = edit.node("Cast", [edit.put(name, w.astype(np.float16))], f"{name}/Cast", to=onnx.TensorProto.FLOAT)
+        return edit.node("MatMul", [x, half], f"{name}/MatMul")
     blocks = quantize_8bit(w)
     arrays = matmul_nbits_arrays(blocks)
     return edit.node("MatMulNBits", [x, edit.put(f"{name}.weight_Q8", arrays["B"]),
@@ -216,7 +219,7 @@ def branch_terms(edit: GraphEdit, x: str, branch: LowRank, base: str, bits: int,
     """``(x·A)·B`` as graph nodes. At 8 bits the rank is padded with zeros to a multiple of 16 (the smallest block
     ``MatMulNBits`` takes along B's K): the padding adds exactly nothing."""
     a, b = branch.a, branch.b
-    if bits != 32 and a.shape[1] % 16:
+    if bits == 8 and a.shape[1] % 16:
         pad = 16 - a.shape[1] % 16
         a = np.concatenate([a, np.zeros((a.shape[0], pad), np.float32)], axis=1)
         b = np.concatenate([b, np.zeros((pad, b.shape[1]), np.float32)], axis=0)

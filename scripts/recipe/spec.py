@@ -49,6 +49,8 @@ def families() -> tuple[str, ...]:
 GGUF_ROUTES = ("exact", "requantize")
 #: conversion.adapter: a LoRA kept as its own branch, or merged into the weights.
 ADAPTER_ROUTES = ("branch", "merge")
+#: ``conversion.adapter_bits``: a branch's weights in FP32, float16 (computed in FP32) or 8-bit blocks.
+BRANCH_BITS = (32, 16, 8)
 #: How GroupQueryAttention stores past keys and values: the graph's float type, or int8 with calibrated scales.
 KV_CACHE_TYPES = ("float", "int8")
 
@@ -106,8 +108,9 @@ SCHEMA = Obj({
                          help="a LoRA (model.adapter or model.finetune): 'branch' keeps it as its own low-rank branch "
                               "beside each projection (never rounded onto the base's grid); 'merge' merges it into the "
                               "weights before converting"),
-        "adapter_bits": Field(int, default=32, choices=(32, 8),
-                              help="conversion.adapter 'branch': the branch's weights in FP32 or 8-bit blocks"),
+        "adapter_bits": Field(int, default=32, choices=BRANCH_BITS,
+                              help="conversion.adapter 'branch': the branch's weights in FP32, float16 (computed in "
+                                   "FP32) or 8-bit blocks (computed with int8 activations)"),
         "fidelity": Obj({
             "max_kld": Field(float, default=0.1, check=in_range(0.0, 100.0),
                              help="mean per-token KL divergence from FP32 ONNX allowed (compare, --precision auto)"),
@@ -280,7 +283,7 @@ class Conversion:
     kv_cache: str  # scripts/convert/kv_cache.py
     gguf: str  # a GGUF source's blocks carried exactly (scripts/convert/gguf_exact.py) or re-quantized
     adapter: str  # a LoRA kept as a branch (scripts/convert/lora_branch.py) or merged
-    adapter_bits: int  # the branch's weights: FP32 or 8-bit
+    adapter_bits: int  # the branch's weights: FP32, float16 or 8-bit
 
     def reference(self) -> "Conversion":
         """The FP32 build of the same model the fidelity gate and ``compare`` measure against: float weights, float

@@ -96,7 +96,7 @@ def test_eight_bit_branch_is_close_and_smaller(gguf_case):
                     for p in ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")})
     branches = node_branches(pairs, scale, layout_from_shapes({k: v.shape for k, v in weights.items()}, nodes))
     sizes = {}
-    for bits in (32, 8):
+    for bits in (32, 16, 8):
         model = onnx.load(str(built / "model.onnx"))
         rewrite(model, weights, accuracy_level=1, branches=branches, branch_bits=bits)
         sizes[bits] = sum(len(i.raw_data) for i in model.graph.initializer if ".lora_" in i.name)
@@ -104,8 +104,9 @@ def test_eight_bit_branch_is_close_and_smaller(gguf_case):
         want = merged_logits(ids)
         got = ort_logits(model, ids, config)
         assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
-        assert float(np.abs(got - want).max()) < (2e-5 if bits == 32 else 2e-2) * float(np.abs(want).max())
-    assert sizes[8] < sizes[32]  # at rank 4 the padding to 16 eats most of the gain; SmolLM2 (rank 16): see docs
+        tolerance = {32: 2e-5, 16: 2e-3, 8: 2e-2}[bits]
+        assert float(np.abs(got - want).max()) < tolerance * float(np.abs(want).max())
+    assert sizes[8] < sizes[32] and sizes[16] < sizes[32]  # rank 4: padding to 16 eats most of 8-bit's gain
 
 
 def test_quantize_8bit_round_trip():

@@ -305,7 +305,7 @@ def test_carried_weights_keys_default_to_exact_and_branch(recipes):
     message = load_error(recipes, doc)
     assert "conversion.gguf: 'lossless' is not allowed; choose one of: 'exact', 'requantize'" in message
     assert "conversion.adapter: 'fuse' is not allowed; choose one of: 'branch', 'merge'" in message
-    assert "conversion.adapter_bits: 4 is not allowed; choose one of: 32, 8" in message
+    assert "conversion.adapter_bits: 4 is not allowed; choose one of: 32, 16, 8" in message
     assert "conversion.kv_cache: 'int4' is not allowed; choose one of: 'float', 'int8'" in message
 
 
