@@ -156,7 +156,7 @@ class InstalledSteps:
                     "precision / smaller block size (conversion.quantization).")
         if cases:
             tool_score = self.score_replies(cases, tool_texts, fmt)
-            require_tool_score(tool_score, self.recipe, "through Foundry Local")
+            require_tool_score(tool_score, self.recipe, model_id, "through Foundry Local")
             summary["tools"] = tool_score.to_json()
         headline = (summary.get("accuracy_figure") or "answers").replace(".0 %", "%").replace(" %", "%")
         versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
@@ -172,12 +172,13 @@ class InstalledSteps:
             checked != self.model_id else None
 
 
-def require_tool_score(tool_score, recipe: Recipe, where: str) -> None:
-    """:class:`QualityError` unless both rates of ``tool_score`` reach the recipe's ``eval.min_accuracy``."""
+def require_tool_score(tool_score, recipe: Recipe, model_id: str, where: str) -> None:
+    """:class:`QualityError` unless both rates of ``tool_score`` reach the recipe's ``eval.min_accuracy``;
+    ``model_id``: the installed version's id (a redeploy may have made it other than the recipe's)."""
     if tool_score.passes(recipe.eval.min_accuracy):
         return
     examples = "\n".join(f"  - {f['ask']!r}: expected {f['expected']}, got calls {f['got_calls']} text {f['got_text']!r}"
                          for f in tool_score.failures[:5])
-    raise QualityError(f"{recipe.foundry.model_id} on the held-out tool cases of {recipe.eval.tools.name} {where}: "
+    raise QualityError(f"{model_id} on the held-out tool cases of {recipe.eval.tools.name} {where}: "
                        f"{tool_score.figure()}; the recipe requires {100 * recipe.eval.min_accuracy:.0f} % of each "
                        f"(eval.min_accuracy). Failures, e.g.:\n{examples}")

@@ -70,3 +70,17 @@ def test_committed_heldout_phrasings_and_questions_never_occur_in_training():
     train = {m["content"] for x in lines if x["split"] == "train" for m in x["messages"] if m["role"] == "user"}
     heldout = [c.messages[-1]["content"] for c in cases(lines)]
     assert len(heldout) == 43 and not set(heldout) & train
+
+
+def test_a_failed_tool_score_names_the_installed_version_and_what_is_required(tmp_path):
+    """A redeploy with other bytes installs version 2 of a recipe that says 1: the error names what was asked."""
+    from scripts.core.errors import QualityError
+    from scripts.pipeline.installed_steps import require_tool_score
+    from scripts.recipe.load import load_recipe
+    recipe = load_recipe("brightwater-tools")
+    score = ToolScore(calls_ok=1, calls=4, text_ok=2, texts=2)
+    with pytest.raises(QualityError) as info:
+        require_tool_score(score, recipe, "brightwater-tools:2", "through Foundry Local")
+    assert str(info.value).startswith("brightwater-tools:2 on the held-out tool cases")
+    assert "calls 1/4 (25.0 %)" in str(info.value) and "90 % of each (eval.min_accuracy)" in str(info.value)
+    require_tool_score(ToolScore(calls_ok=4, calls=4, text_ok=2, texts=2), recipe, "x:1", "here")  # passes: no error
