@@ -228,9 +228,13 @@ def print_serve_check(console: Console, result: dict[str, Any]) -> None:
     rows.append(("TTFT median ms", *(fmt(c["ttft_ms"]) for c in cols)))
     rows.append(("decode tok/s median", *(fmt(c["decode_tps"]) for c in cols)))
     rows.append(("request s median", *(fmt(c["request_s"], 3) for c in cols)))
-    print_rows(console, f"invoke serve --check: {result['model_id']} at {result['base_url']} "
-                        f"({result['questions']} questions; streamed and in-process capped at {result['max_tokens']} "
-                        "tokens)", ("", *(c["name"] for c in cols)), rows)
+    if result["questions"]:
+        print_rows(console, f"invoke serve --check: {result['model_id']} at {result['base_url']} "
+                            f"({result['questions']} questions; streamed and in-process capped at "
+                            f"{result['max_tokens']} tokens)", ("", *(c["name"] for c in cols)), rows)
+    else:  # a tools-only recipe: no questions, so no answer table to print
+        console.print(f"invoke serve --check: {result['model_id']} at {result['base_url']} (no eval.dataset "
+                      "questions; tool cases only)")
     for way, score in result.get("tools", {}).items():
         console.print(f"held-out tool cases, {way}: {score['figure']}")
     first = f" First question: {result['prompt']!r} → {result['answer']!r}" if result.get("prompt") else ""

@@ -96,3 +96,14 @@ def test_serve_check_and_check_at_80_columns():
              "first_answer_seconds": 0.05, "generate_seconds": 3.2, "accuracy_figure": "100.0 % (76/76)",
              "context": "512 tokens; a default SDK client (2048 output tokens) is refused"}
     readable(render(print_check, check), 80, check["answer"], check["context"])
+
+
+def test_serve_check_of_a_tools_only_recipe_prints_the_tool_scores_without_an_empty_answer_table():
+    cols = [{"name": n, "ttft_ms": None, "decode_tps": None, "request_s": None}
+            for n in ("in-process", "HTTP streamed", "HTTP non-streamed, client defaults")]
+    result = {"model_id": "brightwater-tools:1", "base_url": "http://127.0.0.1:40123/v1", "questions": 0,
+              "max_tokens": 96, "listed": ["brightwater-tools:1"], "server": {"stopped_by": "SIGTERM"},
+              "columns": cols, "tools": {"HTTP streaming": {"figure": "calls 22/28 (78.6 %), no call 11/15 (73.3 %)"}}}
+    text = render(print_serve_check, result)
+    readable(text, 80, "tool cases only", "calls 22/28 (78.6 %)")
+    assert "TTFT median ms" not in text and "0 questions" not in text
