@@ -142,7 +142,7 @@ def test_real_bench_with_the_peer_on_the_tiny_model(tiny_onnx_model, tiny_hf_mod
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setattr(bench_module, "measure_bandwidth", lambda: Bandwidth(10.0, 0.0, 1, 1))
     pipeline = SimpleNamespace(installed_dir=tiny_onnx_model, model_dir=tiny_hf_model, cache_root=tmp_path / "cache",
-                               recipe=SimpleNamespace(name="tiny", foundry=SimpleNamespace(model_id="tiny-peer:1")),
+                               model_id="tiny-peer:1", recipe=SimpleNamespace(name="tiny", foundry=SimpleNamespace(model_id="tiny-peer:1")),
                                paths=SimpleNamespace(root=tmp_path / "build" / "tiny"))
     tiny = Profile("tiny", lengths=(16,), max_prompt_tokens=40, new_tokens=4, warmup=0, repeats=2)
     data = run_bench(pipeline, tiny, peer="llama.cpp")
