@@ -177,16 +177,13 @@ def _rewrite_embedding(edit: GraphEdit, head, table: ExactBlocks, tied: bool, he
         data, scales, zp = head.input[1], head.input[2], (head.input[3] if len(head.input) > 3 else "")
         offsets = f"{head.input[1].rsplit('.weight', 1)[0]}.block_offsets"
         offsets = offsets if offsets in edit.inits else None
-    elif tied:  # the head reads its bytes as nibbles, with its own zero points and offsets; the lookup as 8-bit codes
-        data, scales = head.input[1], head.input[2]
+    else:  # its own 8-bit zero points and offsets; a tied head read as nibbles still shares its codes and scales
         arrays = matmul_nbits_arrays(table)
-        zp = edit.put("model.embed_tokens.exact_zp", arrays["zero_points"]) if arrays["zero_points"] is not None else ""
-        offsets = (edit.put("model.embed_tokens.block_offsets", arrays["offsets"]) if arrays["offsets"] is not None
-                   else None)
-    else:
-        arrays = matmul_nbits_arrays(table)
-        data = edit.put("model.embed_tokens.exact_codes", arrays["B"])
-        scales = edit.put("model.embed_tokens.exact_scales", arrays["scales"])
+        if tied:
+            data, scales = head.input[1], head.input[2]
+        else:
+            data = edit.put("model.embed_tokens.exact_codes", arrays["B"])
+            scales = edit.put("model.embed_tokens.exact_scales", arrays["scales"])
         zp = edit.put("model.embed_tokens.exact_zp", arrays["zero_points"]) if arrays["zero_points"] is not None else ""
         offsets = (edit.put("model.embed_tokens.block_offsets", arrays["offsets"]) if arrays["offsets"] is not None
                    else None)
