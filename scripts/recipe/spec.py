@@ -98,7 +98,7 @@ SCHEMA = Obj({
         "kv_cache": Field(str, default="float", choices=KV_CACHE_TYPES,
                           help="the KV cache: 'float' (exact) or 'int8' (per-channel scales calibrated on text the "
                                "fidelity gate never scores; a quarter of the bytes attention reads per token: decode at "
-                               "8k tokens +56 %, but ONNX Runtime 1.31's int8 attention makes prefill 1.8-3.6x "
+                               "8k tokens +56 %, but ONNX Runtime 1.31's int8 attention makes prefill 1.8-3.7x "
                                "slower; measured by the gate like any quantization)"),
         "gguf": Field(str, default="exact", choices=GGUF_ROUTES,
                       help="a quantized GGUF source at int4: 'exact' carries its blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
