@@ -41,11 +41,15 @@ class BuildSteps:
     @property
     def carried(self) -> Carried:
         """What the convert step carries into the graph instead of re-quantizing: the source GGUF's blocks (an int4
-        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``)."""
+        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``). An adapter
+        merged into the weights (``conversion.adapter: "merge"``) makes them other than the GGUF's blocks: the merged
+        model is then quantized again whatever ``conversion.gguf`` says (the recipe notes it)."""
         c = self.recipe.conversion
         kept = self.base_dir / KEPT_GGUF
-        exact = self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4" and has_blocks(kept)
         branch = self.adapter_dir if self.adapter_dir and c.adapter == "branch" else None
+        merged = self.adapter_dir is not None and branch is None  # the weights are no longer the GGUF's blocks
+        exact = (self.recipe.source.gguf_file and c.gguf == "exact" and c.precision == "int4" and not merged
+                 and has_blocks(kept))
         return Carried(kept if exact else None, branch, c.adapter_bits)
 
     @property

@@ -79,6 +79,11 @@ def parse_recipe(doc: Any, path: Path, model_path: str | Path | None = None) -> 
     if dataset is not None and not dataset.is_file():
         raise RecipeError(f"{path}: eval.dataset: {dataset} does not exist. Point it at a JSONL file of "
                           "{\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+    if source.gguf_file and conv["gguf"] == "exact" and conv["adapter"] == "merge" and \
+            (data["model"]["adapter"] or data["model"]["finetune"]["dataset"]):
+        notes.append(f"{path.name}: conversion.adapter \"merge\" changes the GGUF's weights, so the merged model is "
+                     "quantized again (conversion.gguf \"exact\" keeps a GGUF's blocks only when nothing is merged "
+                     "into them; conversion.adapter \"branch\" keeps both exact)")
     tools = (path.parent / ev["tools"]).resolve() if ev["tools"] else None
     if tools is not None and not tools.is_file():
         raise RecipeError(f"{path}: eval.tools: {tools} does not exist. Point it at a JSONL tool-calling set (OpenAI "

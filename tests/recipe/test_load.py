@@ -309,6 +309,27 @@ def test_carried_weights_keys_default_to_exact_and_branch(recipes):
     assert "conversion.kv_cache: 'int4' is not allowed; choose one of: 'float', 'int8'" in message
 
 
+def test_a_merged_adapter_is_never_replaced_by_the_gguf_blocks(recipes):
+    """Merging changes the weights: carrying the GGUF's blocks then would deploy the base and drop the fine-tune."""
+    from scripts.pipeline import Pipeline
+    from scripts.sources.gguf import KEPT_GGUF
+    doc = json.loads((Path(__file__).parents[2] / "recipes" / "smollm2.json").read_text())
+    data = str(Path(__file__).parents[2] / "recipes" / "data" / "qwen-domain.jsonl")
+    doc["model"]["finetune"]["dataset"] = doc["eval"]["dataset"] = data
+    doc["conversion"]["adapter"] = "merge"
+    write(recipes, "merged", doc)
+    recipe = load_recipe("merged")
+    assert any('conversion.adapter "merge" changes the GGUF\'s weights, so the merged model is quantized again'
+               in n for n in recipe.notes)
+    pipeline = Pipeline(recipe)
+    assert pipeline.carried.gguf is None and pipeline.carried.adapter is None
+    assert pipeline.convert_dir == pipeline.model_dir == pipeline.paths.merged
+    doc["conversion"]["adapter"] = "branch"
+    write(recipes, "branched", doc)
+    branched = load_recipe("branched")
+    assert not branched.notes and Pipeline(branched).carried.gguf == Pipeline(branched).base_dir / KEPT_GGUF
+
+
 def test_smollm2_recipe_carries_its_gguf_and_keeps_the_finetune_as_a_branch(monkeypatch):
     from scripts.pipeline import Pipeline
     from scripts.sources.gguf import KEPT_GGUF
