@@ -17,8 +17,10 @@ RECIPE_HELP = "recipe name in recipes/ (e.g. qwen) or a path to a recipe .json"
 MODEL_PATH_HELP = "deploy this Hugging Face model folder or .gguf file instead of the recipe's model.source"
 FORCE_HELP = "rebuild every step even if its inputs did not change"
 PRECISION_HELP = (f"{', '.join(p for p in TABLE_ORDER if not refusal(p))} instead of the recipe's conversion.precision "
-                  f"({', '.join(p for p in TABLE_ORDER if refusal(p))} refused on CPU), or auto: the smallest "
-                  "precision whose eval accuracy stays within conversion.auto_threshold of FP32's")
+                  f"({', '.join(p for p in TABLE_ORDER if refusal(p))} refused on CPU), or auto: build and measure "
+                  "the layouts (INT8, INT4 layouts, a GGUF's blocks exact, the adapter as a branch or merged) and "
+                  "deploy the smallest that keeps conversion.auto_threshold of FP32's eval accuracy and the fidelity "
+                  "thresholds (proof/auto.md)")
 NO_WAIT_HELP = ("when another command is using this recipe's build folder or its installed model, exit with code 75 "
                 "naming it instead of waiting for it")
 FAMILY_HELP = ("prompt-format family instead of the recipe's model.family: a name from `invoke families`, auto "
@@ -75,7 +77,7 @@ def _recipe(console, model, model_path=None, family=None, precision=None, wait=T
     recipe = with_precision(override_family(load_recipe(model, model_path), family), precision)
     _print_notes(console, recipe)
     if recipe.conversion.precision == AUTO:  # measuring the candidates: the proof layer's job
-        from scripts.commands.compare import resolve_auto
+        from scripts.commands.auto import resolve_auto
         with console.status("choosing the precision…") as status, recipe_locked(recipe, console.print, wait):
             recipe = resolve_auto(recipe, console.print, status.update)
     return recipe
@@ -355,10 +357,8 @@ def report(c, model=DEFAULT_RECIPE, model_path=None):
     console.print(f"Report: {md}\n        {html}")
 
 
-@recipe_task(precisions=f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)",
-            precision="auto: also say which precision --precision auto would deploy, and why")
-def compare(c, model=DEFAULT_RECIPE, model_path=None, precisions=",".join(TABLE_ORDER), precision=None, family=None,
-            no_wait=False):
+@recipe_task(precisions=f"comma-separated subset of {','.join(TABLE_ORDER)} (default: all)")
+def compare(c, model=DEFAULT_RECIPE, model_path=None, precisions=",".join(TABLE_ORDER), family=None, no_wait=False):
     """Build every precision (cached) and measure size, speed and quality side by side: the tutorial's table, measured."""
     from scripts.pipeline import recipe_locked
     from scripts.commands.compare import run_compare
@@ -371,16 +371,17 @@ def compare(c, model=DEFAULT_RECIPE, model_path=None, precisions=",".join(TABLE_
     with console.status("working…") as status, recipe_locked(recipe, console.print, not no_wait):
         report = run_compare(recipe, [p.strip() for p in precisions.split(",") if p.strip()],
                              announce=console.print, status=status.update)
-    print_compare(console, report, show_auto=precision == "auto")
+    print_compare(console, report)
 
 
-@recipe_task(candidates="a JSON list of candidates ({\"name\": ..., <conversion.quantization keys>}); default: the "
-                          "built-in grid (scripts/commands/tune.py GRID)",
+@recipe_task(candidates="a JSON list of candidates ({\"name\": ..., <conversion.quantization keys, precision, gguf, "
+                          "adapter, adapter_bits>}); default: the built-in grid (scripts/commands/layouts.py GRID)",
             max_size_ratio="largest size allowed, as a fraction of the FP32 ONNX build (default 0.25)")
 def tune(c, model=DEFAULT_RECIPE, model_path=None, candidates=None, max_size_ratio="0.25", family=None,
          no_wait=False):
-    """Search INT4 layouts (block size, symmetry, 8-bit weight groups) for the fastest that keeps the recipe's eval
-    accuracy and fidelity thresholds, measured through Foundry Local; prints the winner's recipe keys."""
+    """Search layouts (block size, symmetry, 8-bit weight groups, how a GGUF or an adapter is carried) for the fastest
+    that keeps the recipe's eval accuracy and fidelity thresholds, measured through Foundry Local; prints the winner's
+    recipe keys (`--precision auto` searches and deploys the smallest instead)."""
     from scripts.pipeline import recipe_locked
     from scripts.commands.tune import load_candidates, run_tune
     from scripts.families.select import override_family

@@ -15,12 +15,11 @@ config with random weights (``synthetic:`` sources) get sizes and speeds only: t
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scripts.convert.graph_check import summarise_graph
-from scripts.core.errors import ConversionError, GraphCheckError, MeasurementError, RecipeError, SlmopsError
+from scripts.core.errors import ConversionError, GraphCheckError, MeasurementError, SlmopsError
 from scripts.commands.variants import build_package, precision_pipeline, prepare_model
 from scripts.pipeline import prepared_recipe
 from scripts.core.evalset import conversations, score
@@ -32,7 +31,7 @@ from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.gate import heldout_windows
 from scripts.proof.peer_bench import PeerRun
 from scripts.recipe.spec import Recipe
-from scripts.recipe.precisions import AUTO, BY_SIZE, choose_auto, refusal, TABLE_ORDER
+from scripts.recipe.precisions import smallest_precision, refusal, TABLE_ORDER
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
@@ -178,7 +177,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         misses = {r.precision: fidelity_failures({"kld_mean": r.kld_mean, "top1": r.token_agreement_fp32,
                                                   "ppl_increase": r.ppl_increase}, spec)
                   for r in rows if r.ok and r.kld_mean is not None}
-        winner, reasons = choose_auto({**{r.precision: r.eval_accuracy for r in rows if r.ok}, **failed},
+        winner, reasons = smallest_precision({**{r.precision: r.eval_accuracy for r in rows if r.ok}, **failed},
                                       recipe.conversion.auto_threshold, refused, misses)
         report.auto = {"chosen": winner, "threshold": recipe.conversion.auto_threshold, "reasons": reasons}
     write_outputs(report, out_dir or main.paths.root / "proof")  # beside bench/validate: `invoke report` reads it
@@ -199,39 +198,3 @@ def _quality_from(row: Row, done: dict, qa, score) -> None:
     if "answers" in done:
         row.answers = [a["text"] for a in done["answers"]["answers"]]
         row.eval_accuracy = score(row.answers, qa).accuracy
-
-
-def auto_precision(recipe: Recipe, announce: Announce = log.info, status=None) -> tuple[Recipe, dict]:
-    """``--precision auto``: build the candidates (cached), measure eval accuracy through Foundry Local, and return
-    the recipe at the smallest precision within ``conversion.auto_threshold`` of FP32, with the reasoning."""
-    if recipe.source.random_weights:
-        raise RecipeError(f"{recipe.path}: --precision auto needs meaningful answers, but {recipe.source} has random "
-                          "weights. Pick a precision (int4/int8/fp32) for this size class.")
-    if recipe.eval.dataset is None:
-        raise RecipeError(f"{recipe.path}: --precision auto compares eval accuracy with FP32's; set eval.dataset, or "
-                          "choose conversion.precision yourself.")
-    report = run_compare(recipe, precisions=list(BY_SIZE), speed=False, announce=announce,
-                         status=status)
-    if not report.auto:
-        raise QualityCompareError(f"--precision auto could not measure FP32's eval accuracy: "
-                                  f"{report.row('fp32').reason if report.row('fp32') else 'no fp32 row'}")
-    chosen = report.auto["chosen"]
-    for line in report.auto["reasons"]:
-        announce(f"       {line}")
-    return replace(recipe, conversion=replace(recipe.conversion, precision=chosen)), report.auto
-
-
-class QualityCompareError(SlmopsError):
-    """The comparison could not produce the reference figures ``--precision auto`` needs."""
-
-
-def resolve_auto(recipe: Recipe, announce: Announce = log.info, status=None) -> Recipe:
-    """``conversion.precision == "auto"`` (recipe or ``--precision auto``) resolved by measuring the candidates; any
-    other recipe is returned as it is."""
-    if recipe.conversion.precision != AUTO:
-        return recipe
-    announce("--precision auto: building and evaluating the candidates (cached builds are reused)…")
-    chosen, auto = auto_precision(recipe, announce, status)
-    announce(f"--precision auto chose {chosen.conversion.precision}: the smallest precision whose eval accuracy is "
-             f"within {100 * auto['threshold']:.0f} % of FP32's")
-    return chosen

@@ -181,7 +181,7 @@ def print_bench(console: Console, data: dict) -> None:
         console.print(f"[dim]- {note}[/dim]")
 
 
-def print_compare(console: Console, report, show_auto: bool = False) -> None:
+def print_compare(console: Console, report) -> None:
     """`invoke compare`: the tutorial's table with measured figures, the graphs, the auto choice, and the files."""
     print_markdown(console, f"### {report.recipe}: every precision, measured\n\n" + markdown_table(report))
     console.print(f"[dim]Speed: medians of {report.profile['repeats']} runs (± half IQR) on a shared machine; "
@@ -194,19 +194,18 @@ def print_compare(console: Console, report, show_auto: bool = False) -> None:
     for r in report.rows:
         if not r.ok:
             console.print(f"- {r.precision} {r.status}: {r.reason}")
-    if report.auto and show_auto:
-        console.print(f"--precision auto → [bold]{report.auto['chosen']}[/bold] "
-                      f"(threshold {100 * report.auto['threshold']:.0f} % of FP32's eval accuracy):")
+    if report.auto:
+        console.print(f"Smallest precision that qualifies: [bold]{report.auto['chosen']}[/bold] (eval accuracy ≥ "
+                      f"{100 * report.auto['threshold']:.0f} % of FP32's, fidelity thresholds met; `--precision auto` "
+                      "also searches layouts):")
         for line in report.auto["reasons"]:
             console.print(f"  - {line}")
-    elif show_auto:
-        console.print("--precision auto: no choice (quality was not measured for this recipe).")
     console.print("Saved " + ", ".join(report.files.values()))
 
 
 def print_tune(console: Console, report: dict) -> None:
     """`invoke tune`: the search table, the winner and its recipe keys."""
-    print_markdown(console, f"### {report['recipe']}: INT4 layouts, measured\n\n" + tune_markdown(report))
+    print_markdown(console, f"### {report['recipe']}: layouts, measured\n\n" + tune_markdown(report))
     if report["winner"]:
         console.print(f"Winner: [bold]{report['winner']}[/bold]. Recipe keys:")
         console.print_json(json.dumps(report["recipe_keys"]))

@@ -1,7 +1,9 @@
-"""`invoke tune`: search INT4 layouts for the fastest one that keeps the recipe's quality thresholds.
+"""`invoke tune` (and `--precision auto`, :mod:`scripts.commands.auto`): build and measure layouts, and choose the one
+that keeps the recipe's quality thresholds — tune the fastest, auto the smallest (:class:`scripts.commands.layouts.Policy`).
 
-Each candidate (:data:`GRID`, or a JSON file of your own) is a set of ``conversion.quantization`` keys at
-``precision: int4``. Per candidate, cached like every step:
+Each candidate (:data:`scripts.commands.layouts.GRID`, or a JSON file of your own) is a layout: ``conversion``
+keys over the schema defaults (:func:`scripts.commands.layouts.candidate_conversion`). Per candidate, cached like every
+step:
 
 - build: the normal convert → package steps in ``build/<recipe>/tune/<candidate>/`` (graph-checked, smoke-tested);
 - measure (a ``tune-measure`` step, :mod:`scripts.commands.tune_measure`; re-measured only when the package, the FP32
@@ -10,11 +12,12 @@ Each candidate (:data:`GRID`, or a JSON file of your own) is a set of ``conversi
   to the FP32 ONNX build on held-out text (mean/p99 KL divergence, top-1 agreement, ΔPPL); the weights' size.
 
 A candidate qualifies when its eval accuracy is ≥ ``conversion.auto_threshold`` × FP32's, it meets
-``conversion.fidelity`` and its size is ≤ ``max_size_ratio`` × the FP32 ONNX build's. When several qualify, their
-speed is measured again side by side (a *run-off*: ``RUNOFF_ROUNDS`` interleaved rounds, runs pooled; a
-``tune-runoff`` step) — their first figures were taken minutes apart on a shared machine. The winner is the qualifying
-candidate with the shortest *answer time* (TTFT + 64 decoded tokens); the table goes to ``proof/tune.{json,md}``
-and the winner's recipe keys are printed, to paste into the recipe (nothing is changed behind your back). When the
+``conversion.fidelity`` and its size is ≤ ``max_size_ratio`` × the FP32 ONNX build's (tune only). When several are in
+the final choice (tune: all that qualify; auto: those near the smallest), their speed is measured again side by side (a
+*run-off*: ``RUNOFF_ROUNDS`` interleaved rounds, runs pooled; a ``tune-runoff`` step) — their first figures were
+taken minutes apart on a shared machine. Fastest means the shortest *answer time* (TTFT + 64 decoded tokens). The
+table goes to ``proof/tune.{json,md}`` (``proof/auto.…``); tune prints the winner's recipe keys to paste into the
+recipe (nothing is changed behind your back), auto deploys its choice. When the
 model source is a quantized GGUF, a note under the table says what quantizing it a second time costs
 (:func:`scripts.sources.gguf.requantization_note`).
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +39,8 @@ from scripts.core.evalset import conversations, score
 from scripts.proof.fidelity import failures as fidelity_failures
 from scripts.proof.measure import context_limit
 from scripts.commands.tune_measure import measure_candidate, runoff, RUNOFF_ROUNDS, TUNE_PROFILE
-from scripts.recipe.spec import default_quantization, Quantization, Recipe
+from scripts.commands.layouts import candidate_conversion, describe, FASTEST, GRID, layout_keys, Policy
+from scripts.recipe.spec import Conversion, Recipe
 from scripts.sources.gguf import requantization_note
 from scripts.core.steps import Step
 
@@ -44,24 +48,6 @@ log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
 
 ANSWER_TOKENS = 64  # the answer time: TTFT + this many decoded tokens
-_ALL8 = ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-#: The built-in search: plain INT4 layouts, then more and more weight groups kept at 8 bits (most sensitive first).
-GRID: tuple[dict[str, Any], ...] = (
-    {"name": "int4-b32-sym", "block_size": 32, "symmetric": True, "embeddings": True},
-    {"name": "int4-b32-asym", "block_size": 32, "symmetric": False, "embeddings": True},
-    {"name": "int4-b128-sym", "block_size": 128, "symmetric": True, "embeddings": True},
-    {"name": "mixed-head-down8", "block_size": 32, "symmetric": False, "embeddings": True,
-     "eight_bit": ["lm_head", "down_proj"]},
-    {"name": "mixed-head-qkv-up-down8", "block_size": 32, "symmetric": False, "embeddings": True,
-     "eight_bit": ["lm_head", "qkv_proj", "up_proj", "down_proj"]},
-    {"name": "mixed-gate4", "block_size": 32, "symmetric": False, "embeddings": True,
-     "eight_bit": [k for k in _ALL8 if k != "gate_proj"]},
-    {"name": "mixed-o4", "block_size": 32, "symmetric": False, "embeddings": True,
-     "eight_bit": [k for k in _ALL8 if k != "o_proj"]},
-    # every projection at 8 bits: block_size then applies to the 4-bit embedding table only
-    {"name": "mixed-all8-emb4", "block_size": 64, "symmetric": False, "embeddings": True, "eight_bit": _ALL8},
-)
 
 
 @dataclass
@@ -89,21 +75,8 @@ class TuneRow:
         return self.ttft_ms + 1000 * ANSWER_TOKENS / self.decode_tps
 
 
-def candidate_quantization(candidate: dict[str, Any]) -> Quantization:
-    """A candidate's layout: its keys over the schema defaults — never the recipe's own keys, so a candidate means the
-    same layout whatever the recipe says (a recipe with ``eight_bit`` must not turn plain INT4 candidates mixed).
-    Unknown keys are a :class:`RecipeError`."""
-    base = default_quantization()
-    keys = {k: v for k, v in candidate.items() if k != "name"}
-    unknown = sorted(set(keys) - set(asdict(base)))
-    if unknown:
-        raise RecipeError(f"tune candidate {candidate.get('name')!r}: {unknown[0]!r} is not a quantization key; "
-                          f"valid keys: {', '.join(asdict(base))}")
-    return replace(base, **keys)
-
-
 def load_candidates(path: Path | None) -> list[dict[str, Any]]:
-    """The built-in :data:`GRID`, or a JSON list of ``{"name": …, <quantization keys>}`` objects."""
+    """The built-in :data:`GRID`, or a JSON list of ``{"name": …, <layout keys>}`` objects (each checked)."""
     if path is None:
         return [dict(c) for c in GRID]
     try:
@@ -116,12 +89,14 @@ def load_candidates(path: Path | None) -> list[dict[str, Any]]:
     names = [c["name"] for c in doc]
     if len(set(names)) != len(names):
         raise RecipeError(f"--candidates {path}: candidate names must be unique.")
+    for cand in doc:
+        candidate_conversion(Conversion(precision="int4"), cand)
     return doc
 
 
 def judge(rows: Sequence[TuneRow], fp32_accuracy: float | None, threshold: float, spec,
-          max_size_ratio: float) -> TuneRow | None:
-    """Fill ``misses``/``qualifies`` of every measured row; return the fastest qualifying one (pure)."""
+          max_size_ratio: float | None, policy: Policy = FASTEST) -> TuneRow | None:
+    """Fill ``misses``/``qualifies`` of every measured row; return the qualifying one ``policy`` chooses (pure)."""
     for row in rows:
         if row.status != "ok":
             continue
@@ -130,16 +105,16 @@ def judge(rows: Sequence[TuneRow], fp32_accuracy: float | None, threshold: float
                 row.eval_accuracy < threshold * fp32_accuracy - 1e-12:
             misses.append(f"eval accuracy {100 * row.eval_accuracy:.1f} % < {100 * threshold:.0f} % of FP32's "
                           f"{100 * fp32_accuracy:.1f} %")
-        if row.size_ratio is not None and row.size_ratio > max_size_ratio:
+        if max_size_ratio is not None and row.size_ratio is not None and row.size_ratio > max_size_ratio:
             misses.append(f"size {row.size_ratio:.3f}× FP32 > {max_size_ratio}×")
         row.misses, row.qualifies = misses, not misses
-    ok = [r for r in rows if r.qualifies and r.answer_ms is not None]
-    return min(ok, key=lambda r: r.answer_ms) if ok else None
+    return policy.choose(rows)
 
 
-def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: float = 0.25,
-             announce: Announce = log.info, status: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Build and measure the FP32 reference and every candidate; judge; write ``proof/tune.{json,md}``."""
+def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: float | None = 0.25,
+             announce: Announce = log.info, status: Callable[[str], Any] | None = None,
+             policy: Policy = FASTEST) -> dict[str, Any]:
+    """Build and measure the FP32 reference and every candidate; judge; write ``proof/<policy>.{json,md}``."""
     status = status or (lambda s: None)
     if recipe.source.random_weights:
         raise RecipeError(f"{recipe.path}: tune judges quality, but {recipe.source} has random weights; tune a model "
@@ -178,7 +153,7 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         name = cand["name"]
         row = TuneRow(name, {k: v for k, v in cand.items() if k != "name"})
         rows.append(row)
-        conversion = replace(recipe.conversion, precision="int4", quantization=candidate_quantization(cand))
+        conversion = candidate_conversion(recipe.conversion, cand)
         pipe = variant_pipeline(builds, conversion, f"tune/{name}", announce, status)
         folders[name] = pipe.paths.package
         announce(f"{name} ({i}/{len(candidates)}): build → {pipe.paths.root}")
@@ -193,8 +168,8 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
         row.size_ratio = figures["bytes"] / reference["bytes"]
         row.ttft_ms, row.decode_tps, row.fidelity = figures["ttft_ms"], figures["decode_tps"], figures.get("fidelity")
         row.eval_accuracy = score(figures["answers"], qa).accuracy if qa and figures["answers"] else None
-    winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
-    finalists = [r.name for r in rows if r.qualifies and r.answer_ms is not None]
+    winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio, policy)
+    finalists = [r.name for r in policy.finalists(rows)]
     if len(finalists) > 1:  # their first figures were taken minutes apart: measure them again side by side
         status(f"run-off: {len(finalists)} qualifying candidates, {RUNOFF_ROUNDS} interleaved rounds…")
         step = Step("tune-runoff", lambda: runoff([(n, folders[n]) for n in finalists], context),
@@ -203,10 +178,11 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
                     code=["scripts.commands.tune_measure"])
         try:
             apply_runoff(rows, main.runner.run(step).result)
-            winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio)
+            winner = judge(rows, fp32_accuracy, recipe.conversion.auto_threshold, spec, max_size_ratio, policy)
         except MeasurementError as exc:  # keep every candidate's first figures rather than lose the search
             announce(f"✗ run-off: {str(exc).splitlines()[0]} — choosing on the first measurements")
-    report = {"recipe": recipe.name, "max_size_ratio": max_size_ratio, "threshold": recipe.conversion.auto_threshold,
+    report = {"recipe": recipe.name, "search": policy.name, "rule": policy.rule, "max_size_ratio": max_size_ratio,
+              "threshold": recipe.conversion.auto_threshold,
               "fidelity_spec": asdict(spec), "profile": TUNE_PROFILE.to_json(), "answer_tokens": ANSWER_TOKENS,
               "fp32": {"bytes": reference["bytes"], "eval_accuracy": fp32_accuracy, "ttft_ms": reference["ttft_ms"],
                        "decode_tps": reference["decode_tps"]},
@@ -216,9 +192,10 @@ def run_tune(recipe: Recipe, candidates: list[dict[str, Any]], max_size_ratio: f
               "recipe_keys": winner_keys(winner) if winner else None}
     out = main.paths.root / "proof"
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "tune.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out / "tune.md", markdown(report) + "\n")
-    report["files"] = {"json": str(out / "tune.json"), "md": str(out / "tune.md")}
+    files = {"json": out / f"{policy.name}.json", "md": out / f"{policy.name}.md"}
+    write_text_atomic(files["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(files["md"], markdown(report) + "\n")
+    report["files"] = {k: str(v) for k, v in files.items()}
     return report
 
 
@@ -239,9 +216,7 @@ def source_weight_types(main: Pipeline) -> dict[str, int] | None:
 
 def winner_keys(winner: TuneRow) -> dict[str, Any]:
     """The ``conversion`` block to paste into the recipe for the winner."""
-    q = asdict(candidate_quantization({"name": winner.name, **winner.quantization}))
-    q["eight_bit"] = list(q["eight_bit"])
-    return {"conversion": {"precision": "int4", "quantization": q}}
+    return {"conversion": layout_keys({"name": winner.name, **winner.quantization})}
 
 
 def _f(value, fmt: str, scale: float = 1.0) -> str:
@@ -251,7 +226,7 @@ def _f(value, fmt: str, scale: float = 1.0) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The search as a table: one row per candidate, FP32 first."""
     fp32 = report["fp32"]
-    lines = ["| candidate | 8-bit groups | size MB (× FP32) | eval acc | mean KLD | p99 KLD | top-1 | ΔPPL | "
+    lines = ["| candidate | layout | size MB (× FP32) | eval acc | mean KLD | p99 KLD | top-1 | ΔPPL | "
              "TTFT ms | decode tok/s | answer ms | verdict |", "|" + "---|" * 12,
              f"| fp32 (reference) | – | {_f(fp32['bytes'], '.1f', 1e-6)} (1.00) | "
              f"{_f(fp32['eval_accuracy'], '.1f', 100)} % | 0 | 0 | 100 % | 0 | {_f(fp32['ttft_ms'], '.0f')} | "
@@ -264,7 +239,7 @@ def markdown(report: dict[str, Any]) -> str:
         verdict = ("**winner**" if r["name"] == report["winner"] else "qualifies") if r["qualifies"] \
             else "; ".join(r["misses"])
         lines.append(
-            f"| {r['name']} | {', '.join(r['quantization'].get('eight_bit', [])) or '–'} | "
+            f"| {r['name']} | {describe(r['quantization'])} | "
             f"{_f(r['bytes'], '.1f', 1e-6)} ({_f(r['size_ratio'], '.3f')}) | {_f(r['eval_accuracy'], '.1f', 100)} % | "
             f"{_f(fid.get('kld_mean'), '.4f')} | {_f(fid.get('kld_p99'), '.3f')} | "
             f"{_f(fid.get('top1'), '.1f', 100)} % | {_f(fid.get('ppl_increase'), '+.1f', 100)} % | "
@@ -273,9 +248,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"\nQualifies: eval accuracy ≥ {100 * report['threshold']:.0f} % of FP32's (through Foundry Local), "
                  f"mean KLD ≤ {spec['max_kld']}, top-1 ≥ {100 * spec['min_top1']:.0f} %, ΔPPL ≤ "
                  f"{100 * spec['max_ppl_increase']:.0f} % (ONNX Runtime GenAI vs the FP32 ONNX build, "
-                 f"{spec['heldout_tokens']} held-out tokens), size ≤ {report['max_size_ratio']}× FP32. Fastest = "
-                 f"shortest answer time (TTFT at a 128-token prompt + {report['answer_tokens']} tokens at the "
-                 "decode rate), medians of 3 runs on a shared machine.")
+                 f"{spec['heldout_tokens']} held-out tokens)"
+                 + (f", size ≤ {report['max_size_ratio']}× FP32" if report.get("max_size_ratio") else "")
+                 + f". {report.get('rule', FASTEST.rule)}; fastest = shortest answer time (TTFT at a 128-token prompt "
+                 f"+ {report['answer_tokens']} tokens at the decode rate), medians of 3 runs on a shared machine.")
     if report.get("runoff_rounds"):
         ran = [r["name"] for r in report["rows"] if r.get("runoff")]
         lines.append(f"\nRun-off: the speed of the qualifying candidates ({', '.join(ran)}) was measured again, "

@@ -56,7 +56,7 @@ class Precision:
     refusal: str | None = None
 
 
-#: Smallest first: the order ``--precision auto`` tries them in.
+#: Smallest first: the order `invoke compare` judges them in.
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("int4", builder="int4", bits=4, builder_quantizes=True, rtn="embeddings", algorithms=INT4_ALGORITHMS,
               tutorial=(0.125, "fastest", "acceptable")),
@@ -172,8 +172,8 @@ def translate_tutorial_conversion(conversion: Any) -> tuple[Any, list[str]]:
     return out, notes
 
 
-# ----- --precision auto -----------------------------------------------------------------------------------------
-def choose_auto(accuracies: dict[str, float | None], threshold: float,
+# ----- the smallest precision that qualifies (`invoke compare`) ---------------------------------------------------
+def smallest_precision(accuracies: dict[str, float | None], threshold: float,
                 refused: dict[str, str] | None = None,
                 fidelity_misses: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
     """The smallest precision whose eval accuracy is ≥ ``threshold`` × FP32's and that meets the recipe's fidelity
@@ -183,7 +183,7 @@ def choose_auto(accuracies: dict[str, float | None], threshold: float,
     fidelity_misses = fidelity_misses or {}
     base = accuracies.get("fp32")
     if base is None:
-        raise ValueError("choose_auto needs the FP32 eval accuracy as the reference")
+        raise ValueError("smallest_precision needs the FP32 eval accuracy as the reference")
     need = threshold * base
     reasons: list[str] = []
     winner = None

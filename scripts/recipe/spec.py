@@ -82,8 +82,10 @@ SCHEMA = Obj({
     }, required=True),
     "conversion": Obj({
         "precision": Field(str, default="int4", choices=CHOICES,
-                           help="fp32, int8, int4 (fp16 is refused on CPU), or auto: the smallest precision whose "
-                                "eval accuracy is within auto_threshold of FP32's"),
+                           help="fp32, int8, int4 (fp16 is refused on CPU), or auto: measure the layouts (INT8, INT4 "
+                                "layouts, a GGUF's blocks exact, the adapter as a branch or merged) and deploy the "
+                                "smallest whose eval accuracy is within auto_threshold of FP32's and that meets "
+                                "conversion.fidelity"),
         "auto_threshold": Field(float, default=0.98, check=in_range(0.0, 1.0),
                                 help="--precision auto: minimum eval accuracy relative to FP32"),
         "prune_lm_head": Field(bool, default=True,

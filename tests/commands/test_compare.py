@@ -127,7 +127,7 @@ def test_outputs_and_auto_choice(compared):
     for path in report.files.values():
         assert Path(path).is_file()
     md = Path(report.files["markdown"]).read_text()
-    assert "| INT4 | × 0.125 |" in md and "`--precision auto` →" in md
+    assert "| INT4 | × 0.125 |" in md and "Smallest precision that qualifies: **" in md
     assert report.auto["chosen"] in ("int4", "int8", "fp32") and len(report.auto["reasons"]) == 4
 
 
@@ -139,7 +139,7 @@ def test_rerun_reuses_cached_builds(compared):
 # ----- --precision ------------------------------------------------------------------------------------------------
 def test_precision_flag_overrides_refuses_fp16_and_rejects_unknown(tmp_path):
     from scripts.core.errors import RecipeError
-    from scripts.commands.compare import resolve_auto
+    from scripts.commands.auto import resolve_auto
     from scripts.recipe.load import parse_recipe, with_precision
 
     def apply_precision(recipe, name):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from scripts.core.errors import RecipeError
-from scripts.commands.tune import (apply_runoff, candidate_quantization, GRID, judge, load_candidates, markdown,
-                                TuneRow, winner_keys)
-from scripts.recipe.spec import FidelitySpec, Quantization
+from scripts.commands.layouts import (auto_candidates, candidate_conversion, candidate_quantization, describe, GRID,
+                                      layout_keys, SMALLEST)
+from scripts.commands.tune import apply_runoff, judge, load_candidates, markdown, TuneRow, winner_keys
+from scripts.recipe.spec import Conversion, FidelitySpec, Quantization
 
 GOOD = {"kld_mean": 0.02, "kld_p99": 0.1, "top1": 0.93, "ppl_increase": 0.02}
 
@@ -27,8 +29,12 @@ def test_grid_candidates_are_valid_quantizations():
 
 
 def test_unknown_candidate_key_is_refused():
-    with pytest.raises(RecipeError, match="'blocksize' is not a quantization key"):
+    with pytest.raises(RecipeError, match="'blocksize' is not a layout key; valid keys: precision, gguf, adapter"):
         candidate_quantization({"name": "x", "blocksize": 64})
+    with pytest.raises(RecipeError, match="adapter 'fuse' is not allowed; choose one of: 'branch', 'merge'"):
+        candidate_conversion(Conversion(precision="int4"), {"name": "x", "adapter": "fuse"})
+    with pytest.raises(RecipeError, match="precision 'auto' is what searches the layouts"):
+        candidate_conversion(Conversion(precision="int4"), {"name": "x", "precision": "auto"})
 
 
 def test_candidates_file(tmp_path):
@@ -44,6 +50,9 @@ def test_candidates_file(tmp_path):
         load_candidates(path)
     path.write_text("[")
     with pytest.raises(RecipeError, match="cannot be read as JSON"):
+        load_candidates(path)
+    path.write_text(json.dumps([{"name": "a", "gguf": "lossless"}]))
+    with pytest.raises(RecipeError, match="candidate 'a': gguf 'lossless' is not allowed"):
         load_candidates(path)
 
 
@@ -92,7 +101,7 @@ def test_markdown_table_and_winner_keys():
               "fp32": {"bytes": 600e6, "eval_accuracy": 1.0, "ttft_ms": 50, "decode_tps": 60},
               "fidelity_spec": FidelitySpec().__dict__, "threshold": 0.98, "max_size_ratio": 0.25, "answer_tokens": 64}
     text = markdown(report)
-    assert "| quick | lm_head | 120.0 (0.200) | 99.0 % | 0.0200 | 0.100 | 93.0 % | +2.0 % | 20 | 150 | 447 | **winner** |" \
+    assert "| quick | int4 b32 sym, 8-bit: lm_head | 120.0 (0.200) | 99.0 % | 0.0200 | 0.100 | 93.0 % | +2.0 % | 20 | 150 | 447 | **winner** |" \
         in text
     assert "failed: no graph" in text and "GGUF" not in text and "Run-off" not in text
     note = "The source GGUF stores 99% …"
@@ -109,3 +118,47 @@ def test_a_candidate_is_the_same_layout_whatever_the_recipe_says():
     assert plain.eight_bit == () and plain.algorithm == "default" and plain.lm_head
     assert (plain.block_size, plain.symmetric, plain.embeddings) == (32, True, True)
     assert candidate_quantization({"name": "bare"}) == Quantization(32, True, 4, "default")
+
+
+def test_a_candidate_sets_the_layout_and_keeps_the_recipes_other_conversion_keys():
+    recipe_conv = replace(Conversion(precision="int4", gguf="requantize", adapter="merge", adapter_bits=8,
+                                     kv_cache="int8"), fidelity=FidelitySpec(max_kld=0.01))
+    conv = candidate_conversion(recipe_conv, {"name": "i8", "precision": "int8"})
+    assert (conv.precision, conv.gguf, conv.adapter, conv.adapter_bits) == ("int8", "exact", "branch", 32)
+    assert conv.kv_cache == "int8" and conv.fidelity.max_kld == 0.01  # the recipe's, not the candidate's
+    assert candidate_conversion(recipe_conv, GRID[0]).gguf == "requantize"  # the grid re-quantizes a GGUF
+    assert layout_keys({"name": "m", "adapter": "merge", "eight_bit": ["lm_head"]}) == {
+        "precision": "int4", "gguf": "exact", "adapter": "merge", "adapter_bits": 32,
+        "quantization": {**Quantization().__dict__, "eight_bit": ["lm_head"]}}
+
+
+def test_auto_searches_what_the_model_has():
+    """INT8 and the grid always; a GGUF's own blocks only when it has them; adapter widths and merging only with an
+    adapter."""
+    plain = auto_candidates(gguf_blocks=False, adapter=False)
+    assert [c["name"] for c in plain] == ["int8", *(c["name"] for c in GRID)]
+    gguf = auto_candidates(gguf_blocks=True, adapter=False)
+    assert [c["name"] for c in gguf if c.get("gguf") == "exact"] == ["exact-l1", "exact-l4"]
+    tuned = auto_candidates(gguf_blocks=True, adapter=True)
+    names = [c["name"] for c in tuned]
+    assert {"exact-l1-branch8", "exact-l1-branch32", "exact-l4-branch8", "int4-b32-sym-merged"} <= set(names)
+    assert len(set(names)) == len(names) and not any(n.endswith("-merged") for n in
+                                                     (c["name"] for c in plain + gguf))
+    for cand in tuned:
+        candidate_conversion(Conversion(precision="int4"), cand)  # every one a valid layout
+    by = {c["name"]: c for c in tuned}
+    assert describe(by["exact-l1-branch8"]) == "GGUF blocks exact, L1, branch 8-bit"
+    assert describe(by["int4-b32-asym-merged"]) == "int4 b32 asym, merged"
+    assert describe(by["int8"]) == "int8"
+
+
+def test_auto_chooses_the_smallest_that_qualifies_then_the_fastest_near_its_size():
+    rows = [row("big-fast", 10, 300, ratio=0.30),
+            row("small-slow", 40, 80, ratio=0.20),
+            row("small-quick", 20, 150, ratio=0.205),  # within 5 % of the smallest: as small
+            row("tiny-lossy", 5, 400, ratio=0.10, fidelity={**GOOD, "top1": 0.5})]
+    winner = judge(rows, fp32_accuracy=1.0, threshold=0.98, spec=FidelitySpec(), max_size_ratio=None, policy=SMALLEST)
+    assert winner.name == "small-quick"
+    assert [r.name for r in SMALLEST.finalists(rows)] == ["small-slow", "small-quick"]
+    assert judge(rows[:2], 1.0, 0.98, FidelitySpec(), None, SMALLEST).name == "small-slow"
+    assert judge(rows[3:], 1.0, 0.98, FidelitySpec(), None, SMALLEST) is None

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from scripts.core.errors import ConversionError, GraphCheckError, RecipeError
 from scripts.convert.graph_check import GraphSummary, QuantNode, verify_quantization
 from scripts.convert.olive import olive_config, reconcile_genai_outputs
-from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, choose_auto, translate_tutorial_conversion
+from scripts.recipe.precisions import EMBED_GATHER, LM_HEAD, TutorialFormError, smallest_precision, translate_tutorial_conversion
 from scripts.recipe.load import parse_recipe
 from scripts.recipe.spec import Conversion, Quantization
 
@@ -170,9 +170,9 @@ def test_float_matmuls_left_behind_are_reported():
     verify_quantization(summary(float_names=("/lm_head/MatMul",)), conv("int8", emb=True, head=False), "m")
 
 
-# ----- --precision auto ------------------------------------------------------------------------------------------
+# ----- the smallest precision that qualifies (compare) -----------------------------------------------------------
 def test_auto_picks_the_smallest_within_the_threshold():
-    winner, reasons = choose_auto({"fp32": 1.0, "int8": 0.99, "int4": 0.95}, 0.98, {"fp16": "FP16 is for GPU: x"})
+    winner, reasons = smallest_precision({"fp32": 1.0, "int8": 0.99, "int4": 0.95}, 0.98, {"fp16": "FP16 is for GPU: x"})
     assert winner == "int8"
     assert reasons[0].startswith("int4: eval accuracy 95.0 % = 95.0 % of FP32's 100.0 %, below the 98 % threshold")
     assert reasons[1].endswith("→ chosen (smallest that qualifies)")
@@ -181,16 +181,16 @@ def test_auto_picks_the_smallest_within_the_threshold():
 
 
 def test_auto_takes_int4_when_it_qualifies_and_fp32_when_nothing_else_does():
-    assert choose_auto({"fp32": 0.9, "int8": 0.9, "int4": 0.89}, 0.98)[0] == "int4"
-    assert choose_auto({"fp32": 0.9, "int8": 0.5, "int4": None}, 0.98)[0] == "fp32"
+    assert smallest_precision({"fp32": 0.9, "int8": 0.9, "int4": 0.89}, 0.98)[0] == "int4"
+    assert smallest_precision({"fp32": 0.9, "int8": 0.5, "int4": None}, 0.98)[0] == "fp32"
     with pytest.raises(ValueError):
-        choose_auto({"int4": 1.0}, 0.98)
+        smallest_precision({"int4": 1.0}, 0.98)
 
 
-def test_choose_auto_also_requires_fidelity_to_fp32():
+def test_smallest_precision_also_requires_fidelity_to_fp32():
     """On a real model exact answers can tie while the distribution drifts: fidelity misses disqualify."""
     accuracies = {"fp32": 1.0, "int8": 1.0, "int4": 1.0}
-    winner, reasons = choose_auto(accuracies, 0.98, None, {"int4": ["top-1 agreement 71.0 % < 90 %"], "int8": []})
+    winner, reasons = smallest_precision(accuracies, 0.98, None, {"int4": ["top-1 agreement 71.0 % < 90 %"], "int8": []})
     assert winner == "int8"
     assert "int4: eval accuracy 100.0 %" in reasons[0] and "fidelity to FP32 misses: top-1 agreement 71.0 %" in reasons[0]
     assert "fidelity to FP32 within the recipe's thresholds → chosen" in reasons[1]
