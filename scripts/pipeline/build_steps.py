@@ -26,7 +26,6 @@ from scripts.families.select import (choose_family, prompt_template_for, refuse_
 from scripts.families.templates import check_template_agreement, load_tokenizer
 from scripts.core.fileops import atomic_dir, folder_size
 from scripts.recipe.spec import FinetuneSpec, Recipe
-from scripts.sources.registry import parse_source
 from scripts.proof.gate import describe, failure_message, gate_windows, measure_gate
 from scripts.core.hf_folder import CHAT_TEMPLATE_FILE, inspect_model_folder, read_chat_template
 from scripts.sources.gguf import KEPT_GGUF
@@ -204,9 +203,10 @@ class BuildSteps:
 
 
 def prepared_recipe(recipe: Recipe, main) -> Recipe:
-    """``recipe`` converting the folder :func:`prepare_model` made (the base, or the base with the fine-tune or adapter
-    merged) as a plain folder source: variant builds in their own roots then convert the same model, never retrain."""
-    if main.model_dir == main.base_dir and not recipe.adapter and not recipe.finetune.dataset:
+    """``recipe`` for variant builds in their own roots (compare, tune, ``--precision auto``, the gate's FP32
+    reference): the adapter ``main`` trained or was given, nothing to train, and ``main``'s merged model pinned as the
+    FP32 model (:attr:`Recipe.prepared`). A variant then carries the source GGUF and the adapter exactly like the
+    recipe's own build, or converts the merged model (``adapter: "merge"``, FP32) — and never merges or trains again."""
+    if main.adapter_dir is None:
         return recipe
-    source = parse_source(str(main.model_dir), main.model_dir.parent, "the prepared model")
-    return replace(recipe, source=source, adapter=None, finetune=FinetuneSpec())
+    return replace(recipe, adapter=str(main.adapter_dir), finetune=FinetuneSpec(), prepared=str(main.model_dir))

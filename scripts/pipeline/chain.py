@@ -115,7 +115,9 @@ class Pipeline(BuildSteps, InstalledSteps):
     @property
     def model_dir(self) -> Path:
         """The model the deployment computes, in FP32: the base, or the base with the LoRA adapter merged in (the
-        reference of fidelity and answer checks)."""
+        reference of fidelity and answer checks; a variant build's: the one its recipe's pipeline made)."""
+        if self.recipe.prepared:
+            return Path(self.recipe.prepared)
         return self.paths.merged if self.adapter_dir else self.base_dir
 
     @property
@@ -159,7 +161,7 @@ class Pipeline(BuildSteps, InstalledSteps):
             out.append(Step("finetune", self._finetune, inputs=[self.base_dir, r.finetune.dataset],
                             settings=r.finetune.settings(), outputs=[self.paths.adapter],
                             code=["scripts.sources.finetune"]))
-        if self.adapter_dir:
+        if self.adapter_dir and not r.prepared:  # a variant's model was merged by the recipe's own pipeline
             out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, self.adapter_dir],
                             outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [

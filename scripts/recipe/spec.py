@@ -289,8 +289,8 @@ class Conversion:
 
     def reference(self) -> "Conversion":
         """The FP32 build of the same model the fidelity gate and ``compare`` measure against: float weights, float
-        cache."""
-        return replace(self, precision="fp32", kv_cache="float")
+        cache, the adapter merged (the fine-tuned model itself)."""
+        return replace(self, precision="fp32", kv_cache="float", adapter="merge")
 
 
 @dataclass(frozen=True)
@@ -376,6 +376,9 @@ class Recipe:
     adapter: str | None = None  # absolute path of a PEFT adapter folder merged into ``source`` before conversion
     finetune: FinetuneSpec = FinetuneSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    #: A variant build's FP32 model, made by the recipe's own pipeline (the base with its adapter merged): variants
+    #: convert it, or carry the source and adapter exactly, but never merge or train again (:func:`prepared_recipe`).
+    prepared: str | None = None
     notes: tuple[str, ...] = ()  # what loading did on the user's behalf (e.g. the tutorial's form translated)
 
     def settings_for_hash(self) -> dict[str, Any]:

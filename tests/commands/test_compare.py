@@ -157,24 +157,31 @@ def test_precision_flag_overrides_refuses_fp16_and_rejects_unknown(tmp_path):
         apply_precision(recipe, "auto")  # no eval set: nothing to compare accuracy on
 
 
-def test_variant_builds_convert_the_prepared_model_and_never_retrain(tmp_path, tiny_hf_model):
-    """A fine-tuning recipe's precision (and tune) builds live in their own roots: they must convert the merged
-    folder the main pipeline made, not look for a merge of their own (the SmolLM2 compare failed that way)."""
+def test_variant_builds_carry_what_the_recipe_carries_and_never_retrain(tmp_path, tiny_hf_model):
+    """A fine-tuning recipe's variant builds (compare's precisions, tune's and auto's layouts, the gate's FP32
+    reference) live in their own roots: they use the adapter and the merged folder the main pipeline made, keep the
+    adapter as a branch beside the base like the recipe's own build (they converted the merged model instead, so a
+    branch or exact layout was never what they measured), and the FP32 reference is the merged model."""
     import shutil
     from types import SimpleNamespace
 
-    from scripts.pipeline import prepared_recipe
+    from scripts.pipeline import Pipeline, prepared_recipe
     from scripts.recipe.load import parse_recipe
 
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "q?", "answer": "a"}) + "\n")
-    merged = tmp_path / "build" / "merged"
+    merged, adapter = tmp_path / "build" / "merged", tmp_path / "build" / "adapter"
     shutil.copytree(tiny_hf_model, merged)
     doc = {"model": {"source": str(tiny_hf_model), "family": "chatml", "finetune": {"dataset": "qa.jsonl"}},
            "foundry": {"name": "tiny-ft"}}
     recipe = parse_recipe(doc, tmp_path / "ft.json")
-    variant = prepared_recipe(recipe, SimpleNamespace(model_dir=merged, base_dir=Path(tiny_hf_model)))
-    assert variant.source.folder == merged and variant.finetune.dataset is None and variant.adapter is None
+    main = SimpleNamespace(model_dir=merged, base_dir=Path(tiny_hf_model), adapter_dir=adapter)
+    variant = prepared_recipe(recipe, main)
+    assert variant.finetune.dataset is None and variant.adapter == str(adapter) and variant.prepared == str(merged)
     assert (variant.name, variant.conversion, variant.foundry) == (recipe.name, recipe.conversion, recipe.foundry)
+    build = Pipeline.variant(variant, variant.conversion, "precisions/int4")
+    assert build.model_dir == merged and build.convert_dir == Path(tiny_hf_model) and build.carried.adapter == adapter
+    assert not {"finetune", "merge-adapter"} & set(build.model_steps())
+    reference = Pipeline.variant(variant, variant.conversion.reference(), "precisions/fp32")
+    assert reference.convert_dir == merged and reference.carried.adapter is None
     plain = parse_recipe({**doc, "model": {"source": str(tiny_hf_model), "family": "chatml"}}, tmp_path / "p.json")
-    same = SimpleNamespace(model_dir=Path(tiny_hf_model), base_dir=Path(tiny_hf_model))
-    assert prepared_recipe(plain, same) is plain
+    assert prepared_recipe(plain, SimpleNamespace(adapter_dir=None)) is plain
