@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
+
+import onnx
 
 from scripts.runtimes.genai_smoke import smoke_test
 from scripts.convert.attention_scale import fold_attention_scale
@@ -18,7 +21,8 @@ from scripts.convert.install import assemble_package
 from scripts.convert.olive import olive_config, run_olive
 from scripts.convert.package import render_inference_model, with_search, with_session_options
 from scripts.doctor import run_doctor
-from scripts.core.errors import ModelSourceError, QualityError
+from scripts.convert.deployed_base import weight_digests
+from scripts.core.errors import GraphCheckError, ModelSourceError, QualityError
 from scripts.core.faults import checkpoint
 from scripts.families.registry import AUTO_TEMPLATE
 from scripts.families.select import (choose_family, prompt_template_for, refuse_system_prompt, refuse_unconvertible,
@@ -52,6 +56,20 @@ class BuildSteps:
         return Carried(kept if exact else None, branch, c.adapter_bits)
 
     @property
+    def trains_on_deployed_base(self) -> bool:
+        """Whether ``model.finetune`` trains on the base as the deployed graph computes it
+        (:mod:`scripts.convert.deployed_base`): the adapter kept as a branch beside a base the builder quantizes (a
+        GGUF carried exactly already is its dequantized blocks; a merged adapter is quantized with the base)."""
+        r = self.recipe
+        return (bool(r.finetune.dataset) and not r.prepared and r.conversion.adapter == "branch"
+                and r.conversion.precision in ("int4", "int8") and self.carried.gguf is None)
+
+    @property
+    def train_dir(self) -> Path:
+        """The base the fine-tune trains on and the adapter is merged into (the FP32 reference's base)."""
+        return self.paths.deployed_base if self.trains_on_deployed_base else self.base_dir
+
+    @property
     def convert_dir(self) -> Path:
         """The Hugging Face folder Olive builds from: the base when the adapter is kept as a branch."""
         return self.base_dir if self.carried.adapter else self.model_dir
@@ -71,16 +89,51 @@ class BuildSteps:
             refuse_system_prompt(family, self.recipe.eval.system_prompt, str(self.model_dir))
         self.eval_set()
 
+    def _build_graph(self, model_dir: Path, out_dir: Path, carried: Carried) -> None:
+        """Olive's graph of ``model_dir`` at the recipe's conversion (under a carried GGUF: the exact route's)."""
+        built, shared = builder_settings(self.recipe.conversion, carried)
+        config = olive_config(built, model_dir, out_dir, self.paths.olive_work / "cache", shared_embeddings=shared)
+        run_olive(config, self.paths.olive_work, progress=self.status)
+
+    def _deployed_base(self) -> dict:
+        """Quantize the base with the recipe's conversion and write it back as the Hugging Face folder the fine-tune
+        trains on (:mod:`scripts.convert.deployed_base`)."""
+        inspect_model_folder(self.base_dir)
+        if self.status:
+            self.status(f"quantizing {self.base_dir} as the deployed graph will, for the fine-tune to train on…")
+        with atomic_dir(self.paths.deployed_base, label="deployed-base") as staging:
+            graph = staging.parent / f"{staging.name}-graph"
+            shutil.rmtree(graph, ignore_errors=True)
+            try:
+                self._build_graph(self.base_dir, graph, Carried())
+                result = run_in_worker("scripts.convert.deployed_base:build",
+                                       {"base_dir": str(self.base_dir), "onnx_dir": str(graph),
+                                        "out_dir": str(staging)},
+                                       error=ModelSourceError, what=f"reading the quantized base of {self.base_dir}")
+            finally:
+                shutil.rmtree(graph, ignore_errors=True)
+        self.announce(f"       {result.pop('summary')}")
+        return result
+
+    def _check_trained_base(self, model_onnx: Path, where: str) -> None:
+        """The graph quantizes the base to exactly the values the fine-tune trained on (the ``deployed-base`` step's)."""
+        recorded = (self.runner.recorded_result(self.step("deployed-base")) or {}).get("digests") or {}
+        built = weight_digests(onnx.load(str(model_onnx)))
+        differ = sorted(n for n in set(recorded) | set(built) if recorded.get(n) != built.get(n))
+        if differ:
+            raise GraphCheckError(f"{where}: the builder quantized the base differently from the base the fine-tune "
+                                  f"trained on ({len(differ)} of {len(built)} matrices, e.g. {differ[0]}). Rebuild "
+                                  "both: `invoke convert --force`.")
+
     def _convert(self) -> dict:
 
         self._check_before_converting()
         carried, conversion = self.carried, self.recipe.conversion
         with atomic_dir(self.paths.onnx, label="convert") as staging:
-            built, shared = builder_settings(conversion, carried)
-            config = olive_config(built, self.convert_dir, staging, self.paths.olive_work / "cache",
-                                  shared_embeddings=shared)
-            run_olive(config, self.paths.olive_work, progress=self.status)
+            self._build_graph(self.convert_dir, staging, carried)
             checkpoint("convert:olive-done")
+            if self.trains_on_deployed_base:
+                self._check_trained_base(staging / "model.onnx", str(staging / "model.onnx"))
             note = carry(staging, conversion, carried)
             folded, _ = fold_attention_scale(staging) if conversion.fold_attention_scale else (0, [])
             kv_layers = quantize_kv_cache(staging) if conversion.kv_cache == "int8" else 0
@@ -115,25 +168,26 @@ class BuildSteps:
         return result
 
     def _finetune(self) -> dict:
-        spec = self.recipe.finetune
-        inspect_model_folder(self.base_dir)
+        spec, base = self.recipe.finetune, self.train_dir
+        inspect_model_folder(base)
         if self.status:
-            self.status(f"LoRA fine-tune of {self.base_dir} on {spec.dataset.name} ({spec.epochs} epochs)…")
+            self.status(f"LoRA fine-tune of {base} on {spec.dataset.name} ({spec.epochs} epochs)…")
         with atomic_dir(self.paths.adapter, label="finetune") as staging:
             result = run_in_worker("scripts.sources.finetune:train",
-                                   {"base_dir": str(self.base_dir), "dataset": str(spec.dataset),
+                                   {"base_dir": str(base), "dataset": str(spec.dataset),
                                     "settings": spec.settings(), "out_dir": str(staging)},
-                                   error=ModelSourceError, what=f"fine-tuning {self.base_dir} on {spec.dataset.name}")
+                                   error=ModelSourceError, what=f"fine-tuning {base} on {spec.dataset.name}")
         self.announce(f"       {result.pop('summary')}")
         return result
 
     def _merge_adapter(self) -> dict:
-        inspect_model_folder(self.base_dir)
+        base = self.train_dir
+        inspect_model_folder(base)
         if self.status:
-            self.status(f"merging the LoRA adapter {self.adapter_dir} into {self.base_dir}…")
+            self.status(f"merging the LoRA adapter {self.adapter_dir} into {base}…")
         with atomic_dir(self.paths.merged, label="merge") as staging:
             result = run_in_worker("scripts.sources.lora:merge_job",
-                                   {"base_dir": str(self.base_dir), "adapter_dir": str(self.adapter_dir),
+                                   {"base_dir": str(base), "adapter_dir": str(self.adapter_dir),
                                     "out_dir": str(staging)},
                                    error=ModelSourceError, what=f"merging the adapter {self.adapter_dir}")
         self.announce(f"       merged LoRA adapter (rank {result['rank']}, {', '.join(result['target_modules'] or [])})")

@@ -1,6 +1,7 @@
 """The deployment chain for one recipe, as Make-style steps:
 doctor → model source (demo / synthetic / tiny model / GGUF import / download, when the recipe names one) →
-finetune (LoRA, when the recipe asks for one) → merge-adapter (LoRA) →
+deployed-base (the base quantized and read back, for a fine-tune kept as a branch) → finetune (LoRA, when the
+recipe asks for one) → merge-adapter (LoRA) →
 convert (Olive, graph check) → package (inference_model.json, generation settings, template check, GenAI smoke
 test) → install (Foundry cache) → check (Foundry runtime: listed, loads, answers the eval set) → bench →
 validate (see :mod:`scripts.proof.run`)."""
@@ -157,12 +158,17 @@ class Pipeline(BuildSteps, InstalledSteps):
             out.append(Step(kind.step, self._build_source, inputs=r.source.step_inputs(),
                             settings={"source": r.source.spec}, outputs=[self.base_dir],
                             code=[kind.builder.split(":")[0]]))
+        if self.trains_on_deployed_base:
+            layout = {k: v for k, v in hashed["conversion"].items() if k in ("precision", "quantization", "gguf")}
+            out.append(Step("deployed-base", self._deployed_base, inputs=[self.base_dir], settings=layout,
+                            outputs=[self.paths.deployed_base],
+                            code=["scripts.convert.deployed_base", "scripts.convert.olive"]))
         if r.finetune.dataset:
-            out.append(Step("finetune", self._finetune, inputs=[self.base_dir, r.finetune.dataset],
+            out.append(Step("finetune", self._finetune, inputs=[self.train_dir, r.finetune.dataset],
                             settings=r.finetune.settings(), outputs=[self.paths.adapter],
                             code=["scripts.sources.finetune"]))
         if self.adapter_dir and not r.prepared:  # a variant's model was merged by the recipe's own pipeline
-            out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.base_dir, self.adapter_dir],
+            out.append(Step("merge-adapter", self._merge_adapter, inputs=[self.train_dir, self.adapter_dir],
                             outputs=[self.paths.merged], code=["scripts.sources.lora"]))
         out += [
             Step("convert", self._convert,
@@ -200,7 +206,7 @@ class Pipeline(BuildSteps, InstalledSteps):
     def model_steps(self) -> tuple[str, ...]:
         """The names of the steps that make the model to convert: the source's build, the fine-tune, the merge."""
         return tuple(s.name for s in self.steps()[1:] if s.name != "convert" and
-                     s.name in {self.recipe.source.info.step, "finetune", "merge-adapter"})
+                     s.name in {self.recipe.source.info.step, "deployed-base", "finetune", "merge-adapter"})
 
     def run(self, only: Collection[str] | None = None, until: str | None = None) -> dict[str, Any]:
         """Run the steps in order (those named in ``only``, else all; up to and including ``until``) under the recipe's

@@ -44,6 +44,11 @@ class Paths:
         return self.root / "adapter"
 
     @property
+    def deployed_base(self) -> Path:
+        """The base as the deployed graph computes it (quantized, read back), the fine-tune's training base."""
+        return self.root / "deployed-base"
+
+    @property
     def merged(self) -> Path:
         """The base model with the recipe's LoRA adapter merged in."""
         return self.root / "merged"

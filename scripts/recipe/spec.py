@@ -108,8 +108,9 @@ SCHEMA = Obj({
                            "'requantize' quantizes the dequantized FP32 model again with conversion.quantization"),
         "adapter": Field(str, default="branch", choices=ADAPTER_ROUTES,
                          help="a LoRA (model.adapter or model.finetune): 'branch' keeps it as its own low-rank branch "
-                              "beside each projection (never rounded onto the base's grid); 'merge' merges it into the "
-                              "weights before converting"),
+                              "beside each projection (never rounded onto the base's grid; model.finetune then trains "
+                              "on the base as the deployed graph quantizes it); 'merge' merges it into the weights "
+                              "before converting"),
         "adapter_bits": Field(int, default=32, choices=BRANCH_BITS,
                               help="conversion.adapter 'branch': the branch's weights in FP32, float16 (computed in "
                                    "FP32) or 8-bit blocks (computed with int8 activations)"),
