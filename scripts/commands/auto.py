@@ -41,6 +41,8 @@ def resolve_auto(recipe: Recipe, announce: Announce = log.info, status=None) -> 
              "measured is not measured again)…")
     report = run_tune(recipe, candidates, None, announce, status, SMALLEST)
     by_name = {c["name"]: c for c in candidates}
+    for row in report["rows"]:
+        announce(f"       {candidate_line(row, row['name'] == report['winner'])}")
     winner = report["winner"]
     if winner is None:
         announce(f"--precision auto: no layout keeps the eval accuracy and fidelity thresholds ({report['files']['md']}"
@@ -50,3 +52,19 @@ def resolve_auto(recipe: Recipe, announce: Announce = log.info, status=None) -> 
     announce(f"--precision auto chose {winner} ({describe(by_name[winner])}): {row['bytes'] / 1e6:.1f} MB, "
              f"{SMALLEST.rule.lower()}; table: {report['files']['md']}")
     return replace(recipe, conversion=candidate_conversion(recipe.conversion, by_name[winner]))
+
+
+def candidate_line(row: dict, chosen: bool) -> str:
+    """One searched layout in a line: size, eval accuracy, held-out fidelity, decode speed, verdict (pure)."""
+    if row["status"] != "ok":
+        return f"{row['name']}: failed: {row['reason'][:100]}"
+    fid = row.get("fidelity") or {}
+    figures = [f"{row['bytes'] / 1e6:.1f} MB"]
+    if row.get("eval_accuracy") is not None:
+        figures.append(f"eval {100 * row['eval_accuracy']:.1f} %")
+    if fid:
+        figures.append(f"top-1 {100 * fid['top1']:.1f} %, KLD {fid['kld_mean']:.4f}")
+    if row.get("decode_tps"):
+        figures.append(f"{row['decode_tps']:.0f} tok/s")
+    verdict = "chosen" if chosen else ("qualifies" if row["qualifies"] else "; ".join(row["misses"]))
+    return f"{row['name']}: {', '.join(figures)} — {verdict}"

@@ -28,7 +28,10 @@ def searched(tmp_path, monkeypatch):
     def search(winner):
         def run_tune(recipe_, candidates, max_size_ratio, announce, status, policy):
             asked.update(candidates=candidates, max_size_ratio=max_size_ratio, policy=policy)
-            rows = [{"name": c["name"], "bytes": 1e6 * (i + 1)} for i, c in enumerate(candidates)]
+            rows = [{"name": c["name"], "bytes": 1e6 * (i + 1), "status": "ok", "qualifies": c["name"] == winner,
+                     "misses": [] if c["name"] == winner else ["top-1 agreement 71.0 % < 90 %"],
+                     "eval_accuracy": 0.95, "fidelity": {"top1": 0.71, "kld_mean": 0.4}, "decode_tps": 50.0}
+                    for i, c in enumerate(candidates)]
             return {"winner": winner, "rows": rows, "files": {"md": "proof/auto.md"}}
         monkeypatch.setattr(auto, "run_tune", run_tune)
         lines: list[str] = []
@@ -50,6 +53,9 @@ def test_auto_deploys_the_whole_layout_it_chose(searched):
     assert c.quantization.accuracy_level == 4  # the layout's, not the recipe's level 1
     assert c.kv_cache == "int8" and c.fidelity == recipe.conversion.fidelity  # the recipe's own keys stay
     assert any("--precision auto chose int4-b32-asym-merged (int4 b32 asym, merged)" in line for line in lines)
+    assert any(line.strip().startswith("int8: 1.0 MB, eval 95.0 %, top-1 71.0 %, KLD 0.4000, 50 tok/s — top-1 "
+                                       "agreement 71.0 % < 90 %") for line in lines)
+    assert any(line.strip().startswith("int4-b32-asym-merged:") and line.endswith("— chosen") for line in lines)
 
 
 def test_auto_falls_back_to_fp32_and_says_so(searched):
