@@ -62,26 +62,28 @@ def weight_types(path: Path) -> dict[str, int]:
 
 
 def requantization_note(types: dict[str, int] | None, merged_finetune: bool = False) -> str | None:
-    """Pure: what a user should know before judging an INT4/INT8 build of a model imported from a quantized GGUF
-    (``types``: :func:`weight_types`); None for a float GGUF or an unknown source."""
+    """Pure: what a user should know before judging a layout that quantizes a model imported from a quantized GGUF
+    again (``types``: :func:`weight_types`); None for a float GGUF or an unknown source."""
     quantized = {t: n for t, n in (types or {}).items() if t not in _FLOAT_TYPES}
     if not quantized:
         return None
     main = max(quantized, key=lambda t: quantized[t])
     share = sum(quantized.values()) / sum(types.values())
     text = (f"The source GGUF stores {share:.0%} of its weight parameters quantized (mostly {main}), so the FP32 "
-            "reference is a dequantized model and every INT4/INT8 layout quantizes its weights a second time.")
+            "reference is a dequantized model: a layout that re-quantizes it (conversion.gguf \"requantize\", INT8) "
+            "quantizes its weights a second time, where conversion.gguf \"exact\" (INT4) carries its blocks "
+            "unchanged.")
     if main in _OFFSET_TYPES:
-        text += (f" {main} blocks carry a float offset (w = d·q + m); the layouts built here have integer zero "
+        text += (f" {main} blocks carry a float offset (w = d·q + m); re-quantized layouts have integer zero "
                  "points (or none), so at 4 bits every weight is re-rounded onto a shifted grid, a second full "
-                 "quantization error, while an 8-bit grid is 16× finer. MatMulNBits' float zero points would "
-                 "reproduce the grid exactly, but ONNX Runtime's CPU kernel does not pre-pack them: it dequantizes "
-                 "the whole matrix on every call (a one-token step ~40× slower), so no layout here uses them.")
+                 "quantization error, while an 8-bit grid is 16× finer. (MatMulNBits' float zero points would "
+                 "reproduce the grid, but ONNX Runtime's CPU kernel dequantizes the whole matrix on every call with "
+                 "them; the exact route adds the offsets beside the integer kernel instead.)")
     if merged_finetune:
-        text += (" This recipe merges a fine-tune onto these weights: where it moved a weight by less than half a "
-                 "4-bit step, a 4-bit layout rounds the change away, and fidelity to the merged FP32 model counts "
-                 "that as error.")
-    return text + " With the model's original FP16/BF16 Hugging Face folder, deploy that instead (--model-path)."
+        text += (" Where a fine-tune is merged onto these weights (conversion.adapter \"merge\") and moved a weight "
+                 "by less than half a 4-bit step, a 4-bit layout rounds the change away, and fidelity to the merged "
+                 "FP32 model counts that as error.")
+    return text
 
 
 def loadable_architectures() -> list[str]:

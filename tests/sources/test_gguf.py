@@ -75,7 +75,7 @@ def test_requantization_note_says_why_a_quantized_gguf_loses_fidelity_at_four_bi
     assert requantization_note({"F32": 100, "F16": 50}) is None  # a float GGUF is an ordinary source
     offset = requantization_note({"Q4_1": 90, "Q6_K": 5, "F32": 5})
     assert "95%" in offset and "mostly Q4_1" in offset and "float offset" in offset and "float zero points" in offset
-    assert "--model-path" in offset and "fine-tune" not in offset
+    assert 'conversion.gguf "exact" (INT4) carries its blocks unchanged' in offset and "fine-tune" not in offset
     plain = requantization_note({"Q4_0": 10})
     assert "100%" in plain and "second time" in plain and "float offset" not in plain
     assert "rounds the change away" in requantization_note({"Q4_K": 10}, merged_finetune=True)
