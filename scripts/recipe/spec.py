@@ -290,8 +290,11 @@ class Conversion:
 
     def reference(self) -> "Conversion":
         """The FP32 build of the same model the fidelity gate and ``compare`` measure against: float weights, float
-        cache, the adapter merged (the fine-tuned model itself)."""
-        return replace(self, precision="fp32", kv_cache="float", adapter="merge")
+        cache, the adapter merged (the fine-tuned model itself). Keys that only shape a quantized layout take their
+        defaults, so every layout of a recipe (tune's, auto's, the deployed one) shares one reference build."""
+        return replace(self, precision="fp32", kv_cache="float", adapter="merge", quantization=Quantization(),
+                       gguf=section("conversion").fields["gguf"].default,
+                       adapter_bits=section("conversion").fields["adapter_bits"].default)
 
 
 @dataclass(frozen=True)

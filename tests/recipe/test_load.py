@@ -300,7 +300,12 @@ def test_carried_weights_keys_default_to_exact_and_branch(recipes):
     c = load_recipe("tiny").conversion
     assert (c.gguf, c.adapter, c.adapter_bits, c.kv_cache) == ("exact", "branch", 32, "float")
     reference = replace(c, kv_cache="int8", precision="int4").reference()
-    assert (reference.precision, reference.kv_cache, reference.gguf) == ("fp32", "float", "exact")
+    assert (reference.precision, reference.kv_cache, reference.gguf, reference.adapter) == ("fp32", "float", "exact",
+                                                                                            "merge")
+    layout = replace(c, gguf="requantize", adapter_bits=8, prune_lm_head=False,
+                     quantization=replace(c.quantization, accuracy_level=1, eight_bit=("lm_head",)))
+    assert layout.reference() == replace(c, prune_lm_head=False).reference()  # one reference for every layout
+    assert layout.reference().prune_lm_head is False  # graph options are the recipe's
     doc = {**MINIMAL, "conversion": {"gguf": "lossless", "adapter": "fuse", "adapter_bits": 4, "kv_cache": "int4"}}
     message = load_error(recipes, doc)
     assert "conversion.gguf: 'lossless' is not allowed; choose one of: 'exact', 'requantize'" in message
