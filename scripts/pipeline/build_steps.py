@@ -252,7 +252,7 @@ class BuildSteps:
         result = measure_gate(self.paths.package, reference.paths.package, windows, r.conversion.fidelity)
         self.announce(f"       fidelity vs FP32: {describe(result.figures)} (scored in {result.seconds:.0f} s)")
         if not result.passed:
-            raise QualityError(failure_message(result, r.name, r.conversion.precision))
+            raise QualityError(failure_message(result, self.recipe_arg, r.conversion.precision))
         return result.to_json()
 
 

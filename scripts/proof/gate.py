@@ -84,14 +84,14 @@ def describe(figures: dict[str, dict[str, Any]]) -> str:
                      f"{100 * f['ppl_increase']:+.1f} % ({f['tokens']} tokens)" for kind, f in figures.items())
 
 
-def failure_message(result: GateResult, recipe_name: str, precision: str) -> str:
-    """What failed, that nothing was installed, and what to run."""
+def failure_message(result: GateResult, recipe_arg: str, precision: str) -> str:
+    """What failed, that nothing was installed, and what to run (``recipe_arg``: the recipe as ``--model`` takes it)."""
     missed = "; ".join(f"{kind}: {', '.join(p)}" for kind, p in result.problems.items() if p)
     return (f"The {precision} build keeps too little of the FP32 model it was converted from ({missed}); it was not "
             f"installed (the previous install, if any, is unchanged). Measured: {describe(result.figures)}. "
-            f"To fix: `invoke tune --model {recipe_name}` finds a layout that keeps the fidelity (or deploy "
-            f"`--precision int8`); to accept this loss, lower conversion.fidelity (max_kld, min_top1, "
-            "max_ppl_increase) in the recipe.")
+            f"To fix: `invoke deploy --model {recipe_arg} --precision auto` measures the layouts and deploys the "
+            f"smallest that keeps the fidelity (`invoke tune --model {recipe_arg}`: the fastest, keys to paste); to "
+            "accept this loss, lower conversion.fidelity (max_kld, min_top1, max_ppl_increase) in the recipe.")
 
 
 def measure_gate(package: Path, reference: Path, windows: dict[str, list], spec, timeout: float = 3600) -> GateResult:
