@@ -200,7 +200,8 @@ def write_outputs(report: CompareReport, out_dir: Path) -> None:
     md += [f"- {r.precision} {r.status}: {r.reason}" for r in report.rows if not r.ok]
     if report.auto:
         md += ["", f"Smallest precision that qualifies: **{report.auto['chosen']}** (eval accuracy ≥ "
-                   f"{100 * report.auto['threshold']:.0f} % of FP32's, fidelity thresholds met):"] + [f"- {line}" for line in report.auto["reasons"]]
+                   f"{100 * report.auto['threshold']:.0f} % of FP32's, fidelity thresholds met):"]
+        md += [f"- {line}" for line in report.auto["reasons"]]
     write_text_atomic(files["markdown"], "\n".join(md) + "\n")
     write_text_atomic(files["json"], json.dumps(report.to_json(), indent=2, default=str) + "\n")
     write_text_atomic(files["plot"], svg_plot(report) + "\n")

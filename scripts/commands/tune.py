@@ -1,5 +1,6 @@
-"""`invoke tune` (and `--precision auto`, :mod:`scripts.commands.auto`): build and measure layouts, and choose the one
-that keeps the recipe's quality thresholds — tune the fastest, auto the smallest (:class:`scripts.commands.layouts.Policy`).
+"""`invoke tune` (and `--precision auto`, :mod:`scripts.commands.auto`): build and measure layouts, and choose one
+that keeps the recipe's quality thresholds — tune the fastest, auto the smallest
+(:class:`scripts.commands.layouts.Policy`).
 
 Each candidate (:data:`scripts.commands.layouts.GRID`, or a JSON file of your own) is a layout: ``conversion``
 keys over the schema defaults (:func:`scripts.commands.layouts.candidate_conversion`). Per candidate, cached like every

@@ -44,9 +44,9 @@ class BuildSteps:
     @property
     def carried(self) -> Carried:
         """What the convert step carries into the graph instead of re-quantizing: the source GGUF's blocks (an int4
-        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``). An adapter
-        merged into the weights (``conversion.adapter: "merge"``) makes them other than the GGUF's blocks: the merged
-        model is then quantized again whatever ``conversion.gguf`` says (the recipe notes it)."""
+        build of a GGUF source, ``conversion.gguf`` "exact") and the adapter as a branch (``conversion.adapter``).
+        An adapter merged into the weights (``conversion.adapter: "merge"``) makes them other than the GGUF's blocks:
+        the merged model is then quantized again whatever ``conversion.gguf`` says (the recipe notes it)."""
         c = self.recipe.conversion
         kept = self.base_dir / KEPT_GGUF
         branch = self.adapter_dir if self.adapter_dir and c.adapter == "branch" else None
@@ -116,7 +116,8 @@ class BuildSteps:
         return result
 
     def _check_trained_base(self, model_onnx: Path, where: str) -> None:
-        """The graph quantizes the base to exactly the values the fine-tune trained on (the ``deployed-base`` step's)."""
+        """The graph quantizes the base to exactly the values the fine-tune trained on (the ``deployed-base``
+        step's)."""
         recorded = (self.runner.recorded_result(self.step("deployed-base")) or {}).get("digests") or {}
         built = weight_digests(onnx.load(str(model_onnx)))
         differ = sorted(n for n in set(recorded) | set(built) if recorded.get(n) != built.get(n))
@@ -260,7 +261,8 @@ def prepared_recipe(recipe: Recipe, main) -> Recipe:
     """``recipe`` for variant builds in their own roots (compare, tune, ``--precision auto``, the gate's FP32
     reference): the adapter ``main`` trained or was given, nothing to train, and ``main``'s merged model pinned as the
     FP32 model (:attr:`Recipe.prepared`). A variant then carries the source GGUF and the adapter exactly like the
-    recipe's own build, or converts the merged model (``adapter: "merge"``, FP32) — and never merges or trains again."""
+    recipe's own build, or converts the merged model (``adapter: "merge"``, FP32) — and never merges or trains
+    again."""
     if main.adapter_dir is None:
         return recipe
     return replace(recipe, adapter=str(main.adapter_dir), finetune=FinetuneSpec(), prepared=str(main.model_dir))
