@@ -179,7 +179,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
                   for r in rows if r.ok and r.kld_mean is not None}
         winner, reasons = smallest_precision({**{r.precision: r.eval_accuracy for r in rows if r.ok}, **failed},
                                       recipe.conversion.auto_threshold, refused, misses)
-        report.auto = {"chosen": winner, "threshold": recipe.conversion.auto_threshold, "reasons": reasons}
+        report.smallest = {"chosen": winner, "threshold": recipe.conversion.auto_threshold, "reasons": reasons}
     write_outputs(report, out_dir or main.paths.root / "proof")  # beside bench/validate: `invoke report` reads it
     return report
 

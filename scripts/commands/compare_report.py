@@ -54,7 +54,7 @@ class CompareReport:
     hf_bytes: int
     rows: list[Row]
     profile: dict
-    auto: dict | None = None
+    smallest: dict | None = None  # the smallest precision that qualifies, and why (compare's judgement)
     files: dict = field(default_factory=dict)
 
     def row(self, precision: str) -> Row | None:
@@ -198,10 +198,10 @@ def write_outputs(report: CompareReport, out_dir: Path) -> None:
     md += [markdown_table(report), ""]
     md += [f"- {r.precision}: {r.graph}; weights {r.weights_by_type}" for r in report.rows if r.ok and r.weights_by_type]
     md += [f"- {r.precision} {r.status}: {r.reason}" for r in report.rows if not r.ok]
-    if report.auto:
-        md += ["", f"Smallest precision that qualifies: **{report.auto['chosen']}** (eval accuracy ≥ "
-                   f"{100 * report.auto['threshold']:.0f} % of FP32's, fidelity thresholds met):"]
-        md += [f"- {line}" for line in report.auto["reasons"]]
+    if report.smallest:
+        md += ["", f"Smallest precision that qualifies: **{report.smallest['chosen']}** (eval accuracy ≥ "
+                   f"{100 * report.smallest['threshold']:.0f} % of FP32's, fidelity thresholds met):"]
+        md += [f"- {line}" for line in report.smallest["reasons"]]
     write_text_atomic(files["markdown"], "\n".join(md) + "\n")
     write_text_atomic(files["json"], json.dumps(report.to_json(), indent=2, default=str) + "\n")
     write_text_atomic(files["plot"], svg_plot(report) + "\n")

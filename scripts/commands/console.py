@@ -194,11 +194,11 @@ def print_compare(console: Console, report) -> None:
     for r in report.rows:
         if not r.ok:
             console.print(f"- {r.precision} {r.status}: {r.reason}")
-    if report.auto:
-        console.print(f"Smallest precision that qualifies: [bold]{report.auto['chosen']}[/bold] (eval accuracy ≥ "
-                      f"{100 * report.auto['threshold']:.0f} % of FP32's, fidelity thresholds met; `--precision auto` "
+    if report.smallest:
+        console.print(f"Smallest precision that qualifies: [bold]{report.smallest['chosen']}[/bold] (eval accuracy ≥ "
+                      f"{100 * report.smallest['threshold']:.0f} % of FP32's, fidelity thresholds met; `--precision auto` "
                       "also searches layouts):")
-        for line in report.auto["reasons"]:
+        for line in report.smallest["reasons"]:
             console.print(f"  - {line}")
     console.print("Saved " + ", ".join(report.files.values()))
 

@@ -122,13 +122,13 @@ def test_graphs_carry_what_was_asked_and_sizes_shrink(compared):
     assert report.row("fp32").bytes > int8.bytes > int4.bytes
 
 
-def test_outputs_and_auto_choice(compared):
+def test_outputs_and_the_smallest_qualifying_precision(compared):
     report = compared["report"]
     for path in report.files.values():
         assert Path(path).is_file()
     md = Path(report.files["markdown"]).read_text()
     assert "| INT4 | × 0.125 |" in md and "Smallest precision that qualifies: **" in md
-    assert report.auto["chosen"] in ("int4", "int8", "fp32") and len(report.auto["reasons"]) == 4
+    assert report.smallest["chosen"] in ("int4", "int8", "fp32") and len(report.smallest["reasons"]) == 4
 
 
 def test_rerun_reuses_cached_builds(compared):
