@@ -28,22 +28,29 @@ def test_packed_nodes_split_into_the_projections_they_hold():
 
 
 @pytest.fixture(scope="module")
-def read_back(tiny_hf_model, tiny_onnx_model, tmp_path_factory):
+def graph_dir(tiny_onnx_model, tmp_path_factory) -> Path:
+    """A private copy of the tiny INT4 graph: other tests hard-link the shared one, and onnx refuses to load external
+    data with more than one link."""
+    return shutil.copytree(tiny_onnx_model, tmp_path_factory.mktemp("graph") / "onnx")
+
+
+@pytest.fixture(scope="module")
+def read_back(tiny_hf_model, graph_dir, tmp_path_factory):
     """The tiny model's base written back from its INT4 graph, with its head declared tied (as SmolLM2's is)."""
     root = tmp_path_factory.mktemp("deployed_base")
     base = shutil.copytree(tiny_hf_model, root / "base")
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
-    result = build({"base_dir": str(base), "onnx_dir": str(tiny_onnx_model), "out_dir": str(root / "out")})
+    result = build({"base_dir": str(base), "onnx_dir": str(graph_dir), "out_dir": str(root / "out")})
     return base, root / "out", result
 
 
-def test_the_written_base_holds_exactly_what_the_graph_computes(read_back, tiny_onnx_model):
+def test_the_written_base_holds_exactly_what_the_graph_computes(read_back, graph_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
     base, out, result = read_back
-    graph = onnx.load(str(tiny_onnx_model / "model.onnx"))
+    graph = onnx.load(str(graph_dir / "model.onnx"))
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     computed = graph_weights(graph, tied=False)
@@ -61,8 +68,8 @@ def test_the_written_base_holds_exactly_what_the_graph_computes(read_back, tiny_
     assert result["digests"] == weight_digests(graph)
 
 
-def test_digests_tell_a_different_quantization_apart(tiny_onnx_model):
-    graph = onnx.load(str(tiny_onnx_model / "model.onnx"))
+def test_digests_tell_a_different_quantization_apart(graph_dir):
+    graph = onnx.load(str(graph_dir / "model.onnx"))
     before = weight_digests(graph)
     scales = next(t for t in graph.graph.initializer if t.name.endswith("layers.0.mlp.down_proj.MatMul.weight_scales"))
     scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales) * np.float32(1.5), scales.name))
