@@ -121,10 +121,14 @@ def describe(candidate: dict[str, Any]) -> str:
     return ", ".join(words)
 
 
+def timed_qualifying(rows: Sequence[Any]) -> list[Any]:
+    """The qualifying rows with an answer time (pure; rows as :class:`scripts.commands.tune.TuneRow`, judged)."""
+    return [r for r in rows if r.qualifies and r.answer_ms is not None]
+
+
 def fastest(rows: Sequence[Any]) -> Any | None:
-    """`invoke tune`'s choice: the qualifying row with the shortest answer time (pure; rows as
-    :class:`scripts.commands.tune.TuneRow`, already judged)."""
-    ok = [r for r in rows if r.qualifies and r.answer_ms is not None]
+    """`invoke tune`'s choice: the qualifying row with the shortest answer time (pure)."""
+    ok = timed_qualifying(rows)
     return min(ok, key=lambda r: r.answer_ms) if ok else None
 
 
@@ -153,8 +157,7 @@ class Policy:
     rule: str  # the choice, in one sentence under the table
 
 
-FASTEST = Policy("tune", fastest, lambda rows: [r for r in rows if r.qualifies and r.answer_ms is not None],
-                 "Chosen: the fastest that qualifies")
+FASTEST = Policy("tune", fastest, timed_qualifying, "Chosen: the fastest that qualifies")
 SMALLEST = Policy("auto", smallest_then_fastest, near_smallest,
                   f"Chosen: the smallest that qualifies, then the fastest of those within {100 * SIZE_BAND:.0f} % of "
                   "its size")

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from scripts.convert.gguf_blocks import unpack_matmul_nbits
 from scripts.convert.graph_check import graph_weights
-from scripts.convert.lora_branch import LAYER_NODE, PACKED
+from scripts.convert.lora_branch import builder_layout, node_key
 
 HEAD_NODE = "/lm_head/MatMul"
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -34,10 +34,12 @@ _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 def weight_digests(model: onnx.ModelProto) -> dict[str, str]:
     """SHA-256 of every quantized projection's dequantized ``[N, K]`` float32 weight, by builder node name (what the
     convert step compares with the deployed base the fine-tune trained on)."""
-    out = {}
-    for name, w in graph_weights(model, tied=False).items():
-        out[name] = w if isinstance(w, str) else hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()
-    return out
+    return _digests(graph_weights(model, tied=False))
+
+
+def _digests(weights: dict[str, np.ndarray | str]) -> dict[str, str]:
+    return {name: w if isinstance(w, str) else hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()
+            for name, w in weights.items()}
 
 
 def embedding_weight(model: onnx.ModelProto) -> np.ndarray | None:
@@ -62,20 +64,18 @@ def embedding_weight(model: onnx.ModelProto) -> np.ndarray | None:
     return unpack_matmul_nbits(packed, scales, zp, None, bits, block, hidden).dequantize()
 
 
-def projection_rows(node: str, rows: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+def projection_rows(node: str, rows: np.ndarray, layout: dict[str, list[tuple[str, int]]]) -> dict[str, np.ndarray]:
     """A builder node's ``[N, K]`` weight split into the Hugging Face projections it packs, keyed
-    ``layers.<i>.<proj>`` (``lm_head`` for the head) (pure). ``sizes``: output rows per projection name."""
+    ``layers.<i>.<proj>`` (``lm_head`` for the head) (pure). ``layout``:
+    :func:`scripts.convert.lora_branch.builder_layout`, each node's projections and output rows."""
     if node.startswith(HEAD_NODE):
         return {"lm_head": rows}
-    m = LAYER_NODE.match(node)
-    if not m:
+    key = node_key(node)
+    if key is None:
         raise ValueError(f"{node}: not a builder projection node")
-    layer, proj = m.groups()
-    parts = PACKED.get(proj, (proj,))
-    if len(parts) == 1:
-        return {f"layers.{layer}.{proj}": rows}
-    bounds = np.cumsum([sizes[p] for p in parts])[:-1]
-    return {f"layers.{layer}.{p}": w for p, w in zip(parts, np.split(rows, bounds, axis=0))}
+    parts = layout[key]
+    bounds = np.cumsum([n for _, n in parts])[:-1]
+    return {proj: w for (proj, _), w in zip(parts, np.split(rows, bounds, axis=0))}
 
 
 def _module(model, key: str):
@@ -101,10 +101,7 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     graph = onnx.load(str(Path(request["onnx_dir"]) / "model.onnx"))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    sizes = {"q_proj": cfg.num_attention_heads * head_dim,
-             "k_proj": cfg.num_key_value_heads * head_dim, "v_proj": cfg.num_key_value_heads * head_dim,
-             "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+    layout = builder_layout(graph)
     replaced, untied = 0, False
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     table = embedding_weight(graph)
@@ -112,7 +109,7 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     for node, w in weights.items():
         if isinstance(w, str):
             raise ValueError(f"{node}: {w}")
-        for key, rows in projection_rows(node, w, sizes).items():
+        for key, rows in projection_rows(node, w, layout).items():
             if key == "lm_head" and tied:  # the graph's head is its own quantized copy: the HF model must say so
                 model.config.tie_word_embeddings = False
                 if hasattr(model.config, "get_text_config"):
@@ -132,7 +129,7 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     for item in base_dir.iterdir():  # tokenizer, chat template, generation config: everything but the weights
         if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not (out_dir / item.name).exists():
             shutil.copy2(item, out_dir / item.name)
-    digests = weight_digests(graph)
+    digests = _digests(weights)
     return {"summary": f"the base as the deployed graph computes it: {replaced} quantized matrices"
                        + (", the embedding table" if table is not None else "")
                        + (" (LM head untied from the embedding)" if untied else "") + f" → {out_dir}",

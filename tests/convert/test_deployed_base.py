@@ -18,10 +18,12 @@ from scripts.convert.graph_check import graph_weights
 
 def test_packed_nodes_split_into_the_projections_they_hold():
     rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
-    parts = projection_rows("/model/layers.3/attn/qkv_proj/MatMul", rows, {"q_proj": 3, "k_proj": 2, "v_proj": 2})
+    qkv = {"layers.3.qkv_proj": [("layers.3.q_proj", 3), ("layers.3.k_proj", 2), ("layers.3.v_proj", 2)]}
+    parts = projection_rows("/model/layers.3/attn/qkv_proj/MatMul", rows, qkv)
     assert list(parts) == ["layers.3.q_proj", "layers.3.k_proj", "layers.3.v_proj"]
     assert np.array_equal(np.concatenate(list(parts.values())), rows) and parts["layers.3.k_proj"].shape == (2, 2)
-    assert list(projection_rows("/model/layers.0/mlp/down_proj/MatMul", rows, {})) == ["layers.0.down_proj"]
+    down = {"layers.0.down_proj": [("layers.0.down_proj", 7)]}
+    assert list(projection_rows("/model/layers.0/mlp/down_proj/MatMul", rows, down)) == ["layers.0.down_proj"]
     assert list(projection_rows("/lm_head/MatMul", rows, {})) == ["lm_head"]
     with pytest.raises(ValueError, match="not a builder projection node"):
         projection_rows("/model/embed_tokens/Gather", rows, {})
