@@ -30,6 +30,19 @@ def load_lines(path: Path, split: str | None = None) -> list[dict]:
     return out
 
 
+def is_tool_set(path: Path) -> bool:
+    """Whether the JSONL file ``path`` is a tool set (its first line has ``messages``) rather than question/answer
+    pairs; unreadable lines are left for the loader that reads the file to report."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(item, dict) and "messages" in item
+    return False
+
+
 @dataclass(frozen=True)
 class ToolCase:
     """The prompt (messages before the expected turn), the tools, and the expected calls (empty: answer in text)."""
@@ -101,6 +114,12 @@ class ToolScore:
     def to_json(self) -> dict[str, Any]:
         return {"call_exact": self.call_accuracy, "calls": self.calls, "no_call_text": self.no_call_accuracy,
                 "no_calls": self.texts, "figure": self.figure(), "failures": self.failures}
+
+    def heldout_json(self) -> dict[str, Any]:
+        """The figures a trainer's provenance file records for the held-out split (``heldout_*``, failures)."""
+        return {"heldout_call_exact": self.call_accuracy, "heldout_calls": self.calls,
+                "heldout_no_call_text": self.no_call_accuracy, "heldout_no_calls": self.texts,
+                "failures": self.failures}
 
 
 def load_cases(path: Path) -> list[ToolCase]:

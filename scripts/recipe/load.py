@@ -169,7 +169,8 @@ def _finetune(spec: dict, adapter: str | None, recipe_file: Path) -> FinetuneSpe
     dataset = (recipe_file.parent / spec["dataset"]).resolve()
     if not dataset.is_file():
         raise RecipeError(f"{recipe_file}: model.finetune.dataset: {dataset} does not exist. Point it at a JSONL file "
-                          "of {\"question\": ..., \"answer\": ...} lines, relative to the recipe file.")
+                          "of {\"question\": ..., \"answer\": ...} lines (or a tool-calling set, as eval.tools takes), "
+                          "relative to the recipe file.")
     return FinetuneSpec(**{**spec, "dataset": dataset})
 
 

@@ -69,8 +69,9 @@ SCHEMA = Obj({
         "adapter": Field(str, default=None, help="a PEFT (LoRA) adapter folder to merge into model.source before "
                          "conversion; relative to the recipe"),
         "finetune": Obj({
-            "dataset": Field(str, default=None, help="JSONL question/answer pairs to LoRA-fine-tune model.source on "
-                             "(a `finetune` step; the adapter is then merged); relative to the recipe"),
+            "dataset": Field(str, default=None, help="JSONL question/answer pairs, or a tool-calling set (OpenAI chat "
+                             "lines with tools, as eval.tools), to LoRA-fine-tune model.source on (a `finetune` step; "
+                             "conversion.adapter then keeps or merges it); relative to the recipe"),
             "rank": Field(int, default=16, check=in_range(1, 512), help="LoRA rank"),
             "alpha": Field(int, default=32, check=in_range(1, 4096), help="LoRA alpha (scale = alpha / rank)"),
             "epochs": Field(int, default=8, check=in_range(1, 1000), help="passes over the dataset"),
@@ -78,6 +79,9 @@ SCHEMA = Obj({
             "batch_size": Field(int, default=8, check=in_range(1, 1024), help="question/answer pairs per step"),
             "seed": Field(int, default=0, help="seed of the adapter's initialisation and the data order"),
             "threads": Field(int, default=2, check=in_range(1, 256), help="torch threads while training"),
+            "tool_prompt_steps": Field(int, default=40, check=in_range(0, 100000),
+                                       help="tool sets only: steps on the conversations with the tool definitions "
+                                            "in the prompt, after `epochs` passes without them (each ~2x the cost)"),
         }),
     }, required=True),
     "conversion": Obj({
@@ -256,6 +260,7 @@ class FinetuneSpec:
     batch_size: int
     seed: int
     threads: int
+    tool_prompt_steps: int
 
     def settings(self) -> dict[str, Any]:
         """The training settings (no paths), as the ``finetune`` step hashes and the trainer reads them."""

