@@ -123,6 +123,11 @@ def call_text(fmt: ToolFormat, name: str, arguments: Any) -> str:
     return fmt.call_start + body + fmt.call_end
 
 
+def calls_text(fmt: ToolFormat, calls: Sequence[tuple[str, Any]]) -> str:
+    """One turn's calls (``(name, arguments)`` pairs) as the model writes them."""
+    return fmt.call_separator.join(call_text(fmt, name, arguments) for name, arguments in calls)
+
+
 def _function(call: dict) -> dict:
     return call.get("function", call)
 
@@ -156,9 +161,8 @@ def plain_messages(messages: Sequence[dict], tools: Sequence[dict] | None, fmt: 
         flush()
         content = _content_text(m.get("content"))
         if role == "assistant" and m.get("tool_calls"):
-            calls = [call_text(fmt, _function(c)["name"], _function(c).get("arguments", {}))
-                     for c in m["tool_calls"]]
-            content = (content + fmt.after_content if content else "") + fmt.call_separator.join(calls)
+            calls = calls_text(fmt, [(_function(c)["name"], _function(c).get("arguments", {})) for c in m["tool_calls"]])
+            content = (content + fmt.after_content if content else "") + calls
         out.append({"role": role, "content": content})
     flush()
     return out

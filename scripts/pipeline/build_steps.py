@@ -249,7 +249,7 @@ class BuildSteps:
         if self.status:
             self.status("fidelity gate: scoring the build against FP32 (eval answers, held-out text)…")
         windows = gate_windows(self.paths.package, self.eval_set(), r.eval.system_prompt,
-                               r.conversion.fidelity.heldout_tokens)
+                               r.conversion.fidelity.heldout_tokens, self.tool_cases())
         result = measure_gate(self.paths.package, reference.paths.package, windows, r.conversion.fidelity)
         self.announce(f"       fidelity vs FP32: {describe(result.figures)} (scored in {result.seconds:.0f} s)")
         if not result.passed:

@@ -26,6 +26,7 @@ from scripts.core.faults import checkpoint
 from scripts.core.fileops import recover_dir
 from scripts.core.locks import held, hold
 from scripts.core.evalset import load_qa
+from scripts.core.tool_evalset import load_cases
 from scripts.recipe.paths import Paths
 from scripts.recipe.spec import Recipe
 from scripts.runtimes.foundry import cache_root
@@ -142,6 +143,11 @@ class Pipeline(BuildSteps, InstalledSteps):
     def eval_set(self):
         dataset = self.recipe.eval.dataset
         return load_qa(dataset) if dataset else []
+
+    def tool_cases(self):
+        """The held-out cases of ``eval.tools`` ([] when none)."""
+        tools = self.recipe.eval.tools
+        return load_cases(tools) if tools else []
 
     # ----- step bodies --------------------------------------------------------------------------------
 

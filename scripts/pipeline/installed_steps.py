@@ -14,7 +14,7 @@ from scripts.families.tools import ToolFormat, reply_calls, served_messages, ser
 from scripts.core.fileops import folder_size
 from scripts.core.evalset import conversations, score
 from scripts.recipe.spec import Recipe
-from scripts.core.tool_evalset import load_cases, load_lines, score_outcomes
+from scripts.core.tool_evalset import load_lines, score_outcomes
 from scripts.runtimes.foundry import check_model
 from scripts.runtimes.foundry_api import default_client_note
 from scripts.core.hf_folder import read_chat_template
@@ -70,11 +70,6 @@ class InstalledSteps:
             raise InstallError(f"{self.model_id} is damaged: {problem}. Repair it with `invoke deploy --model "
                                f"{self.recipe_arg}` (reinstalls it from the build), or make a kept version current "
                                f"with `invoke rollback --model {self.recipe_arg}` (`invoke models` lists them).")
-
-    def tool_cases(self):
-        """The held-out cases of ``eval.tools`` ([] when none)."""
-        tools = self.recipe.eval.tools
-        return load_cases(tools) if tools else []
 
     def chat_tools(self) -> list[dict] | None:
         """The tools ``invoke run`` offers: those of the first line of ``eval.tools`` (None without it)."""

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from scripts.core.evalset import QA, question_messages
 from scripts.core.english_text import heldout_text
+from scripts.core.evalset import QA, question_messages
+from scripts.core.hf_folder import read_chat_template
+from scripts.core.tool_evalset import ToolCase
+from scripts.families.tools import ToolFormat, calls_text, served_messages, serving_spec
 from scripts.proof.fidelity import answer_window, DEFAULT_WINDOW, failures, token_windows
 from scripts.proof.measure import context_limit, fast_tokenizer, run_worker
 from scripts.runtimes.backends import render_chat
@@ -50,10 +53,33 @@ def domain_windows(chat_dir: Path, qa: Sequence[QA], system: str | None, context
     return windows
 
 
-def gate_windows(package: Path, qa: Sequence[QA], system: str | None, heldout_tokens: int) -> dict[str, list]:
-    """The windows of both kinds for ``package`` (its tokenizer, chat template and context)."""
+def tool_windows(chat_dir: Path, cases: Sequence[ToolCase], context: int) -> list[dict[str, Any]]:
+    """One window per held-out call case of a tool set: the conversation as ``invoke serve`` writes it for
+    ``chat_dir``'s chat template (the tools in its family's format) rendered by that template, then the expected
+    calls as the family writes them; none when the template has no tool format (the check step says so)."""
+    spec = serving_spec(read_chat_template(chat_dir))
+    if spec is None:
+        return []
+    fmt = ToolFormat.from_json(spec["family"], spec["format"])
+    tokenizer = fast_tokenizer(chat_dir)
+    windows = []
+    for case in cases:
+        if not case.expected:
+            continue
+        prompt = tokenizer.encode(render_chat(chat_dir, served_messages(spec, case.messages, case.tools)),
+                                  add_special_tokens=False).ids
+        answer = tokenizer.encode(calls_text(fmt, case.expected), add_special_tokens=False).ids
+        if len(prompt) + len(answer) <= context:
+            windows.append(answer_window(prompt, answer))
+    return windows
+
+
+def gate_windows(package: Path, qa: Sequence[QA], system: str | None, heldout_tokens: int,
+                 tool_cases: Sequence[ToolCase] = ()) -> dict[str, list]:
+    """The windows of both kinds for ``package`` (its tokenizer, chat template and context): domain = the eval
+    set's answers and the tool set's held-out calls."""
     context = context_limit(package)
-    return {"domain": domain_windows(package, qa, system, context),
+    return {"domain": domain_windows(package, qa, system, context) + tool_windows(package, tool_cases, context),
             "heldout": heldout_windows(package, context, heldout_tokens)}
 
 

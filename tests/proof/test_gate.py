@@ -8,7 +8,7 @@ import pytest
 
 from scripts.core.evalset import QA
 from scripts.proof.fidelity import answer_window, compare_window, summarise
-from scripts.proof.gate import domain_windows, failure_message, heldout_windows, judge, measure_gate
+from scripts.proof.gate import domain_windows, failure_message, heldout_windows, judge, measure_gate, tool_windows
 from scripts.proof.measure import context_limit
 from scripts.recipe.spec import FidelitySpec
 
@@ -30,6 +30,26 @@ def test_domain_windows_render_the_question_with_the_packages_template(tiny_onnx
     windows = domain_windows(tiny_onnx_model, QAS, None, context_limit(tiny_onnx_model))
     assert len(windows) == 2 and all(0 < w["from"] < len(w["ids"]) - 1 for w in windows)
     assert domain_windows(tiny_onnx_model, QAS, None, context=4) == []  # nothing longer than the context
+
+
+def test_tool_windows_score_the_expected_calls_after_the_prompt_serve_writes(tiny_onnx_model):
+    """A held-out call case of a tool set: the conversation with its tools as `invoke serve` writes it, then the calls
+    in the family's format; no-call cases have no reference text and are left out."""
+    from pathlib import Path
+
+    from scripts.core.tool_evalset import load_cases
+    from scripts.proof.measure import fast_tokenizer
+    cases = load_cases(Path(__file__).resolve().parents[2] / "recipes" / "data" / "brightwater-tools.jsonl")
+    some = [c for c in cases if c.expected][:2] + [c for c in cases if not c.expected][:1]
+    windows = tool_windows(tiny_onnx_model, some, context=100_000)
+    assert len(windows) == 2
+    tokenizer = fast_tokenizer(tiny_onnx_model)
+    prompt, answer = (tokenizer.decode(ids, skip_special_tokens=False)
+                      for ids in (windows[0]["ids"][:windows[0]["from"] + 1], windows[0]["ids"][windows[0]["from"] + 1:]))
+    name, args = some[0].expected[0]
+    assert "<tools>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert answer.startswith("<tool_call>") and name in answer and all(str(v) in answer for v in args.values())
+    assert tool_windows(tiny_onnx_model, some, context=50) == []  # nothing longer than the context
 
 
 def test_judge_names_what_each_kind_misses():
