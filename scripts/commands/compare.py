@@ -4,7 +4,8 @@ Each precision is built by the normal steps (convert → package, which includes
 folder ``build/<recipe>/precisions/<p>/`` with its own stamps, so re-running reuses the builds. Then, per build,
 one worker process per backend (:mod:`scripts.proof.measure`):
 
-- Foundry Local (as deployed): load time, time to first token, decode tokens/s, peak RSS, and the eval-set answers;
+- Foundry Local (as deployed): load time, time to first token, decode tokens/s, peak RSS, and the eval-set answers
+  (and the tool set's held-out cases, ``eval.tools``, as ``invoke serve`` writes them);
 - ONNX Runtime GenAI on the same folder: teacher-forced logits over held-out text (perplexity, greedy-token
   agreement with the FP32 ONNX build and with the original PyTorch model);
 - PyTorch on the Hugging Face original: the same figures, as the reference row.
@@ -15,6 +16,7 @@ config with random weights (``synthetic:`` sources) get sizes and speeds only: t
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,6 +25,8 @@ from scripts.core.errors import ConversionError, GraphCheckError, MeasurementErr
 from scripts.commands.variants import build_package, precision_pipeline, prepare_model
 from scripts.pipeline import prepared_recipe
 from scripts.core.evalset import conversations, score
+from scripts.core.tool_evalset import score_outcomes
+from scripts.families.tools import reply_calls
 from scripts.proof.measure import (bench_request, context_limit, Profile, run_worker, to_backend_bench,
                                    weights_size)
 from scripts.commands.compare_report import (HF_ROW, CompareReport, Row, answer_agreement, fmt_mb, fmt_median, fmt_pct,
@@ -96,6 +100,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
     hf_dir = main.model_dir
     builds = prepared_recipe(recipe, main)
     qa = main.eval_set() if quality else []
+    cases = main.tool_cases() if quality else []
     rows: list[Row] = []
     pipes: dict[str, Any] = {}
     order = [p for p in TABLE_ORDER if p in precisions]
@@ -107,15 +112,17 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
     ok = [r for r in rows if r.ok]
     context = min(context_limit(Path(r.folder)) for r in ok) if ok else 512
     heldout = heldout_windows(hf_dir, context, recipe.conversion.fidelity.heldout_tokens) if quality else []
-    chats = conversations(qa, recipe.eval.system_prompt) if qa else []
+    # prompts in the chat template the package step chose (the tokenizer's, or the family's for a base model that has
+    # none): the one every build is measured with, and the one Foundry Local applies
+    chat_dir = Path(ok[0].folder) if ok else hf_dir
+    tool_chats, fmt = main.tool_chats(cases, chat_dir)
+    chats = (conversations(qa, recipe.eval.system_prompt) if qa else []) + tool_chats
     answers_job = {"kind": "answers", "conversations": chats, "max_new_tokens": recipe.eval.max_new_tokens}
+    quality_from = partial(_quality_from, qa=qa, cases=cases, fmt=fmt)
     logits_job = {"kind": "logits", "windows": heldout}
     logits: dict[str, dict] = {}
 
     hf_row = Row(HF_ROW, "ok", folder=str(hf_dir), bytes=weights_size(hf_dir), graph="PyTorch, FP32 safetensors")
-    # prompts in the chat template the package step chose (the tokenizer's, or the family's for a base model that has
-    # none): the one every build is measured with, and the one Foundry Local applies
-    chat_dir = Path(ok[0].folder) if ok else hf_dir
     jobs: list[dict] = []
     if speed:
         jobs.append(bench_request(chat_dir, COMPARE_PROFILE, context))
@@ -128,7 +135,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         status("PyTorch: measuring the original model…")
         try:
             done = _measure_row(hf_row, "torch", hf_dir, jobs, speed, {"chat_dir": str(chat_dir)})
-            _quality_from(hf_row, done, qa, score)
+            quality_from(hf_row, done)
             logits["torch"] = done.get("logits")
         except MeasurementError as exc:
             hf_row.status, hf_row.reason = "failed", str(exc)
@@ -140,7 +147,7 @@ def run_compare(recipe: Recipe, precisions: Sequence[str] = TABLE_ORDER, speed: 
         status(f"Foundry Local: measuring {row.precision}…")
         try:
             if jobs:
-                _quality_from(row, _measure_row(row, "foundry", folder, jobs, speed), qa, score)
+                quality_from(row, _measure_row(row, "foundry", folder, jobs, speed))
             if quality and heldout:
                 status(f"ONNX Runtime GenAI: scoring held-out text with {row.precision}…")
                 reference = next((r.folder for r in ok if r.precision == "fp32"), None)
@@ -194,7 +201,12 @@ def _fidelity_from(row: Row, figures: dict) -> None:
     row.token_agreement_fp32 = figures["top1"]
 
 
-def _quality_from(row: Row, done: dict, qa, score) -> None:
+def _quality_from(row: Row, done: dict, qa, cases, fmt) -> None:
+    """Eval accuracy (the first ``len(qa)`` answers) and the tool score (the rest, replies to ``cases``)."""
     if "answers" in done:
         row.answers = [a["text"] for a in done["answers"]["answers"]]
-        row.eval_accuracy = score(row.answers, qa).accuracy
+        if qa:
+            row.eval_accuracy = score(row.answers[:len(qa)], qa).accuracy
+        if cases:
+            tools = score_outcomes(cases, [reply_calls(t, fmt) for t in row.answers[len(qa):]])
+            row.tool_calls, row.tool_no_call = tools.call_accuracy, tools.no_call_accuracy

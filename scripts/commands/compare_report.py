@@ -40,6 +40,8 @@ class Row:
     kld_mean: float | None = None  # vs FP32 ONNX, per token, on held-out text (scripts/proof/fidelity.py)
     kld_p99: float | None = None
     ppl_increase: float | None = None  # ΔPPL vs FP32 ONNX, as a fraction
+    tool_calls: float | None = None  # eval.tools held-out: calls exact (name + JSON-equal arguments)
+    tool_no_call: float | None = None  # eval.tools held-out: no-call questions answered in text
 
     @property
     def ok(self) -> bool:
@@ -122,9 +124,10 @@ def markdown_table(report: CompareReport) -> str:
     q = report.quality_measured
     head = ["precision", "tutorial: size", "tutorial: speed / quality", "size MB", "× FP32", "× HF original",
             "load s", "TTFT ms", "decode tok/s", "peak RSS MB"]
+    tools = q and any(r.tool_calls is not None for r in report.rows)
     if q:
         head += ["eval accuracy", "answers = FP32", "top-1 = FP32 ONNX", "KLD mean / p99", "ΔPPL", "perplexity",
-                 "tokens = PyTorch"]
+                 "tokens = PyTorch"] + (["tool calls exact / no call in text"] if tools else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.rows:
         ratio, speed, quality = TUTORIAL_CLAIMS.get(r.precision, (None, "", ""))
@@ -143,6 +146,8 @@ def markdown_table(report: CompareReport) -> str:
                 dppl = f"{100 * r.ppl_increase:+.1f} %" if r.ppl_increase is not None else "–"
                 cells += [fmt_pct(r.eval_accuracy), fmt_pct(r.answer_agreement_fp32), fmt_pct(r.token_agreement_fp32),
                           kld, dppl, f"{r.perplexity:.3f}" if r.perplexity else "–", fmt_pct(r.token_agreement_torch)]
+                if tools:
+                    cells.append(f"{fmt_pct(r.tool_calls)} / {fmt_pct(r.tool_no_call)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

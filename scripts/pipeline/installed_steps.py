@@ -76,12 +76,13 @@ class InstalledSteps:
         tools = self.recipe.eval.tools
         return (load_lines(tools)[0].get("tools") or None) if tools else None
 
-    def tool_chats(self, cases) -> tuple[list[list[dict]], ToolFormat | None]:
+    def tool_chats(self, cases, chat_dir=None) -> tuple[list[list[dict]], ToolFormat | None]:
         """``cases`` as the plain conversations ``invoke serve`` would hand the runtime for them (the tools written in
-        the installed model's family format), and that format to parse the replies with."""
+        the family format of ``chat_dir``'s chat template, default the installed model's), and that format to parse
+        the replies with."""
         if not cases:
             return [], None
-        spec = serving_spec(read_chat_template(self.installed_dir))
+        spec = serving_spec(read_chat_template(chat_dir or self.installed_dir))
         if spec is None:
             raise QualityError(f"{self.recipe.path}: eval.tools is set, but the installed model's chat template "
                                "matches no family with a tool format (templates/families/<family>.tools.json).")

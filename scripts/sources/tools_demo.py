@@ -1,8 +1,10 @@
-"""The tool-calling demo model: a tiny Qwen2 trained from scratch to call the Brightwater tools (issue 23).
+"""The tool-calling demo model: a tiny Qwen2 trained from scratch to call the Brightwater tools (source kind
+``tools-demo``, issue 23).
 
-Why not the real SmolLM2-135M: one LoRA step on 8 tool conversations took ~200 s on the shared 2 cores (~1 h per
-epoch; the Hermes tool preamble alone is 550-700 of its tokens), so, as the issue allows, a Qwen-family tiny model
-learns the format instead (docs/tools.md). It is built the way :mod:`scripts.sources.demo` builds the demo model (a
+The bundled tool recipe (``recipes/brightwater-tools.json``) now fine-tunes the real SmolLM2-135M instead (a LoRA on a
+tool set, :mod:`scripts.sources.finetune`): trained from scratch, this 3.4 M-parameter model reached 75-82 % of the
+held-out calls at best, the pretrained model 100 % (docs/tools.md). This source stays as a tool-calling model that
+builds in minutes without a download. It is built the way :mod:`scripts.sources.demo` builds the demo model (a
 byte-level BPE trained locally, a ``Qwen2ForCausalLM`` with exactly that vocabulary, ChatML without a default system
 prompt, the same settings type and schedule), on the train split of a chat-format tool set
 (``recipes/data/brightwater-tools.jsonl``). Each conversation is written with the tools exactly as ``invoke serve``

@@ -45,6 +45,28 @@ def test_markdown_table_is_the_tutorials_table_measured():
     assert any(line.startswith("| HF original (PyTorch FP32) |") for line in lines)
 
 
+def test_tool_scores_split_from_the_eval_answers_and_shown_as_a_column():
+    """compare asks the eval questions and the tool set's held-out cases in one job: the first answers score the eval
+    set, the rest the tool cases (calls exact, no-call in text), shown as one more column."""
+    from scripts.commands.compare import _quality_from
+    from scripts.core.evalset import QA
+    from scripts.core.tool_evalset import ToolCase
+    from scripts.families.tools import format_path, load_format
+    fmt = load_format(format_path("chatml"), "chatml")
+    cases = [ToolCase([{"role": "user", "content": "hours?"}], [], [("shop_hours", {"day": "monday"})], "call"),
+             ToolCase([{"role": "user", "content": "hi"}], [], [], "text")]
+    call = '<tool_call>\n{"name": "shop_hours", "arguments": {"day": "monday"}}\n</tool_call>'
+    row = Row("int4", "ok")
+    _quality_from(row, {"answers": {"answers": [{"text": "In the valley."}, {"text": call}, {"text": call}]}},
+                  [QA("Where?", "In the valley.")], cases, fmt)
+    assert (row.eval_accuracy, row.tool_calls, row.tool_no_call) == (1.0, 1.0, 0.0)
+    report = fake_report()
+    report.rows[3].tool_calls, report.rows[3].tool_no_call = row.tool_calls, row.tool_no_call
+    int4 = next(line for line in markdown_table(report).splitlines() if line.startswith("| INT4 |"))
+    assert int4.endswith("| 100.0 % / 0.0 % |") and "tool calls exact / no call in text" in markdown_table(report)
+    assert "tool calls" not in markdown_table(fake_report())
+
+
 def test_no_quality_columns_for_random_weights():
     md = markdown_table(fake_report(quality=False))
     assert "eval accuracy" not in md and "perplexity" not in md
