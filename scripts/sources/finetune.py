@@ -1,6 +1,6 @@
 """A seeded LoRA fine-tune of the recipe's base model on its question/answer set or tool-calling set (recipe
-``model.finetune``): the adapter the conversion then keeps as a branch or merges. Runs in a worker process (:func:`train`, through
-:mod:`scripts.core.workers`), so the pipeline never imports torch.
+``model.finetune``): the adapter the conversion then keeps as a branch or merges. Runs in a worker process
+(:func:`train`, through :mod:`scripts.core.workers`), so the pipeline never imports torch.
 
 Chat examples are the tokenizer's own chat template over ``[{"role": "user", "content": question}]`` with the
 generation prompt, then the answer tokens and eos; the loss covers the answer only. Same seed, data, settings and
@@ -29,6 +29,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 FRESH_DIGITS = 0.5
 #: Tool sets: how often a question no tool answers is drawn, relative to the others (measured: docs/tools.md).
 NO_CALL_WEIGHT = 3
+#: Tool sets: new tokens for each held-out reply scored after training (a parallel pair of calls fits).
+TOOL_REPLY_TOKENS = 96
 
 
 def encode(tokenizer, qa, end_id: int) -> list[tuple[list[int], list[int]]]:
@@ -125,6 +127,9 @@ def _train_tools(model, tokenizer, dataset: Path, s: dict, end_id: int, pad_id: 
     render = lambda messages, gen: render_chat_template(template, messages, add_generation_prompt=gen)  # noqa: E731
     end_token = tokenizer.convert_ids_to_tokens(end_id)
     items = load_lines(dataset, "train")
+    if not items:
+        raise ModelSourceError(f"{dataset}: no conversation to train on (every line has \"split\": \"heldout\"). Mark "
+                               "the training lines \"split\": \"train\" (or leave split out).")
     short_steps = -(-s["epochs"] * len(weighted(items, NO_CALL_WEIGHT)) // s["batch_size"])
     settings = DemoSettings(seed=s["seed"], lr=s["lr"], batch_size=s["batch_size"], steps=s["tool_prompt_steps"],
                             warmup_steps=10, threads=s["threads"])
@@ -132,7 +137,8 @@ def _train_tools(model, tokenizer, dataset: Path, s: dict, end_id: int, pad_id: 
                     NO_CALL_WEIGHT)
     trained = train_two_phases(model, tokenizer, items, fmt, render, end_token, pad_id, settings, phases, False)
     model.eval()
-    score = score_model(model, tokenizer, load_cases(dataset), fmt, render, spec["default_system"], 96, end_id, pad_id)
+    score = score_model(model, tokenizer, load_cases(dataset), fmt, render, spec["default_system"],
+                        TOOL_REPLY_TOKENS, end_id, pad_id)
     return {**trained, "short_steps": short_steps, **score.heldout_json(),
             "summary": f"LoRA fine-tune on tool calls (rank {s['rank']}, {short_steps} + {s['tool_prompt_steps']} "
                        f"steps, seed {s['seed']}, trained in {trained['train_seconds']:.0f} s); held-out in PyTorch: "

@@ -70,3 +70,11 @@ def test_a_base_without_a_tool_format_is_refused(tool_set, tmp_path, tiny_hf_mod
     with pytest.raises(ModelSourceError, match="matches no family with a tool format"):
         finetune.train({"base_dir": str(base), "dataset": str(tool_set), "settings": SETTINGS,
                         "out_dir": str(tmp_path / "adapter")})
+
+
+def test_a_tool_set_without_training_lines_is_refused(tool_set, tmp_path, tiny_hf_model):
+    only_heldout = tmp_path / "heldout.jsonl"
+    only_heldout.write_text("".join(json.dumps(x) + "\n" for x in load_lines(tool_set, "heldout")), encoding="utf-8")
+    with pytest.raises(ModelSourceError, match="no conversation to train on"):
+        finetune.train({"base_dir": str(tiny_hf_model), "dataset": str(only_heldout), "settings": SETTINGS,
+                        "out_dir": str(tmp_path / "adapter")})
