@@ -25,7 +25,8 @@ class ToolFormat:
     """One family's tool format (the fields of ``<family>.tools.json``)."""
 
     family: str
-    before: str          # after the system text, before the first tool definition
+    after_system: str    # between a system text (a system message, even empty, or the default) and ``before``
+    before: str          # before the first tool definition
     each: str            # one tool definition; ``{tool}`` is the tool's JSON
     after: str           # after the last tool definition
     call_start: str
@@ -45,7 +46,7 @@ class ToolFormat:
         d, c, r = data["definitions"], data["call"], data["result"]
         if d.get("turn", "system") != "system":
             raise ToolCallError(f"{family}.tools.json: only definitions in the system turn are supported.")
-        return cls(family=family, before=d["before"], each=d["each"], after=d["after"], call_start=c["start"],
+        return cls(family=family, after_system=d["after_system"], before=d["before"], each=d["each"], after=d["after"], call_start=c["start"],
                    call_end=c["end"], call_separator=c["separator"], after_content=c["after_content"],
                    name_key=c["name_key"], arguments_key=c["arguments_key"], parallel=bool(c["parallel"]),
                    result_role=r["role"], result_start=r["start"], result_end=r["end"],
@@ -136,16 +137,16 @@ def plain_messages(messages: Sequence[dict], tools: Sequence[dict] | None, fmt: 
                    default_system: str = "") -> list[dict[str, str]]:
     """``messages`` (OpenAI chat format: assistant ``tool_calls``, ``role: "tool"`` results) and ``tools`` as plain
     ``{role, content}`` messages: the tool definitions appended to the system message (the model's
-    ``default_system`` when none is given), each assistant's calls written after its text, consecutive tool results
+    ``default_system`` when none is given; nothing before them when there is neither), each assistant's calls written after its text, consecutive tool results
     gathered in one ``result_role`` turn. Without tools and tool turns, the messages come back unchanged."""
     out: list[dict[str, str]] = []
     msgs = list(messages)
     if tools:
         if msgs and msgs[0].get("role") == "system":
-            system = str(msgs.pop(0).get("content") or "")
+            head = str(msgs.pop(0).get("content") or "") + fmt.after_system
         else:
-            system = default_system
-        out.append({"role": "system", "content": system + definitions_text(fmt, tools)})
+            head = default_system + fmt.after_system if default_system else ""
+        out.append({"role": "system", "content": head + definitions_text(fmt, tools)})
     pending: list[str] = []
 
     def flush() -> None:

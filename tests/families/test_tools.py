@@ -170,3 +170,13 @@ def test_served_messages_are_plain_messages_with_the_specs_default_system():
     served = served_messages(spec, [U], TOOLS)
     assert served == plain_messages([U], TOOLS, FMT, spec["default_system"])
     assert served[0]["content"].startswith("You are a helpful AI assistant named SmolLM")
+
+
+def test_definitions_follow_a_system_text_after_a_blank_line_and_stand_alone_without_one():
+    """Qwen2.5 and Qwen3 publish one layout: the system text, a blank line, "# Tools…" (an empty system message still
+    gets the blank line); Qwen3, which has no default system prompt, writes "# Tools…" first when no system message is
+    given. A model with a default system prompt gets it in front, as without tools."""
+    alone = plain_messages([U], TOOLS, FMT, "")[0]["content"]
+    assert alone.startswith("# Tools\n\nYou may call one or more functions")
+    assert plain_messages([{"role": "system", "content": ""}, U], TOOLS, FMT, "")[0]["content"] == "\n\n" + alone
+    assert plain_messages([U], TOOLS, FMT, "Be brief.")[0]["content"] == "Be brief.\n\n" + alone
