@@ -176,6 +176,17 @@ def served_messages(spec: dict[str, Any], messages: Sequence[dict], tools: Seque
                           spec.get("default_system", ""))
 
 
+def served_cases(chat_template: str | None, cases: Sequence[Any]) -> tuple[list[list[dict[str, str]]], ToolFormat] | None:
+    """Tool cases (each with ``messages`` and ``tools``) as the plain conversations ``invoke serve`` hands the runtime
+    for a model with ``chat_template``, and the format to read its replies with; None when the template matches no
+    family with a tool format."""
+    spec = serving_spec(chat_template)
+    if spec is None:
+        return None
+    return ([served_messages(spec, c.messages, c.tools) for c in cases],
+            ToolFormat.from_json(spec["family"], spec["format"]))
+
+
 def _content_text(content: Any) -> str:
     if content is None:
         return ""

@@ -23,7 +23,7 @@ from scripts.core.english_text import heldout_text
 from scripts.core.evalset import QA, question_messages
 from scripts.core.hf_folder import read_chat_template
 from scripts.core.tool_evalset import ToolCase
-from scripts.families.tools import ToolFormat, calls_text, served_messages, serving_spec
+from scripts.families.tools import calls_text, served_cases
 from scripts.proof.fidelity import answer_window, DEFAULT_WINDOW, failures, token_windows
 from scripts.proof.measure import context_limit, fast_tokenizer, run_worker
 from scripts.runtimes.backends import render_chat
@@ -57,17 +57,15 @@ def tool_windows(chat_dir: Path, cases: Sequence[ToolCase], context: int) -> lis
     """One window per held-out call case of a tool set: the conversation as ``invoke serve`` writes it for
     ``chat_dir``'s chat template (the tools in its family's format) rendered by that template, then the expected
     calls as the family writes them; none when the template has no tool format (the check step says so)."""
-    spec = serving_spec(read_chat_template(chat_dir))
-    if spec is None:
+    calls = [case for case in cases if case.expected]
+    served = served_cases(read_chat_template(chat_dir), calls)
+    if served is None:
         return []
-    fmt = ToolFormat.from_json(spec["family"], spec["format"])
+    conversations, fmt = served
     tokenizer = fast_tokenizer(chat_dir)
     windows = []
-    for case in cases:
-        if not case.expected:
-            continue
-        prompt = tokenizer.encode(render_chat(chat_dir, served_messages(spec, case.messages, case.tools)),
-                                  add_special_tokens=False).ids
+    for case, messages in zip(calls, conversations):
+        prompt = tokenizer.encode(render_chat(chat_dir, messages), add_special_tokens=False).ids
         answer = tokenizer.encode(calls_text(fmt, case.expected), add_special_tokens=False).ids
         if len(prompt) + len(answer) <= context:
             windows.append(answer_window(prompt, answer))
