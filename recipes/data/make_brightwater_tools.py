@@ -5,8 +5,10 @@ conversation per line, each marked ``"split": "train"`` or ``"heldout"``. Seeded
     python recipes/data/make_brightwater_tools.py      # rewrites recipes/data/brightwater-tools.jsonl
 
 Four tools (farm shop hours, member lookup, cold-store stock, tour booking). Kinds of line: a single call, two calls
-in one turn (parallel), a call answered after its result (the agent loop: call -> result -> answer), and no call
-(the cooperative's own questions from ``qwen-domain.jsonl`` and small talk, answered in text). Held-out calls use
+in one turn (parallel), a call answered after its result (the agent loop: call -> result -> answer; three per training
+phrasing and one per parallel phrasing, and one held-out loop per held-out phrasing whose answer must read every value
+of the result back, households from a pool training never shows), and no call (the cooperative's own questions from
+``qwen-domain.jsonl`` and small talk, answered in text). Held-out calls use
 phrasings and values not seen in training (no membership number or date of a held-out line occurs in a training
 line); held-out no-call lines are domain questions left out of training. ``TRAIN_PER_TEMPLATE`` was raised from 4 to 10
 (and parallel lines from 3 to 8 per phrasing) for the tiny tool model trained from scratch (scripts/sources/tools_demo.py):
@@ -169,6 +171,9 @@ NO_CALL_TRAIN = [
 
 TRAIN_PER_TEMPLATE, HELDOUT_PER_TEMPLATE = 10, 3
 TRAIN_PER_PARALLEL, HELDOUT_PER_PARALLEL = 10, 2
+#: Training lines of each single-call phrasing written as the whole agent loop (call, result, answer): reading a
+#: result back was the weakest skill with one per phrasing (2 of 5 agent loops answered wrong, stop 29).
+LOOPS_PER_TEMPLATE = 3
 
 
 def _values(rng: random.Random, avoid: set[str], collect: set[str]) -> dict:
@@ -199,22 +204,50 @@ def _arguments(tool: str, template: str, v: dict) -> dict:
     return args
 
 
-def _result_and_answer(tool: str, args: dict, rng: random.Random) -> tuple[dict, str]:
+#: Households a member lookup returns: training lines draw from the first pool, held-out result cases from the second
+#: (an answer must read the name from the result, not recall one it was trained on).
+HOUSEHOLDS = {"train": ["Ashcombe", "Reyes", "Olufemi", "Brandt", "Kowalczyk", "Nandakumar"],
+              "heldout": ["Lindqvist", "Moreau", "Tanaka", "Okafor"]}
+#: How an answer reads a result back, two phrasings per tool (and per closed day).
+ANSWERS = {"shop_hours": ["On {Day} the farm shop is open from {open} to {close}.",
+                          "The farm shop opens at {open} and closes at {close} on {Day}."],
+           "closed": ["The farm shop is closed on {Day}.", "On {Day} the farm shop does not open."],
+           "member_lookup": ["Member {member_id} is the {household} household, a member since {since}.",
+                             "{member_id} belongs to the {household} household, members since {since}."],
+           "cold_store_stock": ["There are {crates} crates of {fruit} in the cold store.",
+                                "The cold stores hold {crates} crates of {fruit}."],
+           "book_tour": ["Your orchard tour on {date} is booked; the reference is {booking}.",
+                         "Booked: the orchard tour on {date}, reference {booking}."]}
+
+
+def _result_and_answer(tool: str, args: dict, rng: random.Random, split: str = "train") -> tuple[dict, str]:
     if tool == "shop_hours":
         hours = HOURS[args["day"]]
-        if hours is None:
-            return {"day": args["day"], "open": None}, f"The farm shop is closed on {args['day'].capitalize()}."
-        return ({"day": args["day"], "open": hours[0], "close": hours[1]},
-                f"On {args['day'].capitalize()} the farm shop is open from {hours[0]} to {hours[1]}.")
+        result = ({"day": args["day"], "open": None} if hours is None
+                  else {"day": args["day"], "open": hours[0], "close": hours[1]})
+        key = "closed" if hours is None else tool
+        return result, rng.choice(ANSWERS[key]).format(Day=args["day"].capitalize(), **result)
     if tool == "member_lookup":
-        name, since = rng.choice(["Ashcombe", "Reyes", "Olufemi", "Brandt", "Kowalczyk", "Nandakumar"]), rng.randint(1987, 2024)
-        return ({"member_id": args["member_id"], "household": name, "since": since},
-                f"Member {args['member_id']} is the {name} household, a member since {since}.")
-    if tool == "cold_store_stock":
-        crates = rng.randint(0, 400)
-        return {"fruit": args["fruit"], "crates": crates}, f"There are {crates} crates of {args['fruit']} in the cold store."
-    ref = f"T-{rng.randint(1000, 9999)}"
-    return {"booking": ref, "date": args["date"]}, f"Your orchard tour on {args['date']} is booked; the reference is {ref}."
+        result = {"member_id": args["member_id"], "household": rng.choice(HOUSEHOLDS[split]),
+                  "since": rng.randint(1987, 2024)}
+    elif tool == "cold_store_stock":
+        result = {"fruit": args["fruit"], "crates": rng.randint(0, 400)}
+    else:
+        result = {"booking": f"T-{rng.randint(1000, 9999)}", "date": args["date"]}
+    return result, rng.choice(ANSWERS[tool]).format(**result)
+
+
+def _loop(split: str, user: dict, calls: list[dict], rng: random.Random) -> dict:
+    """The agent loop's whole conversation: the question, the calls, each call's result, the answer that reads them."""
+    results, answers = [], []
+    for call in calls:
+        result, answer = _result_and_answer(call["function"]["name"], json.loads(call["function"]["arguments"]), rng,
+                                            split)
+        results.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)})
+        answers.append(answer)
+    return {"split": split, "kind": "loop", "messages": [user, {"role": "assistant", "content": None,
+                                                                 "tool_calls": calls}, *results,
+                                                          {"role": "assistant", "content": " ".join(answers)}]}
 
 
 def _call(i: int, name: str, args: dict) -> dict:
@@ -222,34 +255,50 @@ def _call(i: int, name: str, args: dict) -> dict:
 
 
 def _split_lines(split: str, rng: random.Random, avoid: set[str], collect: set[str]) -> list[dict]:
-    """The call lines of one split: single calls (a training phrasing's first line as the agent loop) and parallel
-    pairs."""
+    """The call lines of one split: single calls (a training phrasing's first ``LOOPS_PER_TEMPLATE`` lines as the agent
+    loop) and parallel pairs (a training phrasing's first line as a loop with both results)."""
     lines: list[dict] = []
     per_template = TRAIN_PER_TEMPLATE if split == "train" else HELDOUT_PER_TEMPLATE
     for tool, templates in ASK.items():
         for template in templates[split]:
             for k in range(per_template):
                 v = _values(rng, avoid, collect)
-                args = _arguments(tool, template, v)
                 user = {"role": "user", "content": template.format(**v)}
-                call = {"role": "assistant", "content": None, "tool_calls": [_call(1, tool, args)]}
-                if split == "train" and k == 0:  # the agent loop: result back, answer in text
-                    result, answer = _result_and_answer(tool, args, rng)
-                    lines.append({"split": split, "kind": "loop", "messages": [
-                        user, call, {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)},
-                        {"role": "assistant", "content": answer}]})
+                calls = [_call(1, tool, _arguments(tool, template, v))]
+                if split == "train" and k < LOOPS_PER_TEMPLATE:
+                    lines.append(_loop(split, user, calls, rng))
                 else:
-                    lines.append({"split": split, "kind": "call", "messages": [user, call]})
+                    lines.append({"split": split, "kind": "call", "messages": [
+                        user, {"role": "assistant", "content": None, "tool_calls": calls}]})
     for template in PARALLEL[split]:
-        for _ in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
+        for k in range(TRAIN_PER_PARALLEL if split == "train" else HELDOUT_PER_PARALLEL):
+            user, calls = _parallel(template, _values(rng, avoid, collect))
+            if split == "train" and k == 0:
+                lines.append(_loop(split, user, calls, rng))
+            else:
+                lines.append({"split": split, "kind": "parallel", "messages": [
+                    user, {"role": "assistant", "content": None, "tool_calls": calls}]})
+    return lines
+
+
+def _parallel(template: str, v: dict) -> tuple[dict, list[dict]]:
+    tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
+                       else ("member_lookup", "member_id", v["id"], v["id2"]) if "{id" in template
+                       else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
+    return {"role": "user", "content": template.format(**v)}, [_call(1, tool, {key: a}), _call(2, tool, {key: b})]
+
+
+def _heldout_loops(rng: random.Random, avoid: set[str], collect: set[str]) -> list[dict]:
+    """Held-out agent loops, one per held-out phrasing (single and parallel): the question, the calls and their
+    results given, the answer expected to read every value of the results back (households from the held-out pool)."""
+    lines = []
+    for tool, templates in ASK.items():
+        for template in templates["heldout"]:
             v = _values(rng, avoid, collect)
-            tool, key, a, b = (("shop_hours", "day", v["day"], v["day2"]) if "{Day" in template
-                               else ("member_lookup", "member_id", v["id"], v["id2"]) if "{id" in template
-                               else ("cold_store_stock", "fruit", v["fruit"], v["fruit2"]))
-            lines.append({"split": split, "kind": "parallel", "messages": [
-                {"role": "user", "content": template.format(**v)},
-                {"role": "assistant", "content": None,
-                 "tool_calls": [_call(1, tool, {key: a}), _call(2, tool, {key: b})]}]})
+            user = {"role": "user", "content": template.format(**v)}
+            lines.append(_loop("heldout", user, [_call(1, tool, _arguments(tool, template, v))], rng))
+    for template in PARALLEL["heldout"]:
+        lines.append(_loop("heldout", *_parallel(template, _values(rng, avoid, collect)), rng))
     return lines
 
 
@@ -258,6 +307,7 @@ def build(seed: int = 0) -> list[dict]:
     eval; training values are redrawn until no held-out membership number or date occurs in them."""
     heldout_values: set[str] = set()
     heldout = _split_lines("heldout", random.Random(f"heldout-{seed}"), set(), heldout_values)
+    heldout += _heldout_loops(random.Random(f"heldout-loop-{seed}"), heldout_values, heldout_values)
     lines = _split_lines("train", random.Random(seed), heldout_values, set()) + heldout
     qa = {}
     for line in (HERE / "qwen-domain.jsonl").read_text(encoding="utf-8").splitlines():

@@ -111,7 +111,8 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
 def failure_message(result: dict[str, Any], min_accuracy: float) -> str | None:
     """Why the HTTP answers fail the recipe's ``eval.min_accuracy``, or None when they pass (or nothing was scored)."""
     low_tools = [f"{way}: {t['figure']}" for way, t in result.get("tools", {}).items()
-                 if min(t["call_exact"] if t["calls"] else 1, t["no_call_text"] if t["no_calls"] else 1) < min_accuracy]
+                 if min(t["call_exact"] if t["calls"] else 1, t["no_call_text"] if t["no_calls"] else 1,
+                        t["result_read"] if t.get("results") else 1) < min_accuracy]
     if low_tools:
         return (f"{result['model_id']} on the held-out tool cases: {'; '.join(low_tools)}; the recipe requires "
                 f"{100 * min_accuracy:.0f} % of each (eval.min_accuracy).")

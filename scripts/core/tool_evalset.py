@@ -1,7 +1,10 @@
 """A tool-calling set (``recipes/data/brightwater-tools.jsonl``: OpenAI chat lines with ``tools``, each ``split``
 train or heldout) and how a model's answers to its held-out lines are scored, pure. Each held-out line's last
-assistant message is the expectation: its ``tool_calls`` (a call case) or text (a no-call case). A call case counts when the model's calls have exactly the expected names and JSON-equal arguments
-(order-free for parallel calls); a no-call case counts when the model answers in text and calls nothing."""
+assistant message is the expectation: its ``tool_calls`` (a call case) or text (a no-call case; a *result* case when
+the messages before it end with tool results: the agent loop's second step). A call case counts when the model's calls
+have exactly the expected names and JSON-equal arguments (order-free for parallel calls); a no-call case counts when the
+model answers in text and calls nothing; a result case when it answers in text, calls nothing and its text contains
+every value of the results (strings case-free, numbers as written; nulls and booleans left out): what it read back."""
 from __future__ import annotations
 
 import json
@@ -64,6 +67,40 @@ def cases(lines: Sequence[dict]) -> list[ToolCase]:
     return out
 
 
+def result_values(case: ToolCase) -> list[str]:
+    """The values an answer must read back from the tool results ending ``case``'s prompt (none when it does not end
+    with results): the strings and numbers of each result's JSON (a result that is not JSON: its text)."""
+    out: list[str] = []
+
+    def leaves(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                leaves(v)
+        elif isinstance(value, list):
+            for v in value:
+                leaves(v)
+        elif isinstance(value, str) and value.strip():
+            out.append(value.strip())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append(json.dumps(value))
+
+    results = []
+    for m in reversed(case.messages):
+        if m.get("role") != "tool":
+            break
+        results.append(m.get("content"))
+    for content in reversed(results):
+        try:
+            leaves(json.loads(content) if isinstance(content, str) else content)
+        except ValueError:
+            leaves(content)
+    return out
+
+
+def is_result_case(case: ToolCase) -> bool:
+    return not case.expected and bool(case.messages) and case.messages[-1].get("role") == "tool"
+
+
 def _key(call: tuple[str, Any]) -> str:
     return json.dumps([call[0], call[1]], sort_keys=True)
 
@@ -71,7 +108,8 @@ def _key(call: tuple[str, Any]) -> str:
 def case_passes(case: ToolCase, calls: Sequence[tuple[str, Any]], text: str | None) -> bool:
     """``calls``: the model's (name, parsed arguments); ``text``: its text."""
     if not case.expected:
-        return not calls and bool((text or "").strip())
+        answer = (text or "").strip()
+        return not calls and bool(answer) and all(v.lower() in answer.lower() for v in result_values(case))
     return Counter(map(_key, calls)) == Counter(map(_key, case.expected))
 
 
@@ -81,16 +119,21 @@ class ToolScore:
     calls: int = 0
     text_ok: int = 0
     texts: int = 0
+    reads_ok: int = 0  # result cases: answered in text with the results' values
+    reads: int = 0
     failures: list[dict] = field(default_factory=list)
 
     def add(self, case: ToolCase, calls, text) -> None:
         ok = case_passes(case, calls, text)
         if case.expected:
             self.calls, self.calls_ok = self.calls + 1, self.calls_ok + ok
+        elif is_result_case(case):
+            self.reads, self.reads_ok = self.reads + 1, self.reads_ok + ok
         else:
             self.texts, self.text_ok = self.texts + 1, self.text_ok + ok
         if not ok and len(self.failures) < 10:
-            self.failures.append({"ask": case.messages[-1].get("content"), "expected": case.expected,
+            ask = next((m.get("content") for m in reversed(case.messages) if m.get("role") == "user"), None)
+            self.failures.append({"ask": ask, "expected": case.expected or result_values(case),
                                   "got_calls": list(calls), "got_text": (text or "")[:120]})
 
     @property
@@ -101,24 +144,33 @@ class ToolScore:
     def no_call_accuracy(self) -> float:
         return self.text_ok / self.texts if self.texts else 0.0
 
+    @property
+    def read_accuracy(self) -> float:
+        return self.reads_ok / self.reads if self.reads else 0.0
+
+    def rates(self) -> list[tuple[str, int, int]]:
+        """``(label, right, cases)`` of each kind the set has (results only when it has result cases)."""
+        kinds = [("calls", self.calls_ok, self.calls), ("no call", self.text_ok, self.texts)]
+        return kinds + ([("results read", self.reads_ok, self.reads)] if self.reads else [])
+
     def figure(self) -> str:
-        """``calls 27/28 (96.4 %), no call 15/15 (100.0 %)``."""
-        return (f"calls {self.calls_ok}/{self.calls} ({100 * self.call_accuracy:.1f} %), "
-                f"no call {self.text_ok}/{self.texts} ({100 * self.no_call_accuracy:.1f} %)")
+        """``calls 27/28 (96.4 %), no call 15/15 (100.0 %)`` (and ``, results read 12/13 (92.3 %)``)."""
+        return ", ".join(f"{label} {ok}/{n} ({100 * ok / n if n else 0:.1f} %)" for label, ok, n in self.rates())
 
     def passes(self, min_accuracy: float) -> bool:
-        """Both rates (of the kinds the set has) at least ``min_accuracy``."""
-        return all(rate >= min_accuracy for n, rate in ((self.calls, self.call_accuracy),
-                                                        (self.texts, self.no_call_accuracy)) if n)
+        """Every rate (of the kinds the set has) at least ``min_accuracy``."""
+        return all(ok / n >= min_accuracy for _label, ok, n in self.rates() if n)
 
     def to_json(self) -> dict[str, Any]:
         return {"call_exact": self.call_accuracy, "calls": self.calls, "no_call_text": self.no_call_accuracy,
-                "no_calls": self.texts, "figure": self.figure(), "failures": self.failures}
+                "no_calls": self.texts, "result_read": self.read_accuracy, "results": self.reads,
+                "figure": self.figure(), "failures": self.failures}
 
     def heldout_json(self) -> dict[str, Any]:
         """The figures a trainer's provenance file records for the held-out split (``heldout_*``, failures)."""
         return {"heldout_call_exact": self.call_accuracy, "heldout_calls": self.calls,
                 "heldout_no_call_text": self.no_call_accuracy, "heldout_no_calls": self.texts,
+                "heldout_result_read": self.read_accuracy, "heldout_results": self.reads,
                 "failures": self.failures}
 
 

@@ -36,21 +36,31 @@ def heldout_values(lines: Iterable[dict]) -> set[str]:
     return out
 
 
+def _fresh_run(run: str, rng: random.Random) -> str:
+    """Random digits as long as ``run``, led by a zero only where ``run`` is (a number stays a JSON number: 1999 never
+    becomes 0412; a time's 09 may become 03); a single digit 1-9."""
+    first = "0" if run[0] == "0" and len(run) > 1 else str(rng.randint(1, 9))
+    return first + "".join(rng.choices("0123456789", k=len(run) - 1))
+
+
 def redraw_digits(item: dict, rng: random.Random, avoid: set[str] = frozenset()) -> dict:
     """A copy of the conversation ``item`` in which every run of digits that the user wrote and a call's arguments
-    repeat (a membership number's digits, a date's year, month and day, a count) is replaced throughout the conversation
+    repeat (a membership number's digits, a date's year, month and day, a count), or that a tool result holds and an
+    answer reads back (a crate count, a year, a booking reference), is replaced throughout the conversation
     (user, assistant, tool results, arguments) by random digits of the same length (a single digit by 1-9), drawn
     again while the copy contains a string of ``avoid``. The call is unchanged in kind: values are copied from the
-    question, now fresh ones each time the conversation is drawn, so the model learns to copy digits, not to remember
-    the set's few hundred values. Conversations without such runs are returned as they are."""
-    users = " ".join(m["content"] for m in item["messages"] if m["role"] == "user" and isinstance(m.get("content"), str))
+    question (or the result), now fresh ones each time the conversation is drawn, so the model learns to copy digits,
+    not to remember the set's few hundred values. Conversations without such runs are returned as they are."""
+    def text(role: str) -> str:
+        return " ".join(m["content"] for m in item["messages"] if m["role"] == role and isinstance(m.get("content"), str))
+
     args = " ".join(c["function"]["arguments"] or "" for m in item["messages"] for c in m.get("tool_calls") or [])
-    runs = set(DIGIT_RUN.findall(users)) & set(DIGIT_RUN.findall(args))
+    runs = (set(DIGIT_RUN.findall(text("user"))) & set(DIGIT_RUN.findall(args))) \
+        | (set(DIGIT_RUN.findall(text("tool"))) & set(DIGIT_RUN.findall(text("assistant"))))
     if not runs:
         return item
     for _ in range(100):
-        mapping = {r: (str(rng.randint(1, 9)) if len(r) == 1 else "".join(rng.choices("0123456789", k=len(r))))
-                   for r in runs}
+        mapping = {r: _fresh_run(r, rng) for r in sorted(runs)}
         swap = lambda text: DIGIT_RUN.sub(lambda m: mapping.get(m.group(), m.group()), text)  # noqa: E731
         out = copy.deepcopy(item)
         for m in out["messages"]:

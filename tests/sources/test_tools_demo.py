@@ -89,3 +89,26 @@ def test_build_entry_reports_for_the_pipeline(tiny_build, monkeypatch, tmp_path)
     monkeypatch.setattr(tools_demo, "build_tools_model", functools.partial(tools_demo.build_tools_model, short_steps=2))
     out = tools_demo.build({"inputs": [str(data)], "out_dir": str(tmp_path / "hf")})
     assert "held-out in PyTorch" in out["summary"] and out["train_seconds"] > 0
+
+
+def test_fresh_digits_are_copied_from_the_question_and_read_back_from_the_result():
+    """redraw_digits: a membership number the user wrote and the call repeats, and a year the result holds and the
+    answer reads back, are drawn afresh and changed everywhere they occur; other digits stay."""
+    import random
+
+    from scripts.sources.tool_examples import redraw_digits
+
+    item = {"messages": [
+        {"role": "user", "content": "Who is member BW-3172? (asked at 9)"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "function": {"name": "member_lookup", "arguments": '{"member_id": "BW-3172"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"member_id": "BW-3172", "since": 1999, "rank": 5}'},
+        {"role": "assistant", "content": "BW-3172 is the Reyes household, members since 1999."}]}
+    out = redraw_digits(item, random.Random(1), avoid={"BW-0000"})
+    number = json.loads(out["messages"][1]["tool_calls"][0]["function"]["arguments"])["member_id"]
+    result = json.loads(out["messages"][2]["content"])
+    assert number != "BW-3172" and number in out["messages"][0]["content"] and result["member_id"] == number
+    assert result["since"] != 1999 and f"members since {result['since']}." in out["messages"][3]["content"]
+    assert number in out["messages"][3]["content"]
+    assert result["rank"] == 5 and "(asked at 9)" in out["messages"][0]["content"]  # not repeated: kept
+    assert item["messages"][2]["content"].startswith('{"member_id": "BW-3172"')       # the original is untouched
