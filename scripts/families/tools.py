@@ -353,33 +353,3 @@ def check_call(call: ToolCall, schemas: dict[str, dict]) -> None:
     if errors:
         raise ToolCallError(f"the model called {call.name!r} with arguments that do not satisfy its schema: "
                             f"{'; '.join(errors[:3])}; arguments: {call.arguments[:300]}")
-
-
-# ----- constrained decoding: a grammar for "required" and a named function --------------------------------------
-def call_grammar(fmt: ToolFormat, schemas: dict[str, dict], parallel: bool) -> str:
-    """A Lark grammar (llguidance, as Foundry Local's ``response_format: lark_grammar`` takes it) that admits only
-    calls in the family's format to the tools in ``schemas``, arguments per schema: for ``tool_choice`` required
-    or a named function."""
-    def closed(schema: dict) -> dict:  # as OpenAI's strict mode: no argument the tool does not declare
-        return schema if "additionalProperties" in schema else {**schema, "additionalProperties": False}
-
-    options = [{"type": "object", "properties": {fmt.name_key: {"const": name}, fmt.arguments_key: closed(schema)},
-                "required": [fmt.name_key, fmt.arguments_key], "additionalProperties": False}
-               for name, schema in schemas.items()]
-    spec = options[0] if len(options) == 1 else {"anyOf": options}
-    spec = {**spec, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
-    call = f"{_lark_string(fmt.call_start)} %json {json.dumps(spec)} {_lark_string(fmt.call_end)}"
-    many = f" ({_lark_string(fmt.call_separator)} call)*" if parallel and fmt.parallel else ""
-    return f"start: call{many}\ncall: {call}\n"
-
-
-def json_grammar(schema: dict | None) -> str:
-    """A Lark grammar for one JSON value of ``schema`` (an object when None), compact whitespace: for
-    ``response_format`` ``json_object`` / ``json_schema``."""
-    spec = dict(schema) if schema else {"type": "object"}
-    spec["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    return f"start: %json {json.dumps(spec)}\n"
-
-
-def _lark_string(s: str) -> str:
-    return json.dumps(s)

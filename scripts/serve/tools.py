@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 from scripts.core.errors import ToolCallError
 from scripts.families.jsonschema_lite import schema_errors
-from scripts.families.tools import (StreamParser, ToolCall, ToolFormat, call_grammar, check_call, json_grammar,
+from scripts.families.tool_grammar import call_grammar, json_grammar
+from scripts.families.tools import (StreamParser, ToolCall, ToolFormat, check_call,
                                     parse_reply, plain_messages, tool_schemas)
 from scripts.serve.api import ApiError
 

@@ -12,8 +12,9 @@ import pytest
 
 from scripts.core.errors import ToolCallError
 from scripts.families.jsonschema_lite import schema_errors, unchecked_keywords
-from scripts.families.tools import (StreamParser, ToolCall, call_grammar, call_text, check_call, default_system,
-                                    format_path, json_grammar, load_format, parse_reply, plain_messages, reply_calls,
+from scripts.families.tool_grammar import call_grammar, json_grammar
+from scripts.families.tools import (StreamParser, ToolCall, call_text, check_call, default_system,
+                                    format_path, load_format, parse_reply, plain_messages, reply_calls,
                                     served_messages, serving_spec,
                                     tool_schemas)
 
