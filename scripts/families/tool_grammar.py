@@ -19,10 +19,15 @@ def call_grammar(fmt: ToolFormat, schemas: dict[str, dict], parallel: bool) -> s
                 "required": [fmt.name_key, fmt.arguments_key], "additionalProperties": False}
                for name, schema in schemas.items()]
     spec = options[0] if len(options) == 1 else {"anyOf": options}
+    many = parallel and fmt.parallel
+    if fmt.call_body == "array":  # all of the turn's calls in one JSON array
+        spec = {"type": "array", "items": spec, "minItems": 1, **({} if many else {"maxItems": 1})}
+        many = False
     spec = {**spec, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
-    call = f"{_lark_string(fmt.call_start)} %json {json.dumps(spec)} {_lark_string(fmt.call_end)}"
-    many = f" ({_lark_string(fmt.call_separator)} call)*" if parallel and fmt.parallel else ""
-    return f"start: call{many}\ncall: {call}\n"
+    end = f" {_lark_string(fmt.call_end)}" if fmt.call_end else ""
+    call = f"{_lark_string(fmt.call_start)} %json {json.dumps(spec)}{end}"
+    more = f" ({_lark_string(fmt.call_separator)} call)*" if many else ""
+    return f"start: call{more}\ncall: {call}\n"
 
 
 def json_grammar(schema: dict | None) -> str:

@@ -30,8 +30,8 @@ class ToolFormat:
     each: str            # one tool definition; ``{tool}`` is the tool's JSON
     after: str           # after the last tool definition
     call_start: str
-    call_end: str
-    call_separator: str  # between two calls of one turn
+    call_end: str        # "": a call ends where its JSON ends
+    call_separator: str  # between two calls of one turn (one object per marker pair)
     after_content: str   # between an assistant's text and its first call
     name_key: str
     arguments_key: str
@@ -40,19 +40,33 @@ class ToolFormat:
     result_start: str
     result_end: str
     result_separator: str
+    separator: str = ""          # between two tool definitions
+    shape: str = "openai"        # a definition as OpenAI sends it, or "function": only its "function" object
+    call_body: str = "object"    # one call object per marker pair, or "array": all of a turn's calls in one JSON array
 
     @classmethod
     def from_json(cls, family: str, data: dict[str, Any]) -> "ToolFormat":
         d, c, r = data["definitions"], data["call"], data["result"]
         if d.get("turn", "system") != "system":
             raise ToolCallError(f"{family}.tools.json: only definitions in the system turn are supported.")
-        return cls(family=family, after_system=d["after_system"], before=d["before"], each=d["each"], after=d["after"], call_start=c["start"],
-                   call_end=c["end"], call_separator=c["separator"], after_content=c["after_content"],
-                   name_key=c["name_key"], arguments_key=c["arguments_key"], parallel=bool(c["parallel"]),
-                   result_role=r["role"], result_start=r["start"], result_end=r["end"],
-                   result_separator=r["separator"])
+        for key, value, allowed in (("definitions.shape", d.get("shape", "openai"), ("openai", "function")),
+                                    ("call.body", c.get("body", "object"), ("object", "array")),
+                                    ("result.role", r["role"], RESULT_ROLES)):
+            if value not in allowed:
+                raise ToolCallError(f"{family}.tools.json: {key} is {value!r}; it must be one of {', '.join(allowed)}.")
+        if not c["start"].strip():
+            raise ToolCallError(f"{family}.tools.json: call.start must be text that begins a call.")
+        return cls(family=family, after_system=d["after_system"], before=d["before"], each=d["each"], after=d["after"],
+                   call_start=c["start"], call_end=c["end"], call_separator=c.get("separator", ""),
+                   after_content=c["after_content"], name_key=c["name_key"], arguments_key=c["arguments_key"],
+                   parallel=bool(c["parallel"]), result_role=r["role"], result_start=r["start"], result_end=r["end"],
+                   result_separator=r["separator"], separator=d.get("separator", ""),
+                   shape=d.get("shape", "openai"), call_body=c.get("body", "object"))
 
 
+#: The roles a tool result can be sent back in: those Foundry Local's request takes (an ``ipython`` or ``tool`` turn
+#: of a published template cannot be rendered through the installed PromptTemplate).
+RESULT_ROLES = ("user", "system")
 FAMILIES_DIR = Path(__file__).resolve().parents[2] / "templates" / "families"
 
 
@@ -109,24 +123,33 @@ def tojson(value: Any) -> str:
 
 # ----- requests: OpenAI messages -> plain messages ------------------------------------------------------------------
 def definitions_text(fmt: ToolFormat, tools: Sequence[dict]) -> str:
-    return fmt.before + "".join(fmt.each.replace("{tool}", tojson(t)) for t in tools) + fmt.after
+    shown = [t.get("function", t) if fmt.shape == "function" else t for t in tools]
+    return fmt.before + fmt.separator.join(fmt.each.replace("{tool}", tojson(t)) for t in shown) + fmt.after
 
 
-def call_text(fmt: ToolFormat, name: str, arguments: Any) -> str:
-    """One call as the model writes it; ``arguments`` a JSON object (or its text, as OpenAI sends it)."""
+def call_object(fmt: ToolFormat, name: str, arguments: Any) -> str:
+    """One call's JSON object as the model writes it; ``arguments`` a JSON object (or its text, as OpenAI sends it)."""
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except ValueError as exc:
             raise ToolCallError(f"tool call {name!r}: its arguments are not JSON ({exc}).") from None
-    body = "{" + tojson(fmt.name_key) + ": " + tojson(name) + ", " + tojson(fmt.arguments_key) + ": " \
+    return "{" + tojson(fmt.name_key) + ": " + tojson(name) + ", " + tojson(fmt.arguments_key) + ": " \
         + tojson(arguments) + "}"
-    return fmt.call_start + body + fmt.call_end
+
+
+def call_text(fmt: ToolFormat, name: str, arguments: Any) -> str:
+    """One call as the model writes it, with its markers."""
+    return calls_text(fmt, [(name, arguments)])
 
 
 def calls_text(fmt: ToolFormat, calls: Sequence[tuple[str, Any]]) -> str:
-    """One turn's calls (``(name, arguments)`` pairs) as the model writes them."""
-    return fmt.call_separator.join(call_text(fmt, name, arguments) for name, arguments in calls)
+    """One turn's calls (``(name, arguments)`` pairs) as the model writes them: each between the markers, or (body
+    ``array``) all in one JSON array between them."""
+    objects = [call_object(fmt, name, arguments) for name, arguments in calls]
+    if fmt.call_body == "array":
+        return fmt.call_start + "[" + ", ".join(objects) + "]" + fmt.call_end
+    return fmt.call_separator.join(fmt.call_start + body + fmt.call_end for body in objects)
 
 
 def _function(call: dict) -> dict:
@@ -216,13 +239,9 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def decode_call(fmt: ToolFormat, body: str, call_id: str | None = None) -> ToolCall:
-    """The JSON between a call's markers as a :class:`ToolCall`; :class:`ToolCallError` when it is not
-    ``{name_key: str, arguments_key: object}``."""
-    try:
-        obj = json.loads(body)
-    except ValueError as exc:
-        raise ToolCallError(f"the model wrote a tool call that is not JSON ({exc}): {body.strip()[:300]!r}") from None
+def decode_call(fmt: ToolFormat, obj: Any, body: str, call_id: str | None = None) -> ToolCall:
+    """One decoded call object as a :class:`ToolCall`; :class:`ToolCallError` when it is not
+    ``{name_key: str, arguments_key: object}`` (``body``: the text it came from, for the message)."""
     if not isinstance(obj, dict) or not isinstance(obj.get(fmt.name_key), str):
         raise ToolCallError(f"the model wrote a tool call without a {fmt.name_key!r} string: {body.strip()[:300]!r}")
     args = obj.get(fmt.arguments_key, {})
@@ -235,6 +254,30 @@ def decode_call(fmt: ToolFormat, body: str, call_id: str | None = None) -> ToolC
         raise ToolCallError(f"the model called {obj[fmt.name_key]!r} with arguments that are not a JSON object: "
                             f"{tojson(args)[:300]}")
     return ToolCall(call_id or new_call_id(), obj[fmt.name_key], json.dumps(args, ensure_ascii=False))
+
+
+def decode_calls(fmt: ToolFormat, body: str) -> list[ToolCall]:
+    """The JSON between a call's markers as its :class:`ToolCall` (body ``array``: one per element; a lone object is
+    taken as one call); :class:`ToolCallError` when it is not JSON or not calls."""
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise ToolCallError(f"the model wrote a tool call that is not JSON ({exc}): {body.strip()[:300]!r}") from None
+    if fmt.call_body == "array" and isinstance(value, list):
+        if not value:
+            raise ToolCallError(f"the model wrote an empty list of tool calls: {body.strip()[:300]!r}")
+        return [decode_call(fmt, obj, body) for obj in value]
+    return [decode_call(fmt, value, body)]
+
+
+def _json_end(text: str) -> int | None:
+    """Where the JSON value that ``text`` starts with (after blanks) ends, or None while it is incomplete."""
+    stripped = text.lstrip()
+    try:
+        _value, end = json.JSONDecoder().raw_decode(stripped)
+    except ValueError:
+        return None
+    return len(text) - len(stripped) + end
 
 
 def parse_reply(text: str, fmt: ToolFormat) -> tuple[str, list[ToolCall]]:
@@ -258,7 +301,8 @@ def reply_calls(text: str, fmt: ToolFormat) -> tuple[list[tuple[str, Any]], str]
 class StreamParser:
     """Incremental :func:`parse_reply`: :meth:`feed` text pieces as they stream, get ``("text", str)`` events (text
     that cannot be the start of a call marker is released at once; a possible marker prefix is held back) and
-    ``("call", ToolCall)`` events once a call's end marker arrives; :meth:`finish` at the end of the reply."""
+    ``("call", ToolCall)`` events once a call's end marker arrives (a format without one: once its JSON is complete);
+    :meth:`finish` at the end of the reply."""
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
@@ -293,13 +337,14 @@ class StreamParser:
                     self.trailing += before
                 self.buffer = self.buffer[i + len(self.start):]
                 self.in_call = True
-            j = self.buffer.find(self.end)
-            if j < 0:
+            j = self.buffer.find(self.end) if self.end else _json_end(self.buffer)
+            if j is None or j < 0:
                 return
             body, self.buffer = self.buffer[:j], self.buffer[j + len(self.end):]
             self.in_call = False
-            self.calls += 1
-            yield "call", decode_call(self.fmt, body)
+            for call in decode_calls(self.fmt, body):
+                self.calls += 1
+                yield "call", call
 
     def finish(self) -> Iterable[tuple[str, Any]]:
         if self.in_call:
@@ -307,8 +352,9 @@ class StreamParser:
             body, self.buffer = self.buffer, ""
             body = body[:len(body) - _partial_suffix(body, self.fmt.call_end)]  # an end marker cut short
             if body.strip():
-                self.calls += 1
-                yield "call", decode_call(self.fmt, body)
+                for call in decode_calls(self.fmt, body):
+                    self.calls += 1
+                    yield "call", call
             return
         if self.buffer:
             rest, self.buffer = self.buffer, ""
