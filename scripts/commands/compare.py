@@ -210,3 +210,4 @@ def _quality_from(row: Row, done: dict, qa, cases, fmt) -> None:
         if cases:
             tools = score_outcomes(cases, [reply_calls(t, fmt) for t in row.answers[len(qa):]])
             row.tool_calls, row.tool_no_call = tools.call_accuracy, tools.no_call_accuracy
+            row.tool_results_read = tools.read_accuracy if tools.reads else None

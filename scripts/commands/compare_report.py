@@ -42,6 +42,7 @@ class Row:
     ppl_increase: float | None = None  # ΔPPL vs FP32 ONNX, as a fraction
     tool_calls: float | None = None  # eval.tools held-out: calls exact (name + JSON-equal arguments)
     tool_no_call: float | None = None  # eval.tools held-out: no-call questions answered in text
+    tool_results_read: float | None = None  # eval.tools held-out agent loops: every result value read back
 
     @property
     def ok(self) -> bool:
@@ -125,9 +126,11 @@ def markdown_table(report: CompareReport) -> str:
     head = ["precision", "tutorial: size", "tutorial: speed / quality", "size MB", "× FP32", "× HF original",
             "load s", "TTFT ms", "decode tok/s", "peak RSS MB"]
     tools = q and any(r.tool_calls is not None for r in report.rows)
+    reads = tools and any(r.tool_results_read is not None for r in report.rows)
     if q:
         head += ["eval accuracy", "answers = FP32", "top-1 = FP32 ONNX", "KLD mean / p99", "ΔPPL", "perplexity",
-                 "tokens = PyTorch"] + (["tool calls exact / no call in text"] if tools else [])
+                 "tokens = PyTorch"] + ([f"tool calls exact / no call in text{' / results read' if reads else ''}"]
+                                        if tools else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.rows:
         ratio, speed, quality = TUTORIAL_CLAIMS.get(r.precision, (None, "", ""))
@@ -147,7 +150,8 @@ def markdown_table(report: CompareReport) -> str:
                 cells += [fmt_pct(r.eval_accuracy), fmt_pct(r.answer_agreement_fp32), fmt_pct(r.token_agreement_fp32),
                           kld, dppl, f"{r.perplexity:.3f}" if r.perplexity else "–", fmt_pct(r.token_agreement_torch)]
                 if tools:
-                    cells.append(f"{fmt_pct(r.tool_calls)} / {fmt_pct(r.tool_no_call)}")
+                    cells.append(f"{fmt_pct(r.tool_calls)} / {fmt_pct(r.tool_no_call)}"
+                                 + (f" / {fmt_pct(r.tool_results_read)}" if reads else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

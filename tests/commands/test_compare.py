@@ -65,6 +65,17 @@ def test_tool_scores_split_from_the_eval_answers_and_shown_as_a_column():
     int4 = next(line for line in markdown_table(report).splitlines() if line.startswith("| INT4 |"))
     assert int4.endswith("| 100.0 % / 0.0 % |") and "tool calls exact / no call in text" in markdown_table(report)
     assert "tool calls" not in markdown_table(fake_report())
+    assert row.tool_results_read is None  # no agent-loop case: no third figure
+    loop = ToolCase([{"role": "user", "content": "crates?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "function": {"name": "stock", "arguments": "{}"}}]}, {"role": "tool", "content": '{"crates": 42}'}],
+        [], [], "loop")
+    _quality_from(row, {"answers": {"answers": [{"text": "In the valley."}, {"text": "There are 42 crates."},
+                                                {"text": "There are 41."}]}}, [QA("Where?", "In the valley.")],
+                  [loop, loop], fmt)
+    report.rows[3].tool_results_read = row.tool_results_read
+    table = markdown_table(report)
+    assert row.tool_results_read == 0.5 and "no call in text / results read" in table
+    assert next(line for line in table.splitlines() if line.startswith("| INT4 |")).endswith(" / 50.0 % |")
 
 
 def test_no_quality_columns_for_random_weights():
