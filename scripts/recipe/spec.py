@@ -184,12 +184,14 @@ SCHEMA = Obj({
         "dataset": Field(str, default=None, help="JSONL of {question, answer} pairs asked through Foundry Local "
                                                  "(`check`); relative to the recipe"),
         "tools": Field(str, default=None, help="JSONL tool-calling set (OpenAI chat lines with tools, split train/"
-                                               "heldout): its held-out calls and no-call cases are asked with the "
-                                               "tools as `invoke serve` writes them; relative to the recipe"),
+                                               "heldout): its held-out calls, no-call cases and agent loops (results "
+                                               "given, the answer must read them back) are asked with the tools as "
+                                               "`invoke serve` writes them; relative to the recipe"),
         "min_accuracy": Field(float, default=0.9, check=in_range(0.0, 1.0),
                               help="share of exact answers required, below it the deploy fails; with eval.tools also "
-                                   "of the held-out calls (exact names and arguments) and of the no-call cases "
-                                   "(answered in text), each"),
+                                   "of the held-out calls (exact names and arguments), of the no-call cases "
+                                   "(answered in text) and of the agent loops (every result value in the answer), "
+                                   "each"),
         "max_new_tokens": Field(int, default=64, check=in_range(1, 4096), help="longest answer generated per question"),
         "system_prompt": Field(str, default=None, check=text_limit, help="system message sent with every eval question"),
     }),
