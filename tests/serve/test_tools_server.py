@@ -175,3 +175,54 @@ def test_serve_check_scores_tool_cases_in_process_and_over_http(tmp_path, tiny_l
     for score in result["tools"].values():
         assert (score["calls"], score["no_calls"]) == (1, 1) and score["figure"].startswith("calls ")
     assert result["questions"] == 0
+
+
+@pytest.fixture(scope="module")
+def phi_client(tmp_path_factory, tiny_long_model):
+    """The same tiny weights with Phi-4-mini's published chat template: the server speaks its tool format
+    (templates/families/phi-4-mini.tools.json: definitions between <|tool|> tags, calls as functools[...])."""
+    home = tmp_path_factory.mktemp("phi-home")
+    cache = tmp_path_factory.mktemp("phi-cache")
+    model_dir = cache / "slmops" / "tiny-phi"
+    shutil.copytree(tiny_long_model, model_dir)
+    template = (Path(__file__).resolve().parents[1] / "families" / "published" / "Phi-4-mini-instruct.jinja").read_text(
+        encoding="utf-8")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}), encoding="utf-8")
+    (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (model_dir / "inference_model.json").write_text(json.dumps({"Name": "tiny-phi"}))
+    plan = sv.plan_serve(cache, model_dir, "tiny-phi:1", port=0)
+    assert plan.tools and plan.tools["family"] == "phi-4-mini"
+    srv = sv.ServerProcess(plan, log_path=home / "server.log",
+                           env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}).start()
+    yield openai_client(srv.base_url, timeout=120)
+    srv.stop()
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "stock"}}])
+def test_phi4_mini_format_through_the_runtime(phi_client, choice):
+    """Phi-4-mini's calls (one JSON list after ``functools``, no closing marker) through Foundry Local's constrained
+    decoding and the layer's parser, whole and streamed; the loop's result goes back and the reply is text. One call
+    per turn (a random model allowed a list may fill max_tokens with it; lists of several: test_tool_formats.py)."""
+    parallel = False
+    allowed = SCHEMAS if choice == "required" else {"stock": FRUIT}
+    kw = dict(model="tiny-phi:1", messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel,
+              max_tokens=150)
+    r = phi_client.chat.completions.create(**kw)
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and calls and (parallel or len(calls) == 1)
+    for call in calls:
+        assert_valid(call.function.name, call.function.arguments, allowed)
+    streamed_calls = {}
+    for chunk in phi_client.chat.completions.create(stream=True, **kw):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed_calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            streamed_calls[tc.index]["name"] += tc.function.name or ""
+            streamed_calls[tc.index]["arguments"] += tc.function.arguments or ""
+    assert streamed_calls and all(assert_valid(c["name"], c["arguments"], allowed) is None
+                                  for c in streamed_calls.values())
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                     {"role": "tool", "tool_call_id": calls[0].id, "content": json.dumps({"crates": 42})}]
+    final = phi_client.chat.completions.create(model="tiny-phi:1", messages=history, tools=TOOLS, tool_choice="none",
+                                               max_tokens=20)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
