@@ -59,8 +59,8 @@ def client(tmp_path_factory, tiny_long_model):
 
 
 def ask(client, **kw):
-    return client.chat.completions.create(model=MODEL_ID, messages=kw.pop("messages", ASK), tools=kw.pop("tools", TOOLS),
-                                          max_tokens=kw.pop("max_tokens", 60), **kw)
+    return client.chat.completions.create(model=kw.pop("model", MODEL_ID), messages=kw.pop("messages", ASK),
+                                          tools=kw.pop("tools", TOOLS), max_tokens=kw.pop("max_tokens", 60), **kw)
 
 
 def streamed(client, **kw) -> tuple[str, list[dict], str | None]:
@@ -204,25 +204,16 @@ def test_phi4_mini_format_through_the_runtime(phi_client, choice):
     """Phi-4-mini's calls (one JSON list after ``functools``, no closing marker) through Foundry Local's constrained
     decoding and the layer's parser, whole and streamed; the loop's result goes back and the reply is text. One call
     per turn (a random model allowed a list may fill max_tokens with it; lists of several: test_tool_formats.py)."""
-    parallel = False
     allowed = SCHEMAS if choice == "required" else {"stock": FRUIT}
-    kw = dict(model="tiny-phi:1", messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel,
-              max_tokens=150)
-    r = phi_client.chat.completions.create(**kw)
+    r = ask(phi_client, model="tiny-phi:1", tool_choice=choice, parallel_tool_calls=False, max_tokens=150)
     calls = r.choices[0].message.tool_calls
-    assert r.choices[0].finish_reason == "tool_calls" and calls and (parallel or len(calls) == 1)
-    for call in calls:
-        assert_valid(call.function.name, call.function.arguments, allowed)
-    streamed_calls = {}
-    for chunk in phi_client.chat.completions.create(stream=True, **kw):
-        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-            streamed_calls.setdefault(tc.index, {"name": "", "arguments": ""})
-            streamed_calls[tc.index]["name"] += tc.function.name or ""
-            streamed_calls[tc.index]["arguments"] += tc.function.arguments or ""
-    assert streamed_calls and all(assert_valid(c["name"], c["arguments"], allowed) is None
-                                  for c in streamed_calls.values())
+    assert r.choices[0].finish_reason == "tool_calls" and calls and len(calls) == 1
+    assert_valid(calls[0].function.name, calls[0].function.arguments, allowed)
+    text, streamed_calls, finish = streamed(phi_client, model="tiny-phi:1", tool_choice=choice,
+                                            parallel_tool_calls=False, max_tokens=150)
+    assert finish == "tool_calls" and text == "" and len(streamed_calls) == 1
+    assert_valid(streamed_calls[0]["name"], streamed_calls[0]["arguments"], allowed)
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
                      {"role": "tool", "tool_call_id": calls[0].id, "content": json.dumps({"crates": 42})}]
-    final = phi_client.chat.completions.create(model="tiny-phi:1", messages=history, tools=TOOLS, tool_choice="none",
-                                               max_tokens=20)
+    final = ask(phi_client, model="tiny-phi:1", messages=history, tool_choice="none", max_tokens=20)
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
