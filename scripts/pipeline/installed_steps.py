@@ -148,16 +148,22 @@ class InstalledSteps:
                     f"{model_id} answered {ev.figure()} of {self.recipe.eval.dataset.name} "
                     f"through Foundry Local; the recipe requires {100 * self.recipe.eval.min_accuracy:.0f} % "
                     f"(eval.min_accuracy). Wrong answers, e.g.:\n{examples}\nTrain longer, or use a higher "
-                    "precision / smaller block size (conversion.quantization).")
+                    "precision / smaller block size (conversion.quantization). " + self._failed_check_note(model_id))
         if cases:
             tool_score = self.score_replies(cases, tool_texts, fmt)
-            require_tool_score(tool_score, self.recipe, model_id, "through Foundry Local")
+            require_tool_score(tool_score, self.recipe, model_id, "through Foundry Local",
+                               self._failed_check_note(model_id))
             summary["tools"] = tool_score.to_json()
         headline = (summary.get("accuracy_figure") or "answers").replace(".0 %", "%").replace(" %", "%")
         versions.record_proof(self.cache_root, self.recipe.foundry.publisher, self.recipe.foundry.name,
                               self.installed_dir, {"headline": headline, "check": {
                                   k: summary.get(k) for k in ("accuracy", "load_seconds")}})
         return summary
+
+    def _failed_check_note(self, model_id: str) -> str:
+        """What a failed check leaves behind and how to undo it (the check runs on the installed version)."""
+        return (f"{model_id} stays installed and current; if an earlier version is kept, `invoke rollback --model "
+                f"{self.recipe_arg}` makes it current again (`invoke models` lists them).")
 
     def _checked_stale(self) -> str | None:
         """The check step's stamp vouches for the version it checked; another current version is checked again."""
@@ -167,13 +173,15 @@ class InstalledSteps:
             checked != self.model_id else None
 
 
-def require_tool_score(tool_score, recipe: Recipe, model_id: str, where: str) -> None:
-    """:class:`QualityError` unless both rates of ``tool_score`` reach the recipe's ``eval.min_accuracy``;
-    ``model_id``: the installed version's id (a redeploy may have made it other than the recipe's)."""
+def require_tool_score(tool_score, recipe: Recipe, model_id: str, where: str, after: str = "") -> None:
+    """:class:`QualityError` unless every rate of ``tool_score`` reaches the recipe's ``eval.min_accuracy``;
+    ``model_id``: the installed version's id (a redeploy may have made it other than the recipe's); ``after``: what the
+    failure leaves behind, appended."""
     if tool_score.passes(recipe.eval.min_accuracy):
         return
     examples = "\n".join(f"  - {f['ask']!r}: expected {f['expected']}, got calls {f['got_calls']} text {f['got_text']!r}"
                          for f in tool_score.failures[:5])
     raise QualityError(f"{model_id} on the held-out tool cases of {recipe.eval.tools.name} {where}: "
                        f"{tool_score.figure()}; the recipe requires {100 * recipe.eval.min_accuracy:.0f} % of each "
-                       f"(eval.min_accuracy). Failures, e.g.:\n{examples}")
+                       f"(eval.min_accuracy). Failures, e.g.:\n{examples}\nAdd training conversations of the failing "
+                       f"kind to the tool set (model.finetune.dataset) or train longer. {after}".rstrip())

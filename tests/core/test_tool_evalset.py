@@ -122,4 +122,7 @@ def test_a_failed_tool_score_names_the_installed_version_and_what_is_required(tm
         require_tool_score(score, recipe, "brightwater-tools:2", "through Foundry Local")
     assert str(info.value).startswith("brightwater-tools:2 on the held-out tool cases")
     assert "calls 1/4 (25.0 %)" in str(info.value) and "90 % of each (eval.min_accuracy)" in str(info.value)
+    assert "Add training conversations of the failing kind" in str(info.value)
+    with pytest.raises(QualityError, match=r"train longer\. x:2 stays installed$"):
+        require_tool_score(score, recipe, "x:2", "here", "x:2 stays installed")
     require_tool_score(ToolScore(calls_ok=4, calls=4, text_ok=2, texts=2), recipe, "x:1", "here")  # passes: no error
