@@ -152,10 +152,6 @@ def calls_text(fmt: ToolFormat, calls: Sequence[tuple[str, Any]]) -> str:
     return fmt.call_separator.join(fmt.call_start + body + fmt.call_end for body in objects)
 
 
-def _function(call: dict) -> dict:
-    return call.get("function", call)
-
-
 def plain_messages(messages: Sequence[dict], tools: Sequence[dict] | None, fmt: ToolFormat,
                    default_system: str = "") -> list[dict[str, str]]:
     """``messages`` (OpenAI chat format: assistant ``tool_calls``, ``role: "tool"`` results) and ``tools`` as plain
@@ -185,7 +181,8 @@ def plain_messages(messages: Sequence[dict], tools: Sequence[dict] | None, fmt: 
         flush()
         content = _content_text(m.get("content"))
         if role == "assistant" and m.get("tool_calls"):
-            calls = calls_text(fmt, [(_function(c)["name"], _function(c).get("arguments", {})) for c in m["tool_calls"]])
+            fns = [c.get("function", c) for c in m["tool_calls"]]
+            calls = calls_text(fmt, [(f["name"], f.get("arguments", {})) for f in fns])
             content = (content + fmt.after_content if content else "") + calls
         out.append({"role": role, "content": content})
     flush()
