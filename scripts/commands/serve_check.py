@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 from scripts.core.evalset import conversations, score
 from scripts.core.evalset import QA
-from scripts.core.tool_evalset import ToolCase, score_outcomes
-from scripts.families.tools import ToolFormat, reply_calls, served_messages
+from scripts.core.tool_evalset import ToolCase, rates_pass, score_outcomes
+from scripts.families.tools import reply_calls, served_cases
 from scripts.runtimes.foundry import check_model
 from scripts.serve.server import ServerProcess, plan_serve
 from scripts.serve.api import DEFAULT_HOST
@@ -67,7 +67,7 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
     if tool_cases and plan.tools is None:
         raise ValueError(f"{model_dir}: its chat template matches no family with a tool format; it cannot be asked "
                          "the tool cases.")
-    tool_chats = [served_messages(plan.tools, c.messages, c.tools) for c in tool_cases]
+    tool_chats, fmt = served_cases(plan.tools, tool_cases) if tool_cases else ([], None)
     status(f"in-process: loading {model_id} in Foundry Local and answering {len(chats) + len(tool_chats)} prompts…")
     inproc = check_model(Path(cache_dir), Path(model_dir), model_id, chats + tool_chats, max_tokens=max_tokens)
     tool_texts = [a.text for a in inproc.answers[len(chats):]]
@@ -75,7 +75,6 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
     ref = [a.text for a in inproc.answers]
     tools: dict[str, Any] = {}
     if tool_cases:
-        fmt = ToolFormat.from_json(plan.tools["family"], plan.tools["format"])
         tools["in-process (SDK)"] = score_outcomes(tool_cases, [reply_calls(t, fmt) for t in tool_texts]).to_json()
     columns = [summarise("in-process (SDK)", ref, [a.first_token_seconds for a in inproc.answers],
                          [decode_rate(a.tokens, a.first_token_seconds, a.seconds) for a in inproc.answers],
@@ -111,8 +110,7 @@ def run_serve_check(cache_dir: Path, model_dir: Path, model_id: str, qa: Sequenc
 def failure_message(result: dict[str, Any], min_accuracy: float) -> str | None:
     """Why the HTTP answers fail the recipe's ``eval.min_accuracy``, or None when they pass (or nothing was scored)."""
     low_tools = [f"{way}: {t['figure']}" for way, t in result.get("tools", {}).items()
-                 if min(t["call_exact"] if t["calls"] else 1, t["no_call_text"] if t["no_calls"] else 1,
-                        t["result_read"] if t.get("results") else 1) < min_accuracy]
+                 if not rates_pass(t["rates"], min_accuracy)]
     if low_tools:
         return (f"{result['model_id']} on the held-out tool cases: {'; '.join(low_tools)}; the recipe requires "
                 f"{100 * min_accuracy:.0f} % of each (eval.min_accuracy).")

@@ -113,6 +113,12 @@ def case_passes(case: ToolCase, calls: Sequence[tuple[str, Any]], text: str | No
     return Counter(map(_key, calls)) == Counter(map(_key, case.expected))
 
 
+def rates_pass(rates: Sequence[Sequence[Any]], min_accuracy: float) -> bool:
+    """Whether every ``(label, right, cases)`` rate with cases is at least ``min_accuracy`` (:meth:`ToolScore.rates`,
+    or the ``"rates"`` of its JSON)."""
+    return all(ok / n >= min_accuracy for _label, ok, n in rates if n)
+
+
 @dataclass
 class ToolScore:
     calls_ok: int = 0
@@ -159,12 +165,12 @@ class ToolScore:
 
     def passes(self, min_accuracy: float) -> bool:
         """Every rate (of the kinds the set has) at least ``min_accuracy``."""
-        return all(ok / n >= min_accuracy for _label, ok, n in self.rates() if n)
+        return rates_pass(self.rates(), min_accuracy)
 
     def to_json(self) -> dict[str, Any]:
         return {"call_exact": self.call_accuracy, "calls": self.calls, "no_call_text": self.no_call_accuracy,
                 "no_calls": self.texts, "result_read": self.read_accuracy, "results": self.reads,
-                "figure": self.figure(), "failures": self.failures}
+                "rates": self.rates(), "figure": self.figure(), "failures": self.failures}
 
     def heldout_json(self) -> dict[str, Any]:
         """The figures a trainer's provenance file records for the held-out split (``heldout_*``, failures)."""

@@ -196,11 +196,10 @@ def served_messages(spec: dict[str, Any], messages: Sequence[dict], tools: Seque
                           spec.get("default_system", ""))
 
 
-def served_cases(chat_template: str | None, cases: Sequence[Any]) -> tuple[list[list[dict[str, str]]], ToolFormat] | None:
+def served_cases(spec: dict[str, Any] | None, cases: Sequence[Any]) -> tuple[list[list[dict[str, str]]], ToolFormat] | None:
     """Tool cases (each with ``messages`` and ``tools``) as the plain conversations ``invoke serve`` hands the runtime
-    for a model with ``chat_template``, and the format to read its replies with; None when the template matches no
-    family with a tool format."""
-    spec = serving_spec(chat_template)
+    for a model whose :func:`serving_spec` is ``spec``, and the format to read its replies with; None when ``spec`` is
+    None (the model's template matches no family with a tool format)."""
     if spec is None:
         return None
     return ([served_messages(spec, c.messages, c.tools) for c in cases],

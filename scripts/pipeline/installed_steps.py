@@ -10,7 +10,7 @@ from scripts.core import settings
 from scripts.convert.install import check_context
 from scripts.convert import versions
 from scripts.core.errors import InstallError, QualityError
-from scripts.families.tools import ToolFormat, reply_calls, served_cases
+from scripts.families.tools import ToolFormat, reply_calls, served_cases, serving_spec
 from scripts.core.fileops import folder_size
 from scripts.core.evalset import conversations, score
 from scripts.recipe.spec import Recipe
@@ -82,7 +82,7 @@ class InstalledSteps:
         the replies with."""
         if not cases:
             return [], None
-        served = served_cases(read_chat_template(chat_dir or self.installed_dir), cases)
+        served = served_cases(serving_spec(read_chat_template(chat_dir or self.installed_dir)), cases)
         if served is None:
             raise QualityError(f"{self.recipe.path}: eval.tools is set, but the installed model's chat template "
                                "matches no family with a tool format (templates/families/<family>.tools.json).")

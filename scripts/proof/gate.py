@@ -23,7 +23,7 @@ from scripts.core.english_text import heldout_text
 from scripts.core.evalset import QA, question_messages
 from scripts.core.hf_folder import read_chat_template
 from scripts.core.tool_evalset import ToolCase
-from scripts.families.tools import calls_text, served_cases
+from scripts.families.tools import calls_text, served_cases, serving_spec
 from scripts.proof.fidelity import answer_window, DEFAULT_WINDOW, failures, token_windows
 from scripts.proof.measure import context_limit, fast_tokenizer, run_worker
 from scripts.runtimes.backends import render_chat
@@ -58,7 +58,7 @@ def tool_windows(chat_dir: Path, cases: Sequence[ToolCase], context: int) -> lis
     ``chat_dir``'s chat template (the tools in its family's format) rendered by that template, then the expected
     calls as the family writes them; none when the template has no tool format (the check step says so)."""
     calls = [case for case in cases if case.expected]
-    served = served_cases(read_chat_template(chat_dir), calls)
+    served = served_cases(serving_spec(read_chat_template(chat_dir)), calls)
     if served is None:
         return []
     conversations, fmt = served

@@ -160,7 +160,7 @@ def test_tool_answer_reads_calls_as_a_client_does(client, stream):
 def test_serve_check_scores_tool_cases_in_process_and_over_http(tmp_path, tiny_long_model):
     """`invoke serve --check` with a tool set: the same cases asked in-process (as the server would write them) and
     over HTTP streamed and not; a random model's scores are noise, the counts and the three ways are not."""
-    from scripts.commands.serve_check import run_serve_check
+    from scripts.commands.serve_check import failure_message, run_serve_check
     from scripts.core.tool_evalset import cases
     model_dir = tmp_path / "cache" / "slmops" / "tiny-qwen2"
     shutil.copytree(tiny_long_model, model_dir)
@@ -175,6 +175,9 @@ def test_serve_check_scores_tool_cases_in_process_and_over_http(tmp_path, tiny_l
     for score in result["tools"].values():
         assert (score["calls"], score["no_calls"]) == (1, 1) and score["figure"].startswith("calls ")
     assert result["questions"] == 0
+    # the verdict reads each way's rates as ToolScore.passes does: nothing asked of them passes, more than all fails
+    assert failure_message(result, 0.0) is None
+    assert "on the held-out tool cases: in-process (SDK): calls " in failure_message(result, 1.01)
 
 
 @pytest.fixture(scope="module")
